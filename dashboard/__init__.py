@@ -1,0 +1,1 @@
+"""The Streamlit dashboard (issue 6); `tunery dashboard` will start it."""

@@ -1,0 +1,17 @@
+"""The DuckDB registry: every model version, its lineage, hyperparameters, data and metrics.
+
+All SQL of tunery lives in this package; callers use the functions of `registry.store`.
+"""
+from registry.store import (  # noqa: F401
+    compare_versions,
+    create_version,
+    fail_version,
+    finish_version,
+    get_history,
+    get_version,
+    list_versions,
+    record_dataset,
+    record_history,
+    record_metrics,
+    resolve,
+)

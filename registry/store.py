@@ -1,0 +1,217 @@
+"""Writers and queries of the registry. Every value reaches SQL as a bound parameter."""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from registry.db import connect, utcnow
+from tasks.common import TuneryError, check_name
+
+VERSION_RE = re.compile(r"^(?P<name>[^:@]+):(?P<number>\d+)$")
+STATUSES = ("running", "ready", "failed")
+
+# ---------------------------------------------------------------- writers
+
+
+def create_version(name: str, stage: str, *, base_model: str | None = None, parents: list[str] = (),
+                   hyperparameters: dict | None = None, data_hash: str | None = None,
+                   flow_run_id: str | None = None, info: dict | None = None) -> str:
+    """Register a new version `NAME:N` in status `running` and return it. N is the next number for the name.
+
+    The row exists before any training starts, so a run that fails is recorded as failed, never lost.
+    Raises TuneryError for an invalid name or a parent that is not registered.
+    """
+    check_name(name, "model name")
+    with connect() as con:
+        for parent in parents:
+            if not con.execute("SELECT 1 FROM versions WHERE version = ?", [parent]).fetchone():
+                raise TuneryError(f"parent version {parent!r} is not registered")
+        number = con.execute(
+            "INSERT INTO model_names VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET last_number = "
+            "model_names.last_number + 1 RETURNING last_number", [name]
+        ).fetchone()[0]
+        version = f"{name}:{number}"
+        con.execute(
+            "INSERT INTO versions (version, name, number, stage, status, base_model, hyperparameters_json, "
+            "data_hash, info_json, flow_run_id, created_utc) VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+            [version, name, number, stage, base_model, json.dumps(hyperparameters or {}, sort_keys=True),
+             data_hash, json.dumps(info or {}, sort_keys=True), flow_run_id, utcnow()],
+        )
+        for position, parent in enumerate(parents):
+            con.execute("INSERT INTO version_parents VALUES (?, ?, ?)", [version, parent, position])
+    return version
+
+
+def finish_version(version: str, artifact_path: str | None, info: dict | None = None) -> None:
+    """Mark a running version `ready`, with the folder that holds its weights or adapter."""
+    with connect() as con:
+        _require(con, version)
+        con.execute("UPDATE versions SET status = 'ready', artifact_path = ?, finished_utc = ? WHERE version = ?",
+                    [artifact_path, utcnow(), version])
+        if info is not None:
+            con.execute("UPDATE versions SET info_json = ? WHERE version = ?",
+                        [json.dumps(info, sort_keys=True), version])
+
+
+def fail_version(version: str, error: str) -> None:
+    """Mark a version `failed` with the reason; the row and anything recorded with it stay."""
+    with connect() as con:
+        _require(con, version)
+        con.execute("UPDATE versions SET status = 'failed', error = ?, finished_utc = ? WHERE version = ?",
+                    [error[:4000], utcnow(), version])
+
+
+def record_metrics(version: str, metrics: dict[str, float], eval_data_hash: str | None = None) -> None:
+    """Add measured values for a version; a later value of the same metric on the same data supersedes."""
+    with connect() as con:
+        _require(con, version)
+        now = utcnow()
+        con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?)",
+                        [[version, k, float(v), eval_data_hash, now] for k, v in metrics.items()])
+
+
+def record_history(version: str, history: list[dict[str, float]]) -> None:
+    """Store a run's logged training history (one row per step and value)."""
+    rows = [[version, int(h["step"]), h.get("epoch"), k, float(v)]
+            for h in history for k, v in h.items() if k not in ("step", "epoch")]
+    if not rows:
+        return
+    with connect() as con:
+        _require(con, version)
+        con.executemany("INSERT INTO training_history VALUES (?, ?, ?, ?, ?)", rows)
+
+
+def record_dataset(meta: dict[str, Any], path: str) -> None:
+    """Remember a prepared dataset by its content hash (idempotent)."""
+    with connect() as con:
+        con.execute(
+            "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (data_hash) DO NOTHING",
+            [meta["data_hash"], meta["kind"], path, meta["train_rows"], meta["validation_rows"],
+             json.dumps(meta, sort_keys=True), utcnow()],
+        )
+
+
+def _require(con, version: str) -> None:
+    if not con.execute("SELECT 1 FROM versions WHERE version = ?", [version]).fetchone():
+        raise TuneryError(f"unknown version {version!r}")
+
+
+# ---------------------------------------------------------------- queries
+
+
+def resolve(ref: str) -> str:
+    """Turn `NAME:N` or `NAME` (its newest ready version) into a registered version, or raise TuneryError."""
+    with connect(read_only=True) as con:
+        if VERSION_RE.match(ref):
+            if con.execute("SELECT 1 FROM versions WHERE version = ?", [ref]).fetchone():
+                return ref
+            raise TuneryError(f"unknown version {ref!r}; `tunery models` lists them")
+        row = con.execute("SELECT version FROM versions WHERE name = ? AND status = 'ready' "
+                          "ORDER BY number DESC LIMIT 1", [ref]).fetchone()
+    if not row:
+        raise TuneryError(f"unknown version {ref!r}: expected NAME:N, or a NAME with a ready version")
+    return row[0]
+
+
+def _version_objects(con, where: str, params: list[Any]) -> list[dict[str, Any]]:
+    # `where` is a fixed SQL fragment chosen by this module, never user text; values come through `params`.
+    rows = con.execute(
+        "SELECT version, name, number, stage, status, base_model, hyperparameters_json, data_hash, artifact_path, "
+        f"info_json, error, flow_run_id, created_utc, finished_utc FROM versions {where} ORDER BY name, number",
+        params,
+    ).fetchall()
+    if not rows:
+        return []
+    names = [r[0] for r in rows]
+    parents: dict[str, list[str]] = {v: [] for v in names}
+    for child, parent in con.execute(
+        "SELECT version, parent FROM version_parents WHERE version IN (SELECT unnest(?)) ORDER BY position",
+        [names],
+    ).fetchall():
+        parents[child].append(parent)
+    metrics: dict[str, dict[str, float]] = {v: {} for v in names}
+    # The newest value of each metric wins.
+    for v, key, value in con.execute(
+        "SELECT version, name, value FROM metrics WHERE version IN (SELECT unnest(?)) ORDER BY recorded_utc",
+        [names],
+    ).fetchall():
+        metrics[v][key] = value
+    out = []
+    for (version, name, number, stage, status, base_model, hp, data_hash, artifact, info, error, flow_run,
+         created, finished) in rows:
+        out.append({
+            "version": version, "name": name, "number": number, "stage": stage, "status": status,
+            "parents": parents[version], "base_model": base_model, "hyperparameters": json.loads(hp),
+            "data_hash": data_hash, "metrics": metrics[version], "artifact_path": artifact,
+            "info": json.loads(info), "error": error, "flow_run_id": flow_run,
+            "created_at": created.isoformat() + "Z", "finished_at": finished.isoformat() + "Z" if finished else None,
+        })
+    return out
+
+
+def list_versions(name: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+    """Every version (optionally of one name or status) as the JSON objects PRODUCT.md describes."""
+    clauses, params = [], []
+    if name is not None:
+        clauses.append("name = ?")
+        params.append(name)
+    if status is not None:
+        clauses.append("status = ?")
+        params.append(status)
+    where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+    with connect(read_only=True) as con:
+        return _version_objects(con, where, params)
+
+
+def get_version(ref: str) -> dict[str, Any]:
+    """One version object by `NAME:N` or `NAME`; raises TuneryError for an unknown one."""
+    version = resolve(ref)
+    with connect(read_only=True) as con:
+        return _version_objects(con, "WHERE version = ?", [version])[0]
+
+
+def get_history(version: str) -> list[dict[str, Any]]:
+    """The training history of a version, one dict per logged step."""
+    with connect(read_only=True) as con:
+        rows = con.execute("SELECT step, epoch, name, value FROM training_history WHERE version = ? "
+                           "ORDER BY step", [version]).fetchall()
+    steps: dict[int, dict[str, Any]] = {}
+    for step, epoch, key, value in rows:
+        steps.setdefault(step, {"step": step, "epoch": epoch})[key] = value
+    return list(steps.values())
+
+
+LOWER_IS_BETTER = {"perplexity", "ttft_ms", "peak_rss_mb", "peak_cuda_mb", "train_loss", "nll_sum"}
+HIGHER_IS_BETTER = {"tokens_per_s", "train_tokens_per_s"}
+
+
+def compare_versions(a: str, b: str) -> dict[str, Any]:
+    """Metrics and hyperparameters of two versions side by side, with absolute and relative change (b vs a)."""
+    va, vb = get_version(a), get_version(b)
+    rows = []
+    for key in sorted(set(va["metrics"]) | set(vb["metrics"])):
+        x, y = va["metrics"].get(key), vb["metrics"].get(key)
+        change = y - x if x is not None and y is not None else None
+        relative = change / abs(x) if change is not None and x else None
+        better = None
+        if change:
+            if key in LOWER_IS_BETTER:
+                better = change < 0
+            elif key in HIGHER_IS_BETTER:
+                better = change > 0
+        rows.append({"metric": key, "a": x, "b": y, "change": change, "relative_change": relative,
+                     "better": better})
+    hp_a, hp_b = _flatten(va["hyperparameters"]), _flatten(vb["hyperparameters"])
+    hp = [{"hyperparameter": k, "a": hp_a.get(k), "b": hp_b.get(k)}
+          for k in sorted(set(hp_a) | set(hp_b)) if hp_a.get(k) != hp_b.get(k)]
+    return {"a": va["version"], "b": vb["version"], "metrics": rows, "hyperparameters": hp}
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}

@@ -1,0 +1,181 @@
+"""Stage `eval`: held-out perplexity, time to first token, decode speed and peak memory of one model version.
+
+Every version is measured the same way on the same prepared validation split, so numbers compare across versions.
+The measurement runs in a fresh child process: its peak resident memory is then what loading and running this
+version costs, not whatever the calling process (a Prefect flow, a test) happened to hold already.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.common import StageResult, TuneryError, peak_rss_mb, resolve_device
+from tasks.models import encode_chat, load_model, load_tokenizer, prompt_ids
+from tasks.prep import load_prepared
+
+DEFAULT_PROMPTS = [
+    "What should I plant in a shady corner?",
+    "Explain in two sentences what a language model is.",
+    "Give me three tips for writing clear emails.",
+]
+
+
+class EvalConfig(BaseModel):
+    """How versions are measured. Keep it fixed across versions you want to compare."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(8, ge=1, description="Examples per forward pass for perplexity.")
+    max_length: int = Field(512, ge=16, description="Tokens per example; should match training's max_length.")
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS),
+                               description="User prompts for the latency measurement (batch 1, greedy).")
+    max_new_tokens: int = Field(32, ge=2, le=4096, description="Tokens generated per latency run.")
+    repeats: int = Field(3, ge=1, description="Timed runs per prompt; the median is reported.")
+    warmup: int = Field(1, ge=0, description="Untimed runs first (allocator, kernels, caches).")
+    device: str = Field("auto", description="auto|cpu|cuda|mps for the measurement.")
+
+
+def perplexity(model, tokenizer, rows: list[dict], max_length: int = 512, batch_size: int = 8,
+               progress: bool = False) -> dict[str, float]:
+    """Token-weighted perplexity of the assistant answers in `rows` (chat examples) under `model`.
+
+    exp(sum of answer-token negative log-likelihoods / number of answer tokens), the tokens being exactly those
+    `encode_chat` marks (and training learns). Examples are sorted by length and batched with right padding, so
+    padding is small and never scored. Returns perplexity, nll_sum and tokens.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    encoded = [encode_chat(tokenizer, r["messages"], max_length) for r in rows]
+    encoded = sorted((e for e in encoded if sum(e["completion_mask"][1:]) > 0), key=lambda e: len(e["input_ids"]))
+    if not encoded:
+        raise TuneryError("no answer tokens to score in the validation data")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nll_sum, n_tokens = 0.0, 0
+    model.eval()
+    batches = range(0, len(encoded), batch_size)
+    for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+        batch = encoded[start:start + batch_size]
+        width = max(len(e["input_ids"]) for e in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        scored = torch.zeros((len(batch), width), dtype=torch.bool)
+        for i, e in enumerate(batch):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"])
+            attn[i, :n] = 1
+            scored[i, :n] = torch.tensor(e["completion_mask"], dtype=torch.bool)
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
+        # Position t predicts token t+1; a token is scored when it is an answer token.
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        target = ids[:, 1:].to(device)
+        token_nll = -logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        mask = scored[:, 1:].to(device)
+        nll_sum += float(token_nll[mask].double().sum())
+        n_tokens += int(mask.sum())
+    return {"perplexity": math.exp(nll_sum / n_tokens), "nll_sum": nll_sum, "tokens": float(n_tokens)}
+
+
+def latency(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, repeats: int = 3, warmup: int = 1,
+            progress: bool = False) -> dict[str, float]:
+    """Time to first token and decode speed at batch 1 with greedy decoding, as a user of the model feels them.
+
+    TTFT is the time of a 1-token generation (prefill plus the first token). Decode speed is
+    (N - 1) / (time of an N-token generation - TTFT), with N forced by `min_new_tokens` so an early end-of-turn
+    does not shorten the run. Each prompt is warmed up, then timed `repeats` times; medians are reported.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    model.eval()
+
+    def timed(ids, n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    ttfts, speeds = [], []
+    for prompt in tqdm(prompts, desc="latency", unit="prompt", disable=not progress):
+        ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": prompt}])], device=device)
+        for _ in range(warmup):
+            timed(ids, max_new_tokens)
+        for _ in range(repeats):
+            first = timed(ids, 1)
+            whole = timed(ids, max_new_tokens)
+            ttfts.append(first)
+            speeds.append((max_new_tokens - 1) / max(whole - first, 1e-9))
+    return {"ttft_ms": 1000 * statistics.median(ttfts), "tokens_per_s": statistics.median(speeds)}
+
+
+def measure(model_path: str, data_dir: str, config: EvalConfig, adapter: str | None = None,
+            progress: bool = True) -> dict[str, float]:
+    """Load a version (a model folder, or a base plus LoRA adapter merged in) and measure it in this process."""
+    import torch
+
+    device = resolve_device(config.device)
+    _, _, validation = load_prepared(data_dir)
+    if not validation:
+        raise TuneryError(f"{data_dir}: the validation split is empty; nothing to evaluate on")
+    tokenizer = load_tokenizer(adapter or model_path)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    model = load_model(model_path, device=device, adapter=adapter, merge=True)
+    metrics = perplexity(model, tokenizer, validation, config.max_length, config.batch_size, progress)
+    metrics.update(latency(model, tokenizer, config.prompts, config.max_new_tokens, config.repeats,
+                           config.warmup, progress))
+    metrics["peak_rss_mb"] = peak_rss_mb()
+    if torch.cuda.is_available():
+        metrics["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    metrics["eval_rows"] = float(len(validation))
+    return metrics
+
+
+def evaluate(model_path: str, data_dir: str, config: EvalConfig, adapter: str | None = None) -> StageResult:
+    """Run `measure` in a fresh Python process (clean peak-memory reading); return its metrics as a StageResult.
+
+    Raises TuneryError naming the problem if the measurement fails.
+    """
+    spec = {"model_path": model_path, "data_dir": str(data_dir), "adapter": adapter, "config": config.model_dump()}
+    with tempfile.TemporaryDirectory(prefix="tunery-eval-") as tmp:
+        spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "metrics.json"
+        spec_file.write_text(json.dumps(spec))
+        # stderr passes through so the user sees live progress bars; the child reports errors in the out file.
+        proc = subprocess.run([sys.executable, "-m", "tasks.evaluation", str(spec_file), str(out_file)])
+        result = json.loads(out_file.read_text()) if out_file.exists() else {}
+        if proc.returncode != 0 or "error" in result:
+            detail = result.get("error") or f"the measuring process exited with code {proc.returncode}"
+            raise TuneryError(f"evaluation of {adapter or model_path} failed: {detail}")
+        metrics = result["metrics"]
+    return StageResult(stage="eval", artifact_path=adapter or model_path, metrics=metrics)
+
+
+def _main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    try:
+        metrics = measure(spec["model_path"], spec["data_dir"], EvalConfig(**spec["config"]), spec["adapter"])
+    except TuneryError as e:
+        Path(argv[1]).write_text(json.dumps({"error": str(e)}))
+        return 1
+    Path(argv[1]).write_text(json.dumps({"metrics": metrics}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

@@ -1,0 +1,84 @@
+"""Fixtures: a tiny random-initialised Llama with a real (small) BPE tokenizer and ChatML template, built in
+seconds without a model hub; an isolated TUNERY_HOME per test; tiny chat datasets."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+    " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _corpus() -> list[str]:
+    rows = [json.loads(line) for line in (REPO / "data/demo/garden_chat.jsonl").read_text().splitlines()]
+    return [m["content"] for r in rows for m in r["messages"]]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64, vocab ~600) with a BPE tokenizer trained on the demo text, saved as safetensors."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                         pad_token_id=fast.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def tunery_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own TUNERY_HOME, so no test touches the user's registry or another test's."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("TUNERY_HOME", str(home))
+    return home
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def chat(q: str, a: str, system: str | None = None) -> dict:
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return {"messages": msgs}
+
+
+@pytest.fixture
+def garden_rows() -> list[dict]:
+    """The first 24 demo examples: enough for a train/validation split and a few training steps."""
+    lines = (REPO / "data/demo/garden_chat.jsonl").read_text().splitlines()[:24]
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture
+def prepared(tmp_path, garden_rows, tiny_model_dir):
+    """A prepared dataset (StageResult) of the 24 garden examples, split 20/4."""
+    from tasks.prep import PrepConfig, prepare
+
+    write_jsonl(tmp_path / "garden.jsonl", garden_rows)
+    return prepare(PrepConfig(train=["garden.jsonl"], val_fraction=0.15), tmp_path, str(tiny_model_dir))
