@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import StageResult, TuneryError, peak_rss_mb, resolve_device
-from tasks.models import encode_chat, load_model, load_tokenizer, prompt_ids
+from tasks.models import check_model_folder, encode_chat, load_model, load_tokenizer, prompt_ids
 from tasks.prep import load_prepared
 
 DEFAULT_PROMPTS = [
@@ -129,6 +129,8 @@ def measure(model_path: str, data_dir: str, config: EvalConfig, adapter: str | N
     """Load a version (a model folder, or a base plus LoRA adapter merged in) and measure it in this process."""
     import torch
 
+    if Path(model_path).exists():
+        check_model_folder(Path(model_path))
     device = resolve_device(config.device)
     _, _, validation = load_prepared(data_dir)
     if not validation:

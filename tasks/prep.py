@@ -218,8 +218,6 @@ def _messages(value: Any, field: str, need_assistant_last: bool) -> list[dict[st
         out.append({"role": role, "content": content})
     if need_assistant_last and out[-1]["role"] != "assistant":
         raise RowError(f"{field}[{len(out) - 1}].role", "the last message must be the assistant's answer to train on")
-    if need_assistant_last and not any(m["role"] == "user" for m in out):
-        raise RowError(field, "no user message")
     return out
 
 
@@ -253,6 +251,8 @@ def normalise(data: Any, fmt: str, system_prompt: str | None = None) -> dict[str
         return _preference(data)
     else:
         return {"text": _text(data, "text")}
+    if not any(m["role"] == "user" for m in messages):
+        raise RowError("messages" if fmt == "chat" else "prompt", "no user message")
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return {"messages": messages}

@@ -1,0 +1,110 @@
+"""The DuckDB registry: numbering, lineage, failure records, reopening, bound parameters, lock handling."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import duckdb
+import pytest
+
+import registry
+from registry.db import connect, migrations
+from tasks.common import TuneryError, registry_path
+
+
+def test_versions_count_up_per_name_and_carry_lineage():
+    base = registry.create_version("smol", "base")
+    registry.finish_version(base, "/models/smol")
+    a = registry.create_version("fern", "sft", parents=[base], hyperparameters={"sft": {"r": 16}}, data_hash="abc")
+    b = registry.create_version("fern", "sft", parents=[base])
+    assert (base, a, b) == ("smol:1", "fern:1", "fern:2")
+    v = registry.get_version("fern:1")
+    assert v["parents"] == ["smol:1"] and v["hyperparameters"] == {"sft": {"r": 16}} and v["status"] == "running"
+    for key in ("version", "name", "stage", "status", "parents", "base_model", "hyperparameters", "data_hash",
+                "metrics", "artifact_path", "created_at"):
+        assert key in v
+
+
+def test_numbers_are_never_reused_even_after_a_failure():
+    first = registry.create_version("fern", "sft")
+    registry.fail_version(first, "loss was NaN")
+    assert registry.create_version("fern", "sft") == "fern:2"
+    failed = registry.get_version("fern:1")
+    assert failed["status"] == "failed" and failed["error"] == "loss was NaN"
+
+
+def test_metrics_newest_value_wins_and_history_round_trips():
+    v = registry.create_version("fern", "sft")
+    registry.record_metrics(v, {"perplexity": 20.0, "tokens_per_s": 15.0}, eval_data_hash="d1")
+    registry.record_metrics(v, {"perplexity": 12.5}, eval_data_hash="d1")
+    registry.record_history(v, [{"step": 1, "epoch": 0.5, "loss": 3.0, "learning_rate": 1e-3},
+                                {"step": 2, "epoch": 1.0, "loss": 2.0, "learning_rate": 5e-4}])
+    assert registry.get_version(v)["metrics"] == {"perplexity": 12.5, "tokens_per_s": 15.0}
+    assert [h["loss"] for h in registry.get_history(v)] == [3.0, 2.0]
+
+
+def test_registry_survives_reopening_in_another_process():
+    v = registry.create_version("fern", "sft")
+    registry.record_metrics(v, {"perplexity": 9.0})
+    registry.finish_version(v, "/a")
+    code = ("import registry, json; v = registry.get_version('fern'); "
+            "print(json.dumps([v['version'], v['status'], v['metrics']['perplexity']]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == '["fern:1", "ready", 9.0]'
+    with connect(read_only=True) as con:
+        applied = con.execute("SELECT id FROM _migrations ORDER BY id").fetchall()
+    assert [a[0] for a in applied] == [m[0] for m in migrations()]  # applied once, not again on reopen
+
+
+def test_unknown_versions_and_parents_are_named():
+    with pytest.raises(TuneryError, match="unknown version 'fern:7'"):
+        registry.get_version("fern:7")
+    with pytest.raises(TuneryError, match="unknown version 'nothing'"):
+        registry.get_version("nothing")
+    with pytest.raises(TuneryError, match="parent version 'ghost:1' is not registered"):
+        registry.create_version("fern", "sft", parents=["ghost:1"])
+    assert registry.list_versions() == []  # the refused version left no row
+
+
+@pytest.mark.parametrize("hostile", ["x' OR '1'='1", "fern'; DROP TABLE versions; --", "%", "fern:1' --"])
+def test_hostile_text_is_bound_not_executed(hostile):
+    v = registry.create_version("fern", "sft")
+    assert registry.list_versions(name=hostile) == []
+    with pytest.raises(TuneryError):
+        registry.get_version(hostile)
+    with pytest.raises(TuneryError, match="invalid model name"):
+        registry.create_version(hostile, "sft")
+    assert [x["version"] for x in registry.list_versions()] == [v]
+
+
+def test_a_reader_waits_for_a_writer_then_succeeds():
+    registry.create_version("fern", "sft")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import duckdb, sys, time; con = duckdb.connect(sys.argv[1]); print('locked', flush=True); time.sleep(1.5)"
+    ), str(registry_path())], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    start = time.perf_counter()
+    assert [v["version"] for v in registry.list_versions()] == ["fern:1"]
+    assert time.perf_counter() - start > 0.5  # it had to wait for the lock, and got through
+    holder.wait()
+
+
+def test_a_failed_write_leaves_no_partial_rows():
+    with pytest.raises(duckdb.Error):
+        with connect() as con:
+            con.execute("INSERT INTO model_names VALUES ('half', 1)")
+            con.execute("INSERT INTO no_such_table VALUES (1)")
+    with connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM model_names").fetchone()[0] == 0
+
+
+def test_compare_signs_follow_better_and_worse():
+    a, b = registry.create_version("fern", "sft"), registry.create_version("fern", "sft", hyperparameters={"lr": 1})
+    registry.record_metrics(a, {"perplexity": 20.0, "tokens_per_s": 10.0, "peak_rss_mb": 100.0})
+    registry.record_metrics(b, {"perplexity": 10.0, "tokens_per_s": 12.0, "peak_rss_mb": 150.0})
+    rows = {r["metric"]: r for r in registry.compare_versions(a, b)["metrics"]}
+    assert rows["perplexity"]["change"] == -10.0 and rows["perplexity"]["relative_change"] == -0.5
+    assert rows["perplexity"]["better"] is True and rows["tokens_per_s"]["better"] is True
+    assert rows["peak_rss_mb"]["better"] is False
+    assert registry.compare_versions(a, b)["hyperparameters"] == [{"hyperparameter": "lr", "a": None, "b": 1}]
