@@ -1,6 +1,7 @@
 """The `tunery` command. Errors a user can fix print one line to stderr and exit 1, without a traceback."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -14,9 +15,12 @@ from rich.table import Table
 
 from tasks.common import TuneryError, home
 
+# Stdout carries a command's own output only (one JSON document with --json); whatever libraries print while a
+# command runs (trainer log lines, progress) goes to stderr.
+STDOUT = sys.stdout
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Retrain small language models on a schedule and keep every result comparable.")
-out = Console()
+out = Console(file=STDOUT)
 err = Console(stderr=True)
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document to stdout.")
@@ -36,7 +40,8 @@ def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with contextlib.redirect_stdout(sys.stderr):
+                return fn(*args, **kwargs)
         except TuneryError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
@@ -48,7 +53,8 @@ def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
 
 
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    STDOUT.write(json.dumps(obj, indent=2, default=str) + "\n")
+    STDOUT.flush()
 
 
 def _fmt(value: Any) -> str:

@@ -229,5 +229,29 @@ def train_sft(config: SftConfig, base_model: str, data_dir: str | Path, out_dir:
     write_json(out_dir / "tunery_stage.json", {"stage": "sft", "metrics": metrics, "info": info,
                                                "base_model": base_model, "data_hash": meta["data_hash"]})
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+    plot_history(history, out_dir / "training_curves.png", title=f"sft ({config.method}) on {Path(base_model).name}")
     return StageResult(stage="sft", artifact_path=str(out_dir), metrics=metrics, history=history, info=info)
 
+
+
+def plot_history(history: list[dict[str, float]], path: Path, title: str = "") -> None:
+    """Save loss (and eval loss), learning rate, grad norm and memory against the step as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "eval_loss"), ("learning_rate",), ("grad_norm",), ("rss_mb",)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), constrained_layout=True)
+    for ax, keys in zip(axes, panels):
+        for key in keys:
+            points = [(h["step"], h[key]) for h in history if key in h]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=key)
+        ax.set_title(keys[0])
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend()
+    fig.suptitle(title)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

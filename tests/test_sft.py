@@ -26,6 +26,7 @@ def test_lora_trains_the_adapter_and_lowers_the_loss(tiny_model_dir, prepared, t
     assert len(losses) == 8 and losses[-1] < losses[0]
     assert {"learning_rate", "grad_norm", "rss_mb"} <= set(result.history[0])
     assert result.metrics["train_tokens"] > 0 and result.metrics["train_peak_rss_mb"] > 0
+    assert (tmp_path / "out" / "training_curves.png").stat().st_size > 1000
     # The base checkpoint on disk is untouched (LoRA trains a separate adapter).
     assert not (tmp_path / "out" / "model.safetensors").exists()
 

@@ -1,0 +1,109 @@
+"""The `tunery` command as a user runs it: one-line errors without tracebacks, JSON shapes, and the whole
+pipeline end to end on the packaged SmolLM2-135M-Instruct."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+import registry
+from conftest import REPO
+
+TUNERY = str(Path(os.sys.executable).parent / "tunery")
+# Where `make setup` put the converted default base model (the tests' own TUNERY_HOME is a temp folder).
+SETUP_HOME = Path(os.environ.get("TUNERY_HOME") or REPO / ".tunery")
+
+
+def tunery(*args: str, home: Path, check_exit: int | None = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TUNERY_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([TUNERY, *args], capture_output=True, text=True, env=env, timeout=900)
+    if check_exit is not None:
+        assert proc.returncode == check_exit, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("args, message", [
+    (["show", "fern:3"], "error: unknown version 'fern:3'"),
+    (["compare", "fern:1", "fern:2"], "error: unknown version 'fern:1'"),
+    (["run", "nope.yaml"], "error: nope.yaml: config file not found"),
+    (["eval", "fern:1", "--config", "nope.yaml"], "error: nope.yaml: config file not found"),
+])
+def test_user_errors_print_one_line_and_exit_1(tunery_home, args, message):
+    proc = tunery(*args, home=tunery_home, check_exit=1)
+    assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_bad_config_key_is_named_before_anything_runs(tmp_path, tunery_home):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: fern\ndata: {train: x.jsonl}\nsft: {learning_rat: 0.1}\n")
+    proc = tunery("run", str(bad), home=tunery_home, check_exit=1)
+    assert "unknown key 'sft.learning_rat' (did you mean 'learning_rate'?)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tunery_home / "registry.duckdb").exists()
+
+
+def test_bad_row_is_named_by_the_cli(tmp_path, tunery_home, tiny_model_dir):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "Hi", "completion": "Yo"}\n{"prompt": "Hi"}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "x", "base_model": str(tiny_model_dir), "data": {"train": "d.jsonl"}}))
+    proc = tunery("prep", str(cfg), home=tunery_home, check_exit=1)
+    assert "d.jsonl line 2: field 'completion': missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_models_show_compare_json_shapes(tunery_home):
+    base = registry.create_version("smol", "base")
+    registry.finish_version(base, "/m")
+    tuned = registry.create_version("fern", "sft", parents=[base], hyperparameters={"sft": {"lr": 0.001}})
+    registry.record_metrics(base, {"perplexity": 30.0, "tokens_per_s": 18.0})
+    registry.record_metrics(tuned, {"perplexity": 12.0, "tokens_per_s": 17.0})
+    listed = json.loads(tunery("models", "--json", home=tunery_home).stdout)
+    assert [v["version"] for v in listed] == ["fern:1", "smol:1"]
+    shown = json.loads(tunery("show", "fern:1", "--json", home=tunery_home).stdout)
+    assert shown["parents"] == ["smol:1"] and shown["metrics"]["perplexity"] == 12.0
+    compared = json.loads(tunery("compare", "smol:1", "fern:1", "--json", home=tunery_home).stdout)
+    ppl = next(r for r in compared["metrics"] if r["metric"] == "perplexity")
+    assert ppl["change"] == -18.0 and ppl["better"] is True
+    assert "fern:1" in tunery("models", home=tunery_home).stdout
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The packaged SmolLM2-135M-Instruct as converted by `make setup` (converted here if setup was skipped)."""
+    from tasks.models import ensure_default_base_model
+
+    saved = os.environ.get("TUNERY_HOME")
+    os.environ["TUNERY_HOME"] = str(SETUP_HOME)
+    try:
+        return ensure_default_base_model()
+    finally:
+        if saved is None:
+            os.environ.pop("TUNERY_HOME")
+        else:
+            os.environ["TUNERY_HOME"] = saved
+
+
+@pytest.mark.e2e
+def test_run_on_smollm2_registers_base_and_a_better_fine_tune(tmp_path, tunery_home, smollm2_dir):
+    """`tunery run` on the real model with a few steps: both versions land with every metric, perplexity falls."""
+    cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    cfg["base_model"] = str(smollm2_dir)
+    cfg["data"]["train"] = str(REPO / "data/demo/garden_chat.jsonl")
+    cfg["sft"].update({"epochs": 1, "max_steps": 6, "warmup_ratio": 0.0})
+    cfg["eval"].update({"prompts": ["When should I plant garlic?"], "max_new_tokens": 8, "repeats": 1})
+    (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(cfg))
+    run = tunery("run", str(tmp_path / "e2e.yaml"), "--json", home=tunery_home)
+    summary = json.loads(run.stdout)
+    assert (summary["base"], summary["tuned"]) == ("SmolLM2-135M-Instruct:1", "fern:1")
+    versions = {v["version"]: v for v in json.loads(tunery("models", "--json", home=tunery_home).stdout)}
+    base, tuned = versions["SmolLM2-135M-Instruct:1"], versions["fern:1"]
+    for v in (base, tuned):
+        assert v["status"] == "ready"
+        assert {"perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb"} <= set(v["metrics"])
+    assert tuned["parents"] == [base["version"]] and tuned["data_hash"] == summary["data_hash"]
+    assert tuned["metrics"]["perplexity"] < base["metrics"]["perplexity"]
+    assert tuned["metrics"]["train_loss"] < tuned["metrics"]["train_loss_first"]
