@@ -77,34 +77,39 @@ def run(config: Path = typer.Argument(None, help="Pipeline YAML; default: config
     config = config or DEMO_CONFIG
     cfg, _ = load_config(config)  # fail on a bad config before Prefect starts
     _prefect_env()
-    from flows.pipeline import pipeline
+    from flows.pipeline import SUMMARY_METRICS, pipeline
 
     result = pipeline.with_options(flow_run_name=f"{cfg.name}")(str(config))
     if as_json:
         _print_json(result)
         return
     table = Table(title=f"{cfg.name}: base vs fine-tuned (held-out data {result['data_hash'][:12]})")
-    for col in ("version", "stage", "perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb"):
+    columns = ("version", "stage", *SUMMARY_METRICS)
+    for col in columns:
         table.add_column(col, justify="left" if col in ("version", "stage") else "right")
     for row in result["rows"]:
-        table.add_row(*(_fmt(row[c]) for c in ("version", "stage", "perplexity", "tokens_per_s", "ttft_ms",
-                                              "peak_rss_mb")))
+        table.add_row(*(_fmt(row[c]) for c in columns))
     out.print(table)
     base, tuned = result["rows"]
     change = (tuned["perplexity"] - base["perplexity"]) / base["perplexity"]
     out.print(f"held-out perplexity {base['perplexity']:.2f} -> {tuned['perplexity']:.2f} ({change:+.1%})")
 
 
-@command
-def prep(config: Path = typer.Argument(..., help="Pipeline YAML whose `data` section to prepare."),
-         as_json: bool = JsonOpt) -> None:
-    """Validate, normalise, de-duplicate and split the config's data; print where it was written."""
+def _base_and_data(config: Path):
+    """Load a config, resolve (and register) its base model, prepare its data: what every single stage needs."""
     from flows import steps
     from flows.config import load_config
 
     cfg, config_dir = load_config(config)
     base = steps.run_base(cfg, config_dir)
-    result = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    return cfg, base, steps.run_prep(cfg, config_dir, base["artifact_path"])
+
+
+@command
+def prep(config: Path = typer.Argument(..., help="Pipeline YAML whose `data` section to prepare."),
+         as_json: bool = JsonOpt) -> None:
+    """Validate, normalise, de-duplicate and split the config's data; print where it was written."""
+    _, _, result = _base_and_data(config)
     if as_json:
         _print_json({"path": result.artifact_path, **result.info})
     else:
@@ -118,11 +123,8 @@ def sft(config: Path = typer.Argument(..., help="Pipeline YAML (its data, base_m
         as_json: bool = JsonOpt) -> None:
     """Fine-tune the config's base model on its data and register the new version (no evaluation)."""
     from flows import steps
-    from flows.config import load_config
 
-    cfg, config_dir = load_config(config)
-    base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    cfg, base, data = _base_and_data(config)
     version = steps.run_sft(cfg, base, data)
     if as_json:
         _print_json(version)
@@ -138,12 +140,9 @@ def eval_command(version: str = typer.Argument(..., help="NAME:N or NAME (its ne
     """Measure a registered version on the config's held-out data and record the metrics."""
     import registry
     from flows import steps
-    from flows.config import load_config
 
-    cfg, config_dir = load_config(config)
     v = registry.get_version(version)
-    base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    cfg, _, data = _base_and_data(config)
     metrics = steps.run_eval(v, data, cfg.eval_config())
     if as_json:
         _print_json({"version": v["version"], "metrics": metrics})

@@ -73,7 +73,7 @@ def pipeline(config_path: str) -> dict[str, Any]:
     cfg, config_dir = load_config(config_path)
     base = base_task(cfg, config_dir)
     data = prep_task(cfg, config_dir, base)
-    base_metrics = eval_task.with_options(task_run_name=f"eval {base['version']}")(base, data, cfg.eval_config())
+    base_metrics = eval_task(base, data, cfg.eval_config())
     tuned = sft_task(cfg, base, data)
     tuned_metrics = eval_task(tuned, data, cfg.eval_config())
     rows = [{"version": v["version"], "stage": v["stage"], **{k: round(m.get(k, float("nan")), 3)

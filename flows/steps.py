@@ -40,7 +40,9 @@ def run_base(cfg: PipelineConfig, config_dir: Path) -> dict[str, Any]:
     for v in registry.list_versions(name=name, status="ready"):
         if v["stage"] == "base" and v["artifact_path"] == path:
             return v
-    version = registry.create_version(name, "base", base_model=cfg.base_model, info={"source": cfg.base_model})
+    # base_model names the foundation model the same way on the base version and on everything trained from it.
+    identity = DEFAULT_NAME if cfg.base_model == DEFAULT_BASE else path
+    version = registry.create_version(name, "base", base_model=identity, info={"source": cfg.base_model})
     registry.finish_version(version, path)
     return registry.get_version(version)
 
@@ -50,7 +52,7 @@ def run_sft(cfg: PipelineConfig, base: dict[str, Any], data: StageResult, flow_r
     """Fine-tune `base` on `data` as a new version of `cfg.name`; return the registered version."""
     hyperparameters = {"sft": cfg.sft.model_dump(), "seed": cfg.seed, "device": cfg.device}
     version = registry.create_version(
-        cfg.name, "sft", base_model=base["base_model"] if base["stage"] != "base" else base["artifact_path"],
+        cfg.name, "sft", base_model=base["base_model"],
         parents=[base["version"]], hyperparameters=hyperparameters, data_hash=data.info["data_hash"],
         flow_run_id=flow_run_id,
     )

@@ -186,7 +186,7 @@ def train_sft(config: SftConfig, base_model: str, data_dir: str | Path, out_dir:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.gradient_checkpointing,
         max_length=config.max_length,
         completion_only_loss=True,
         include_num_input_tokens_seen="non_padding",

@@ -32,7 +32,7 @@ def tunery(*args: str, home: Path, check_exit: int | None = 0) -> subprocess.Com
     (["show", "fern:3"], "error: unknown version 'fern:3'"),
     (["compare", "fern:1", "fern:2"], "error: unknown version 'fern:1'"),
     (["run", "nope.yaml"], "error: nope.yaml: config file not found"),
-    (["eval", "fern:1", "--config", "nope.yaml"], "error: nope.yaml: config file not found"),
+    (["eval", "fern:1", "--config", "nope.yaml"], "error: unknown version 'fern:1'"),
 ])
 def test_user_errors_print_one_line_and_exit_1(tunery_home, args, message):
     proc = tunery(*args, home=tunery_home, check_exit=1)

@@ -42,6 +42,7 @@ def test_pipeline_flow_registers_base_and_tuned_with_metrics_and_artifacts(
     assert (result["base"], result["tuned"]) == ("tiny-base:1", "tiny-fern:1")
     tuned = registry.get_version("tiny-fern:1")
     assert tuned["status"] == "ready" and tuned["parents"] == ["tiny-base:1"]
+    assert tuned["base_model"] == registry.get_version("tiny-base:1")["base_model"] == str(tiny_model_dir)
     assert tuned["data_hash"] == result["data_hash"] and tuned["hyperparameters"]["sft"]["max_steps"] == 4
     for v in (tuned, registry.get_version("tiny-base:1")):
         assert {"perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb"} <= set(v["metrics"]), v["version"]

@@ -59,3 +59,10 @@ def test_max_length_that_cuts_every_answer_is_refused(tiny_model_dir, prepared, 
     with pytest.raises(TuneryError, match="cuts off every answer"):
         train_sft(SftConfig(**{**FAST, "max_length": 16}), str(tiny_model_dir), prepared.artifact_path,
                   tmp_path / "out", "cpu")
+
+
+def test_gradient_checkpointing_with_lora_still_trains(tiny_model_dir, prepared, tmp_path):
+    cfg = SftConfig(gradient_checkpointing=True, **{**FAST, "max_steps": 2})
+    train_sft(cfg, str(tiny_model_dir), prepared.artifact_path, tmp_path / "out", "cpu")
+    adapter = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert all(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k)
