@@ -20,7 +20,8 @@ from tasks.common import TuneryError, home
 STDOUT = sys.stdout
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Retrain small language models on a schedule and keep every result comparable.")
-out = Console(file=STDOUT)
+# Piped output gets a wide console so version names are not cut; a terminal uses its own width.
+out = Console(file=STDOUT, width=None if STDOUT.isatty() else 160)
 err = Console(stderr=True)
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document to stdout.")
