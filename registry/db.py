@@ -36,16 +36,20 @@ def _is_lock_error(e: Exception) -> bool:
 
 
 def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
-    for delay in (*LOCK_RETRIES, None):
+    """Connect, waiting with backoff while another process holds the file's lock."""
+    for delay in LOCK_RETRIES:
         try:
             return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as e:
-            if not _is_lock_error(e) or delay is None:
-                if _is_lock_error(e):
-                    raise TuneryError(f"{path}: the registry is locked by another process; try again") from None
+            if not _is_lock_error(e):
                 raise
             time.sleep(delay)
-    raise AssertionError("unreachable")
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as e:
+        if _is_lock_error(e):
+            raise TuneryError(f"{path}: the registry is locked by another process; try again") from None
+        raise
 
 
 def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:

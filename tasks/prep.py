@@ -385,18 +385,21 @@ def prepare(config: PrepConfig, base_dir: Path | None = None, tokenizer_path: st
     train_paths = [base_dir / p for p in config.train]
     kind, train = load_examples(train_paths, config.format, config.system_prompt, config.max_rows)
     n_raw = len(train)
+    train = deduplicate(train)
+    duplicates = n_raw - len(train)
+    overlap = 0
     if config.validation:
         val_paths = [base_dir / p for p in config.validation]
         val_kind, validation = load_examples(val_paths, config.format, config.system_prompt, config.max_rows)
         if val_kind != kind:
             raise TuneryError(f"validation data holds {val_kind} examples but training data holds {kind}")
-        train = deduplicate(train)
+        validation = deduplicate(validation)
         held = {canonical(ex) for ex in validation}
         # An example in both splits would make held-out perplexity meaningless.
+        overlap = sum(canonical(ex) in held for ex in train)
         train = [ex for ex in train if canonical(ex) not in held]
-        validation = deduplicate(validation)
     else:
-        train, validation = split(deduplicate(train), config.val_fraction, config.seed)
+        train, validation = split(train, config.val_fraction, config.seed)
     if not train:
         raise TuneryError("no training examples left after removing duplicates and held-out rows")
     digest = content_hash(kind, train, validation)
@@ -406,7 +409,8 @@ def prepare(config: PrepConfig, base_dir: Path | None = None, tokenizer_path: st
         "kind": kind,
         "sources": [str(p) for p in train_paths],
         "rows_read": n_raw,
-        "duplicates_removed": n_raw - len(train) - (0 if config.validation else len(validation)),
+        "duplicates_removed": duplicates,
+        "validation_overlap_removed": overlap,
         "train_rows": len(train),
         "validation_rows": len(validation),
     }

@@ -150,8 +150,9 @@ def test_explicit_validation_file_removes_overlap_from_training(tmp_path, garden
     write_jsonl(tmp_path / "train.jsonl", garden_rows)
     write_jsonl(tmp_path / "val.jsonl", garden_rows[:4])
     result = prepare(PrepConfig(train="train.jsonl", validation="val.jsonl"), tmp_path)
-    _, train, val = load_prepared(result.artifact_path)
+    meta, train, val = load_prepared(result.artifact_path)
     assert len(val) == 4 and len(train) == len(garden_rows) - 4
+    assert meta["validation_overlap_removed"] == 4 and meta["duplicates_removed"] == 0
 
 
 def test_chat_template_that_rejects_data_fails_in_prep(tmp_path, tiny_model_dir):
