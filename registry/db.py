@@ -37,19 +37,16 @@ def _is_lock_error(e: Exception) -> bool:
 
 def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     """Connect, waiting with backoff while another process holds the file's lock."""
-    for delay in LOCK_RETRIES:
+    for delay in (*LOCK_RETRIES, None):
         try:
             return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as e:
             if not _is_lock_error(e):
                 raise
+            if delay is None:
+                raise TuneryError(f"{path}: the registry is locked by another process; try again") from None
             time.sleep(delay)
-    try:
-        return duckdb.connect(str(path), read_only=read_only)
-    except duckdb.IOException as e:
-        if _is_lock_error(e):
-            raise TuneryError(f"{path}: the registry is locked by another process; try again") from None
-        raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:

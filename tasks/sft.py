@@ -233,7 +233,6 @@ def train_sft(config: SftConfig, base_model: str, data_dir: str | Path, out_dir:
     return StageResult(stage="sft", artifact_path=str(out_dir), metrics=metrics, history=history, info=info)
 
 
-
 def plot_history(history: list[dict[str, float]], path: Path, title: str = "") -> None:
     """Save loss (and eval loss), learning rate, grad norm and memory against the step as one PNG."""
     import matplotlib
