@@ -48,32 +48,60 @@ def perplexity(model, tokenizer, rows: list[dict], max_length: int = 512, batch_
     """Token-weighted perplexity of the assistant answers in `rows` (chat examples) under `model`.
 
     exp(sum of answer-token negative log-likelihoods / number of answer tokens), the tokens being exactly those
-    `encode_chat` marks (and training learns). Examples are sorted by length and batched with right padding, so
-    padding is small and never scored. Returns perplexity, nll_sum and tokens.
+    `encode_chat` marks (and training learns). Returns perplexity, nll_sum and tokens.
+    """
+    scores = [s for s in answer_nll(model, tokenizer, [r["messages"] for r in rows], max_length, batch_size,
+                                    progress) if s[1] > 0]
+    if not scores:
+        raise TuneryError("no answer tokens to score in the validation data")
+    nll_sum, n_tokens = sum(s[0] for s in scores), sum(s[1] for s in scores)
+    return {"perplexity": math.exp(nll_sum / n_tokens), "nll_sum": nll_sum, "tokens": float(n_tokens)}
+
+
+def preference_accuracy(model, tokenizer, rows: list[dict], max_length: int = 512, batch_size: int = 8
+                        ) -> dict[str, float]:
+    """How often the model itself prefers the chosen answer: its mean log-likelihood per answer token is higher
+    for `chosen` than for `rejected` (per token, so a longer answer is not penalised for its length).
+
+    `rows` are prepared preference examples. Returns preference_accuracy (share of pairs) and preference_margin
+    (mean difference of the per-token log-likelihoods, chosen minus rejected).
+    """
+    conversations = [r["prompt"] + r[key] for r in rows for key in ("chosen", "rejected")]
+    scores = answer_nll(model, tokenizer, conversations, max_length, batch_size)
+    mean_ll = [-nll / n if n else float("-inf") for nll, n in scores]
+    margins = [c - r for c, r in zip(mean_ll[0::2], mean_ll[1::2])]
+    finite = [m for m in margins if math.isfinite(m)]
+    return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "preference_margin": sum(finite) / len(finite) if finite else 0.0}
+
+
+def answer_nll(model, tokenizer, conversations: list[list[dict]], max_length: int = 512, batch_size: int = 8,
+               progress: bool = False) -> list[tuple[float, int]]:
+    """(sum of negative log-likelihoods, number of tokens) of each conversation's last message, in input order.
+
+    Conversations are sorted by length and batched with right padding, so padding is small and never scored.
     """
     import torch
     from tqdm.auto import tqdm
 
-    encoded = [encode_chat(tokenizer, r["messages"], max_length) for r in rows]
-    encoded = sorted((e for e in encoded if sum(e["completion_mask"][1:]) > 0), key=lambda e: len(e["input_ids"]))
-    if not encoded:
-        raise TuneryError("no answer tokens to score in the validation data")
+    encoded = [encode_chat(tokenizer, messages, max_length) for messages in conversations]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    nll_sum, n_tokens = 0.0, 0
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     model.eval()
-    batches = range(0, len(encoded), batch_size)
+    batches = range(0, len(order), batch_size)
     for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
-        batch = encoded[start:start + batch_size]
-        width = max(len(e["input_ids"]) for e in batch)
+        batch = order[start:start + batch_size]
+        width = max(len(encoded[i]["input_ids"]) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         attn = torch.zeros((len(batch), width), dtype=torch.long)
         scored = torch.zeros((len(batch), width), dtype=torch.bool)
-        for i, e in enumerate(batch):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"])
-            attn[i, :n] = 1
-            scored[i, :n] = torch.tensor(e["completion_mask"], dtype=torch.bool)
+        for row, i in enumerate(batch):
+            n = len(encoded[i]["input_ids"])
+            ids[row, :n] = torch.tensor(encoded[i]["input_ids"])
+            attn[row, :n] = 1
+            scored[row, :n] = torch.tensor(encoded[i]["completion_mask"], dtype=torch.bool)
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
         # Position t predicts token t+1; a token is scored when it is an answer token.
@@ -81,9 +109,9 @@ def perplexity(model, tokenizer, rows: list[dict], max_length: int = 512, batch_
         target = ids[:, 1:].to(device)
         token_nll = -logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         mask = scored[:, 1:].to(device)
-        nll_sum += float(token_nll[mask].double().sum())
-        n_tokens += int(mask.sum())
-    return {"perplexity": math.exp(nll_sum / n_tokens), "nll_sum": nll_sum, "tokens": float(n_tokens)}
+        for row, i in enumerate(batch):
+            results[i] = (float(token_nll[row][mask[row]].double().sum()), int(mask[row].sum()))
+    return results
 
 
 def latency(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, repeats: int = 3, warmup: int = 1,

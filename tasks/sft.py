@@ -1,136 +1,30 @@
-"""Stage `sft`: supervised fine-tuning with trl, as LoRA, QLoRA (LoRA on a 4/8-bit base) or a full fine-tune.
+"""Stage `sft`: supervised fine-tuning with trl on chat examples, as LoRA, QLoRA, a full or a Spectrum fine-tune.
 
 The loss covers the assistant's answer only (the completion tokens of `models.encode_chat`), the same tokens the
 eval stage scores. The loss, learning-rate, grad-norm and memory history of the run is returned with the result.
 """
 from __future__ import annotations
 
-import math
-import shutil
-import time
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from tasks.common import StageResult, TuneryError, peak_rss_mb, resolve_device, resolve_precision, write_json
-from tasks.models import encode_chat, load_model, load_tokenizer, torch_dtype
+from tasks.common import StageResult, TuneryError, resolve_device, resolve_precision
+from tasks.models import encode_chat, load_tokenizer
 from tasks.prep import load_prepared
+from tasks.training import TrainingConfig, history_callback, run_training, trainable_model, trainer_arguments
 
 
-class QuantizationConfig(BaseModel):
-    """Load the frozen base in fewer bits (bitsandbytes). 4bit + LoRA is QLoRA."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Literal["none", "8bit", "4bit"] = Field("none", description="Bits of the frozen base weights.")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 is the QLoRA paper's.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
-    compute_dtype: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="dtype of the matmuls on de-quantized weights; bf16 is faster on GPUs that have it."
-    )
-
-    def to_bnb(self):
-        from transformers import BitsAndBytesConfig
-
-        if self.mode == "8bit":
-            return BitsAndBytesConfig(load_in_8bit=True)
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.quant_type,
-            bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(self.compute_dtype),
-        )
-
-
-class LoraSettings(BaseModel):
-    """Low-rank adapter shape. alpha / r scales the update; 2x r is the common starting point."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    r: int = Field(16, ge=1, le=1024, description="Rank of the update matrices.")
-    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is multiplied by alpha / r.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input during training.")
-    target_modules: str | list[str] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the head."
-    )
-
-
-class SftConfig(BaseModel):
+class SftConfig(TrainingConfig):
     """Supervised fine-tuning hyperparameters (trl SFTTrainer)."""
 
-    model_config = ConfigDict(extra="forbid")
 
-    method: Literal["lora", "full"] = Field("lora", description="Train an adapter (lora) or every weight (full).")
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
-    epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, description="Optimizer steps to run; -1 means use epochs.")
-    batch_size: int = Field(8, ge=1, description="Examples per device per forward pass.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
-    max_length: int = Field(512, ge=16, description="Tokens per example; longer ones are cut at the end.")
-    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate (LoRA ~1e-4..1e-3, full ~1e-5).")
-    lr_scheduler: Literal[
-        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
-    ] = Field("cosine", description="Learning-rate schedule after warmup.")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent ramping the learning rate up.")
-    weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW decoupled weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
-    eval_steps: int | None = Field(None, ge=1, description="Evaluate the validation loss every N steps.")
-    logging_steps: int = Field(1, ge=1, description="Record loss, learning rate, grad norm and memory every N steps.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on capable CUDA GPUs, fp16 on older ones, fp32 on CPU and MPS."
-    )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (~30% slower).")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "SftConfig":
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError("max_steps must be -1 (use epochs) or a positive number of steps")
-        if self.method == "full" and self.quantization.mode != "none":
-            raise ValueError("a full fine-tune cannot train quantized weights; use method: lora for QLoRA")
-        return self
-
-    @property
-    def quantized(self) -> bool:
-        return self.quantization.mode != "none"
-
-
-def _history_callback(history: list[dict[str, float]]):
-    """A TrainerCallback that keeps every logged value plus the process's memory at that step."""
-    import psutil
-    import torch
-    from transformers import TrainerCallback
-
-    process = psutil.Process()
-
-    class History(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs:
-                return
-            row = {"step": float(state.global_step), "epoch": float(state.epoch or 0)}
-            for key, value in logs.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    row[key] = float(value)
-            row["rss_mb"] = process.memory_info().rss / 2**20
-            if torch.cuda.is_available():
-                row["cuda_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
-            history.append(row)
-
-    return History()
-
-
-def train_sft(config: SftConfig, base_model: str, data_dir: str | Path, out_dir: str | Path,
+def train_sft(config: SftConfig, model_path: str, data_dir: str | Path, out_dir: str | Path,
               device: str = "auto", seed: int = 0) -> StageResult:
-    """Fine-tune `base_model` on the prepared chat data in `data_dir`; write the adapter (or model) to `out_dir`.
+    """Fine-tune the model in `model_path` on the prepared chat data in `data_dir`; write the result to `out_dir`.
 
-    Supports LoRA, QLoRA (bitsandbytes on CUDA or CPU, not MPS) and full fine-tuning. Returns the final training
-    loss, throughput, peak memory and the logged history. Raises TuneryError for data that is not chat data or
-    that leaves nothing to train on after truncation.
+    Raises TuneryError for data that is not chat data or that leaves nothing to train on after truncation.
     """
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, prepare_model_for_kbit_training
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
@@ -141,116 +35,23 @@ def train_sft(config: SftConfig, base_model: str, data_dir: str | Path, out_dir:
     precision = resolve_precision(config.precision, device)
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-
-    tokenizer = load_tokenizer(base_model)
+    tokenizer = load_tokenizer(model_path)
 
     def encode(rows: list[dict]) -> Dataset:
         encoded = [encode_chat(tokenizer, r["messages"], config.max_length) for r in rows]
-        encoded = [e for e in encoded if any(e["completion_mask"])]
-        return Dataset.from_list(encoded)
+        return Dataset.from_list([e for e in encoded if any(e["completion_mask"])])
 
     train_ds, val_ds = encode(train_rows), encode(val_rows)
     if len(train_ds) == 0:
-        raise TuneryError(f"max_length {config.max_length} cuts off every answer; raise sft.max_length")
+        raise TuneryError(f"max_length {config.max_length} cuts off every answer; raise max_length")
 
-    # Master weights stay fp32; bf16/fp16 apply as autocast through the trainer (mixed precision).
-    model = load_model(base_model, device=device, precision="fp32",
-                       quantization=config.quantization if config.quantized else None)
-    peft_config = None
-    if config.method == "lora":
-        if config.quantized:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-        peft_config = LoraConfig(
-            r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-            target_modules=config.lora.target_modules, task_type="CAUSAL_LM",
-        )
-
-    args = TrlSFTConfig(
-        output_dir=str(out_dir / "trainer"),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,  # transformers 5 reads a value below 1 as a ratio of the total steps
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        logging_steps=config.logging_steps,
-        eval_strategy="steps" if config.eval_steps and len(val_ds) else "no",
-        eval_steps=config.eval_steps,
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=device == "cpu",
-        activation_checkpointing=config.gradient_checkpointing,
-        max_length=config.max_length,
-        completion_only_loss=True,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_pin_memory=device == "cuda",
-        disable_tqdm=False,
-    )
+    model, peft_config, info = trainable_model(config, model_path, device)
+    args = TrlSFTConfig(**trainer_arguments(config, out_dir, device, precision, seed, has_eval=len(val_ds) > 0),
+                        completion_only_loss=True, include_num_input_tokens_seen="non_padding")
     history: list[dict[str, float]] = []
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
-        processing_class=tokenizer, peft_config=peft_config, callbacks=[_history_callback(history)],
+        processing_class=tokenizer, peft_config=peft_config, callbacks=[history_callback(history)],
     )
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    output = trainer.train()
-    runtime = time.perf_counter() - start
-
-    trained = trainer.model
-    trained.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    losses = [h["loss"] for h in history if "loss" in h]
-    if not losses or not all(math.isfinite(x) for x in losses):
-        raise TuneryError(f"training produced a non-finite loss ({losses[-3:]}); lower the learning rate")
-    tokens_seen = float(trainer.state.num_input_tokens_seen or 0)
-    metrics = {
-        "train_loss": losses[-1],
-        "train_loss_first": losses[0],
-        "train_loss_mean": float(output.training_loss),
-        "train_steps": float(trainer.state.global_step),
-        "train_runtime_s": runtime,
-        "train_tokens": tokens_seen,
-        "train_tokens_per_s": tokens_seen / runtime if runtime > 0 else 0.0,
-        "train_peak_rss_mb": peak_rss_mb(),
-        "trainable_params": float(sum(p.numel() for p in trained.parameters() if p.requires_grad)),
-    }
-    if torch.cuda.is_available():
-        metrics["train_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    info = {"device": device, "precision": precision, "method": config.method,
-            "quantization": config.quantization.mode, "adapter": config.method == "lora"}
-    write_json(out_dir / "tunery_stage.json", {"stage": "sft", "metrics": metrics, "info": info,
-                                               "base_model": base_model, "data_hash": meta["data_hash"]})
-    shutil.rmtree(out_dir / "trainer", ignore_errors=True)
-    plot_history(history, out_dir / "training_curves.png", title=f"sft ({config.method}) on {Path(base_model).name}")
-    return StageResult(stage="sft", artifact_path=str(out_dir), metrics=metrics, history=history, info=info)
-
-
-def plot_history(history: list[dict[str, float]], path: Path, title: str = "") -> None:
-    """Save loss (and eval loss), learning rate, grad norm and memory against the step as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("loss", "eval_loss"), ("learning_rate",), ("grad_norm",), ("rss_mb",)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), constrained_layout=True)
-    for ax, keys in zip(axes, panels):
-        for key in keys:
-            points = [(h["step"], h[key]) for h in history if key in h]
-            if points:
-                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=key)
-        ax.set_title(keys[0])
-        ax.set_xlabel("step")
-        if len(keys) > 1:
-            ax.legend()
-    fig.suptitle(title)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    info.update(device=device, precision=precision)
+    return run_training(trainer, "sft", config, tokenizer, out_dir, history, model_path, meta["data_hash"], info)

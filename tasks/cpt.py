@@ -1,0 +1,67 @@
+"""Stage `cpt`: continued pretraining on raw text, to put a domain's vocabulary and facts into the weights.
+
+Every token of every document is trained on. Documents get an end-of-text token, those longer than `max_length`
+are split into pieces, and the pieces are packed best-fit-decreasing into sequences of `max_length` tokens (trl's
+`bfd_split` packing). Packed sequences carry their own position ids, so attention never crosses a document boundary.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pydantic import Field
+
+from tasks.common import StageResult, TuneryError, resolve_device, resolve_precision
+from tasks.models import load_tokenizer
+from tasks.prep import load_prepared
+from tasks.training import TrainingConfig, history_callback, run_training, trainable_model, trainer_arguments
+
+
+class CptConfig(TrainingConfig):
+    """Continued-pretraining hyperparameters (trl SFTTrainer on text with packing)."""
+
+    max_length: int = Field(512, ge=16, description="Tokens per packed sequence; longer documents are split.")
+    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak learning rate; keep it below sft's to limit "
+                                                              "forgetting.")
+
+
+def train_cpt(config: CptConfig, model_path: str, data_dir: str | Path, out_dir: str | Path,
+              device: str = "auto", seed: int = 0) -> StageResult:
+    """Continue pretraining the model in `model_path` on the prepared text in `data_dir`; write it to `out_dir`.
+
+    Records the held-out text perplexity before and after training when the data has a validation split.
+    Raises TuneryError for data that is not raw text.
+    """
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    meta, train_rows, val_rows = load_prepared(data_dir)
+    if meta["kind"] != "text":
+        raise TuneryError(f"cpt needs raw text examples ({{\"text\": ...}}); {data_dir} holds {meta['kind']} examples")
+    device = resolve_device(device, quantized=config.quantized)
+    precision = resolve_precision(config.precision, device)
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(model_path)
+    train_ds = Dataset.from_list([{"text": r["text"]} for r in train_rows])
+    val_ds = Dataset.from_list([{"text": r["text"]} for r in val_rows]) if val_rows else None
+
+    model, peft_config, info = trainable_model(config, model_path, device)
+    args = TrlSFTConfig(**trainer_arguments(config, out_dir, device, precision, seed, has_eval=val_ds is not None),
+                        dataset_text_field="text", packing=True, packing_strategy="bfd_split",
+                        completion_only_loss=False, include_num_input_tokens_seen="all")  # packed: no padding
+    history: list[dict[str, float]] = []
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[history_callback(history)])
+    info.update(device=device, precision=precision, packing="bfd_split",
+                train_sequences=len(trainer.train_dataset))
+    if val_ds is None:
+        return run_training(trainer, "cpt", config, tokenizer, out_dir, history, model_path, meta["data_hash"], info)
+    # The held-out text's perplexity (all tokens, packed like training), before and after.
+    return run_training(
+        trainer, "cpt", config, tokenizer, out_dir, history, model_path, meta["data_hash"], info,
+        start_metrics={"text_perplexity_start": math.exp(trainer.evaluate()["eval_loss"])},
+        after_train=lambda: {"text_perplexity": math.exp(trainer.evaluate()["eval_loss"])},
+    )

@@ -1,0 +1,121 @@
+"""Stage `dpo`: preference alignment with trl on prompt / chosen / rejected pairs.
+
+`loss` picks the objective: DPO (`sigmoid`) and its variants that trl's DPOTrainer computes (IPO, hinge, robust,
+...), KTO (trl's KTOTrainer, on the pairs split into desirable and undesirable answers), and the reference-free
+ORPO and SimPO (trl.experimental's ORPOTrainer and CPOTrainer). With LoRA the reference model is the start model
+itself with the adapter switched off, so no second copy is held in memory.
+
+Recorded beyond the training metrics, on the held-out pairs: the model's own preference accuracy before and after
+(how often the chosen answer is likelier per token than the rejected one) and, for the objectives that define an
+implicit reward, trl's reward accuracy and reward margin after training.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from tasks.common import StageResult, TuneryError, resolve_device, resolve_precision
+from tasks.evaluation import preference_accuracy
+from tasks.models import load_model, load_tokenizer
+from tasks.prep import load_prepared
+from tasks.training import TrainingConfig, history_callback, run_training, trainable_model, trainer_arguments
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+              "apo_down", "sigmoid_norm")
+REFERENCE_FREE = ("orpo", "simpo")
+
+
+class DpoConfig(TrainingConfig):
+    """Preference-alignment hyperparameters."""
+
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+                  "apo_down", "sigmoid_norm", "kto", "orpo", "simpo"] = Field(
+        "sigmoid", description="sigmoid is DPO; ipo/hinge/robust/... are DPO variants; kto, orpo and simpo use "
+                               "their own trl trainers (orpo and simpo need no reference model).")
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (DPO/IPO/KTO), "
+                                               "or the odds-ratio weight (ORPO) / reward scale (SimPO).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (robust, exo).")
+    simpo_gamma: float = Field(0.5, ge=0, description="Target reward margin of SimPO.")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate; preference tuning wants it "
+                                                               "lower than sft.")
+    epochs: float = Field(1, gt=0, description="Passes over the preference pairs (ignored when max_steps > 0).")
+
+
+def _trainer(config: DpoConfig, model, ref_model, args: dict, train_ds, val_ds, tokenizer, peft_config, callbacks):
+    """The trl trainer that computes `config.loss`."""
+    common = dict(train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer, peft_config=peft_config,
+                  callbacks=callbacks)
+    if config.loss in DPO_LOSSES:
+        from trl import DPOConfig as TrlDPOConfig
+        from trl import DPOTrainer
+
+        trl_args = TrlDPOConfig(**args, loss_type=[config.loss], beta=config.beta,
+                                label_smoothing=config.label_smoothing)
+        return DPOTrainer(model=model, ref_model=ref_model, args=trl_args, **common)
+    if config.loss == "kto":
+        from trl import KTOConfig, KTOTrainer
+        from trl.data_utils import unpair_preference_dataset
+
+        common["train_dataset"] = unpair_preference_dataset(train_ds)
+        common["eval_dataset"] = unpair_preference_dataset(val_ds) if val_ds is not None else None
+        return KTOTrainer(model=model, ref_model=ref_model, args=KTOConfig(**args, beta=config.beta), **common)
+    if config.loss == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer(model=model, args=ORPOConfig(**args, beta=config.beta), **common)
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    trl_args = CPOConfig(**args, loss_type="simpo", cpo_alpha=0.0, beta=config.beta, simpo_gamma=config.simpo_gamma)
+    return CPOTrainer(model=model, args=trl_args, **common)
+
+
+def train_dpo(config: DpoConfig, model_path: str, data_dir: str | Path, out_dir: str | Path,
+              device: str = "auto", seed: int = 0) -> StageResult:
+    """Align the model in `model_path` with the prepared preference pairs in `data_dir`; write it to `out_dir`.
+
+    Raises TuneryError for data that is not preference pairs.
+    """
+    import torch
+    from datasets import Dataset
+
+    meta, train_rows, val_rows = load_prepared(data_dir)
+    if meta["kind"] != "preference":
+        raise TuneryError(f"dpo needs preference pairs (prompt/chosen/rejected); {data_dir} holds {meta['kind']} "
+                          "examples")
+    device = resolve_device(device, quantized=config.quantized)
+    precision = resolve_precision(config.precision, device)
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(model_path)
+    columns = ("prompt", "chosen", "rejected")
+    train_ds = Dataset.from_list([{k: r[k] for k in columns} for r in train_rows])
+    val_ds = Dataset.from_list([{k: r[k] for k in columns} for r in val_rows]) if val_rows else None
+
+    model, peft_config, info = trainable_model(config, model_path, device)
+    start = {}
+    if val_rows:
+        before = preference_accuracy(model, tokenizer, val_rows, config.max_length, config.batch_size)
+        start = {f"{k}_start": v for k, v in before.items()}
+    # LoRA: trl uses the start model with the adapter disabled as the reference; otherwise it needs its own copy.
+    needs_ref = config.loss not in REFERENCE_FREE and peft_config is None
+    ref_model = load_model(model_path, device=device).eval() if needs_ref else None
+    args = trainer_arguments(config, out_dir, device, precision, seed, has_eval=val_ds is not None)
+    history: list[dict[str, float]] = []
+    trainer = _trainer(config, model, ref_model, args, train_ds, val_ds, tokenizer, peft_config,
+                       [history_callback(history)])
+    info.update(device=device, precision=precision, loss=config.loss)
+
+    def after_train() -> dict[str, float]:
+        if not val_rows:
+            return {}
+        metrics = preference_accuracy(trainer.model, tokenizer, val_rows, config.max_length, config.batch_size)
+        evaluated = trainer.evaluate()
+        for ours, theirs in (("reward_accuracy", "eval_rewards/accuracies"), ("reward_margin", "eval_rewards/margins")):
+            if theirs in evaluated:
+                metrics[ours] = float(evaluated[theirs])
+        return metrics
+
+    return run_training(trainer, "dpo", config, tokenizer, out_dir, history, model_path, meta["data_hash"], info,
+                        start_metrics=start, after_train=after_train)
