@@ -1,0 +1,107 @@
+"""Stage merge on the tiny model: an adapter folded into its base, and mergekit merges of full models."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tasks.common import TuneryError
+from tasks.merge import MergeConfig, merge_adapter, merge_models
+from tasks.models import load_model
+from tasks.sft import SftConfig, train_sft
+
+FAST = {"max_steps": 4, "batch_size": 4, "learning_rate": 2e-2, "warmup_ratio": 0.0, "lr_scheduler": "constant",
+        "max_length": 128}
+INPUT = torch.tensor([[1, 20, 31, 42, 53, 64, 75, 86, 97, 108]])
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=INPUT).logits.float()
+
+
+def _perturbed_copy(source, out, scale: float, seed: int, only: str = ""):
+    """A copy of a checkpoint with seeded noise on its weights (those whose name contains `only`)."""
+    shutil.copytree(source, out)
+    weights = load_file(str(source / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    for key, value in weights.items():
+        if only in key:
+            weights[key] = value + scale * torch.randn(value.shape, generator=gen)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tuned_copy(tiny_model_dir, tmp_path_factory):
+    """A second checkpoint of the tiny model's architecture, standing in for a full fine-tune."""
+    return _perturbed_copy(tiny_model_dir, tmp_path_factory.mktemp("tuned") / "model", 0.02, seed=1)
+
+
+def test_merged_lora_equals_base_plus_adapter(tiny_model_dir, prepared, tmp_path):
+    train_sft(SftConfig(**FAST), str(tiny_model_dir), prepared.artifact_path, tmp_path / "adapter", "cpu")
+    info = merge_adapter(str(tiny_model_dir), str(tmp_path / "adapter"), tmp_path / "merged")
+    with_adapter = load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter")).eval()
+    merged = load_model(str(tmp_path / "merged")).eval()
+    base = load_model(str(tiny_model_dir)).eval()
+    assert (_logits(base) - _logits(with_adapter)).abs().max() > 1e-2  # the adapter does change the output
+    assert (_logits(merged) - _logits(with_adapter)).abs().max() < 1e-4
+    assert not (tmp_path / "merged" / "adapter_config.json").exists() and info["qlora_base"] is None
+    assert (tmp_path / "merged" / "tokenizer_config.json").exists()
+
+
+def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, prepared, tmp_path):
+    q = {"mode": "4bit", "quant_type": "nf4", "double_quant": True}
+    cfg = SftConfig(quantization=q, **FAST)
+    train_sft(cfg, str(tiny_model_dir), prepared.artifact_path, tmp_path / "adapter", "cpu")
+    info = merge_adapter(str(tiny_model_dir), str(tmp_path / "adapter"), tmp_path / "dq", cfg.quantization)
+    merge_adapter(str(tiny_model_dir), str(tmp_path / "adapter"), tmp_path / "orig", cfg.quantization, "original")
+    assert info["qlora_base"] == "dequantized"
+    trained_form = load_model(str(tiny_model_dir), quantization=cfg.quantization, adapter=str(tmp_path / "adapter"))
+    dequantized, original = load_model(str(tmp_path / "dq")).eval(), load_model(str(tmp_path / "orig")).eval()
+    reference = _logits(trained_form.eval())
+    # Merged into the de-quantized weights, the model computes what the QLoRA model computed in training.
+    assert (_logits(dequantized) - reference).abs().max() < 1e-3
+    assert (_logits(original) - reference).abs().max() > (_logits(dequantized) - reference).abs().max()
+    assert "quantization_config" not in json.loads((tmp_path / "dq" / "config.json").read_text())
+
+
+def test_slerp_at_t0_reproduces_its_first_source(tiny_model_dir, tuned_copy, tmp_path):
+    cfg = MergeConfig(method="slerp", sources=["a", "b"], t=0.0)
+    info = merge_models(cfg, {"tuned:1": str(tuned_copy), "base:1": str(tiny_model_dir)}, tmp_path / "m")
+    first, merged = load_file(str(tuned_copy / "model.safetensors")), _all_weights(tmp_path / "m")
+    assert set(first) == set(merged)
+    assert max((first[k] - merged[k]).abs().max().item() for k in first) < 1e-6
+    assert info["mergekit_config"]["base_model"] == "tuned:1"
+    assert (tmp_path / "m" / "mergekit_config.yml").exists()
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "task_arithmetic"])
+def test_mergekit_methods_produce_a_loadable_model_between_the_sources(method, tiny_model_dir, tuned_copy,
+                                                                       tmp_path):
+    other = _perturbed_copy(tuned_copy, tmp_path / "other", 0.01, seed=2, only="proj")
+    cfg = MergeConfig(method=method, sources=["a", "b"], density=0.7)
+    info = merge_models(cfg, {"ft:1": str(tuned_copy), "ft:2": str(other)}, tmp_path / "m",
+                        base=("base:1", str(tiny_model_dir)), seed=1)
+    assert info["merge"] == method
+    assert all(m["model"] in ("ft:1", "ft:2") for m in info["mergekit_config"]["models"])
+    assert torch.isfinite(_logits(load_model(str(tmp_path / "m")))).all()
+
+
+def test_merging_different_architectures_is_refused(tiny_model_dir, tmp_path):
+    shutil.copytree(tiny_model_dir, tmp_path / "wide")
+    config = json.loads((tmp_path / "wide" / "config.json").read_text())
+    (tmp_path / "wide" / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
+    with pytest.raises(TuneryError, match="cannot merge wide:1 with tiny:1: different architecture .hidden_size"):
+        merge_models(MergeConfig(method="linear", sources=["a", "b"]),
+                     {"tiny:1": str(tiny_model_dir), "wide:1": str(tmp_path / "wide")}, tmp_path / "m")
+
+
+def _all_weights(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in folder.glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    return out
