@@ -3,32 +3,82 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.common import TuneryError, check_name
+from tasks.cpt import CptConfig
+from tasks.dpo import DpoConfig
 from tasks.evaluation import EvalConfig
+from tasks.merge import MergeConfig
 from tasks.prep import PrepConfig
 from tasks.sft import SftConfig
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+BASE_REF = "base"
+
+
+class StageFields(BaseModel):
+    """Where a stage sits in the chain: its id, what it starts from, and its own data."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    id: str | None = Field(None, description="How later stages refer to this one (`from`, `sources`); default: "
+                                             "the stage kind.")
+    from_: str | None = Field(None, alias="from", description="What to start from: an earlier stage's id, 'base', "
+                                                             "or a registered version NAME:N; default: the previous "
+                                                             "stage's result (the base model for the first stage).")
+    data: PrepConfig | None = Field(None, description="This stage's own data (text for cpt, pairs for dpo); default: "
+                                                      "the top-level data.")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"id", "from_", "data", "stage"})
+
+
+class CptStage(StageFields, CptConfig):
+    stage: Literal["cpt"]
+
+
+class SftStage(StageFields, SftConfig):
+    stage: Literal["sft"]
+
+
+class DpoStage(StageFields, DpoConfig):
+    stage: Literal["dpo"]
+
+
+class MergeStage(StageFields, MergeConfig):
+    stage: Literal["merge"]
+
+    @model_validator(mode="after")
+    def _no_data(self) -> "MergeStage":
+        if self.data is not None:
+            raise ValueError("a merge stage takes no data")
+        return self
+
+
+STAGES = {"cpt": CptStage, "sft": SftStage, "dpo": DpoStage, "merge": MergeStage}
+Stage = Annotated[Union[CptStage, SftStage, DpoStage, MergeStage], Field(discriminator="stage")]
+TRAINING = ("cpt", "sft", "dpo")
 
 
 class PipelineConfig(BaseModel):
-    """prep -> (register + eval base) -> sft -> eval, for one model name."""
+    """base -> prep -> the stages in order (each starting from the previous one's version) -> eval of each."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="Registry name of the fine-tuned model; versions become NAME:1, NAME:2, ...")
+    name: str = Field(description="Registry name of the trained models; versions become NAME:1, NAME:2, ...")
     base_model: str = Field("default", description="'default' (packaged SmolLM2-135M-Instruct), a local HF folder "
                                                      "with safetensors, or a hub id where a hub is reachable.")
     base_name: str | None = Field(None, description="Registry name of the base model; defaults to its folder name.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda, then mps, then cpu.")
-    seed: int = Field(42, description="Seeds training (weights init of adapters, data order).")
-    data: PrepConfig
-    sft: SftConfig = Field(default_factory=SftConfig)
+    seed: int = Field(42, description="Seeds training (weights init of adapters, data order) and merges.")
+    data: PrepConfig = Field(description="The data stages train on unless they name their own, and the held-out "
+                                         "split every version is evaluated on.")
+    stages: list[Stage] = Field(default_factory=lambda: [SftStage(stage="sft")], min_length=1,
+                                description="cpt, sft, dpo and merge stages, run in order.")
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("name", "base_name")
@@ -41,11 +91,31 @@ class PipelineConfig(BaseModel):
                 raise ValueError(str(e)) from None
         return v
 
+    @model_validator(mode="after")
+    def _references(self) -> "PipelineConfig":
+        """Ids are unique, and a reference to a stage points to an earlier one."""
+        ids = [self.stage_id(i) for i in range(len(self.stages))]
+        for i, sid in enumerate(ids):
+            if sid == BASE_REF or ids.index(sid) != i:
+                raise ValueError(f"stages[{i}]: id {sid!r} is taken; give this stage a unique `id`")
+            stage = self.stages[i]
+            refs = [stage.from_] + (list(stage.sources) + [stage.base] if isinstance(stage, MergeStage) else [])
+            for ref in refs:
+                if ref in ids[i:]:
+                    raise ValueError(f"stages[{i}]: {ref!r} is not an earlier stage; a stage can only use the "
+                                     "results of stages before it")
+        return self
+
+    def stage_id(self, index: int) -> str:
+        stage = self.stages[index]
+        return stage.id or stage.stage
+
     def eval_config(self) -> EvalConfig:
-        """The eval settings, with max_length following training's unless set explicitly."""
+        """The eval settings, with max_length following training's (its longest) unless set explicitly."""
         if "max_length" in self.eval.model_fields_set:
             return self.eval
-        return self.eval.model_copy(update={"max_length": self.sft.max_length})
+        lengths = [s.max_length for s in self.stages if s.stage in TRAINING]
+        return self.eval.model_copy(update={"max_length": max(lengths)}) if lengths else self.eval
 
 
 def load_config(path: str | Path) -> tuple[PipelineConfig, Path]:
@@ -71,25 +141,55 @@ def load_config(path: str | Path) -> tuple[PipelineConfig, Path]:
 
 
 def _describe(err: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in err["loc"])
+    loc = _user_loc(err["loc"])
+    key = ".".join(str(part) for part in loc).replace(".[", "[")
     if err["type"] == "extra_forbidden":
         parent = _model_at(err["loc"][:-1])
         hint = ""
         if parent is not None:
-            close = difflib.get_close_matches(str(err["loc"][-1]), list(parent.model_fields), n=1)
+            names = [f.alias or n for n, f in parent.model_fields.items()]
+            close = difflib.get_close_matches(str(err["loc"][-1]), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown key '{key}'{hint}"
     if err["type"] == "missing":
         return f"missing required key '{key}'"
+    if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+        return f"{key}: needs `stage:` one of {', '.join(STAGES)}"
     message = err["msg"].removeprefix("Value error, ")
     return f"{key}: {message}" if key else message
 
 
+def _user_loc(loc: tuple) -> list:
+    """('stages', 0, 'sft', 'lora', 'r') -> ['stages', '[0]', 'lora', 'r']: drop the union tag users never wrote."""
+    out: list = []
+    skip_tag = False
+    for part in loc:
+        if skip_tag:
+            skip_tag = False
+            if part in STAGES:
+                continue
+        if isinstance(part, int):
+            out.append(f"[{part}]")
+            skip_tag = out[-2:-1] == ["stages"]
+        else:
+            out.append(part)
+    return out
+
+
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     model: Any = PipelineConfig
-    for part in loc:
-        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        if model is PipelineConfig and part == "stages" and len(parts) >= 2 and parts[1] in STAGES:
+            model = STAGES[parts[1]]
+            parts = parts[2:]
+            continue
+        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        field = fields.get(str(part)) or next((f for f in fields.values() if f.alias == part), None)
         if field is None:
             return None
         model = field.annotation
+        if getattr(model, "__origin__", None) is Union or type(model).__name__ == "UnionType":
+            model = next((a for a in model.__args__ if isinstance(a, type) and issubclass(a, BaseModel)), None)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None

@@ -3,12 +3,14 @@
 All SQL of tunery lives in this package; callers use the functions of `registry.store`.
 """
 from registry.store import (  # noqa: F401
+    children,
     compare_versions,
     create_version,
     fail_version,
     finish_version,
     get_history,
     get_version,
+    lineage,
     list_versions,
     record_dataset,
     record_history,

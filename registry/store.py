@@ -171,6 +171,43 @@ def get_version(ref: str) -> dict[str, Any]:
         return _version_objects(con, "WHERE version = ?", [version])[0]
 
 
+def lineage(ref: str) -> dict[str, Any]:
+    """The whole ancestry of a version as a tree: {version, stage, status, metrics, parents: [subtrees]}.
+
+    A version reached along two paths (a merge of two fine-tunes of one base) appears under each of them.
+    """
+    version = resolve(ref)
+    with connect(read_only=True) as con:
+        edges = con.execute(
+            "WITH RECURSIVE up(version) AS (SELECT ?::VARCHAR UNION SELECT p.parent FROM version_parents p "
+            "JOIN up ON p.version = up.version) "
+            "SELECT p.version, p.parent FROM version_parents p WHERE p.version IN (SELECT version FROM up) "
+            "ORDER BY p.version, p.position",
+            [version],
+        ).fetchall()
+        ancestors = sorted({version} | {p for _, p in edges})
+        objects = {v["version"]: v for v in _version_objects(con, "WHERE version IN (SELECT unnest(?))",
+                                                             [ancestors])}
+    parents: dict[str, list[str]] = {}
+    for child, parent in edges:
+        parents.setdefault(child, []).append(parent)
+
+    def node(v: str) -> dict[str, Any]:
+        o = objects[v]
+        return {"version": v, "stage": o["stage"], "status": o["status"], "metrics": o["metrics"],
+                "parents": [node(p) for p in parents.get(v, [])]}
+
+    return node(version)
+
+
+def children(ref: str) -> list[str]:
+    """The versions made directly from this one."""
+    version = resolve(ref)
+    with connect(read_only=True) as con:
+        rows = con.execute("SELECT version FROM version_parents WHERE parent = ? ORDER BY version", [version])
+        return [r[0] for r in rows.fetchall()]
+
+
 def get_history(version: str) -> list[dict[str, Any]]:
     """The training history of a version, one dict per logged step."""
     with connect(read_only=True) as con:

@@ -16,8 +16,9 @@ VALID = {"name": "fern", "data": {"train": "d.jsonl"}}
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates_and_its_data_exists(path):
     cfg, config_dir = load_config(path)
-    for data_file in cfg.data.train + (cfg.data.validation or []):
-        assert (config_dir / data_file).exists(), data_file
+    for data in [cfg.data] + [s.data for s in cfg.stages if s.data is not None]:
+        for data_file in data.train + (data.validation or []):
+            assert (config_dir / data_file).exists(), data_file
 
 
 def write(tmp_path: Path, doc) -> Path:
@@ -26,24 +27,45 @@ def write(tmp_path: Path, doc) -> Path:
     return path
 
 
+def sft(**settings) -> dict:
+    return {"stages": [{"stage": "sft", **settings}]}
+
+
 @pytest.mark.parametrize("patch, message", [
     ({"lerning_rate": 1}, "unknown key 'lerning_rate'"),
-    ({"sft": {"lerning_rate": 1e-4}}, "unknown key 'sft.lerning_rate' (did you mean 'learning_rate'?)"),
-    ({"sft": {"lora": {"rank": 8}}}, "unknown key 'sft.lora.rank'"),
+    (sft(lerning_rate=1e-4), "unknown key 'stages[0].lerning_rate' (did you mean 'learning_rate'?)"),
+    (sft(lora={"rank": 8}), "unknown key 'stages[0].lora.rank'"),
     ({"data": {"train": "d.jsonl", "val_frac": 0.1}}, "unknown key 'data.val_frac' (did you mean 'val_fraction'?)"),
-    ({"sft": {"learning_rate": -1}}, "sft.learning_rate: Input should be greater than 0"),
-    ({"sft": {"lora": {"r": 0}}}, "sft.lora.r: Input should be greater than or equal to 1"),
-    ({"sft": {"lora": {"dropout": 1.5}}}, "sft.lora.dropout: Input should be less than 1"),
-    ({"sft": {"batch_size": 0}}, "sft.batch_size: Input should be greater than or equal to 1"),
-    ({"sft": {"max_steps": 0}}, "sft: max_steps must be -1 (use epochs) or a positive number of steps"),
-    ({"sft": {"epochs": 0}}, "sft.epochs: Input should be greater than 0"),
-    ({"sft": {"method": "full", "quantization": {"mode": "4bit"}}}, "a full fine-tune cannot train quantized"),
-    ({"sft": {"quantization": {"mode": "2bit"}}}, "sft.quantization.mode: Input should be 'none', '8bit' or '4bit'"),
-    ({"sft": {"lr_scheduler": "fancy"}}, "sft.lr_scheduler: Input should be"),
+    (sft(learning_rate=-1), "stages[0].learning_rate: Input should be greater than 0"),
+    (sft(lora={"r": 0}), "stages[0].lora.r: Input should be greater than or equal to 1"),
+    (sft(lora={"dropout": 1.5}), "stages[0].lora.dropout: Input should be less than 1"),
+    (sft(batch_size=0), "stages[0].batch_size: Input should be greater than or equal to 1"),
+    (sft(max_steps=0), "stages[0]: max_steps must be -1 (use epochs) or a positive number of steps"),
+    (sft(epochs=0), "stages[0].epochs: Input should be greater than 0"),
+    (sft(method="full", quantization={"mode": "4bit"}), "method full trains full-precision weights"),
+    (sft(quantization={"mode": "2bit"}), "stages[0].quantization.mode: Input should be 'none', '8bit' or '4bit'"),
+    (sft(lr_scheduler="fancy"), "stages[0].lr_scheduler: Input should be"),
     ({"data": {"train": "d.jsonl", "val_fraction": 1.5}}, "data.val_fraction: Input should be less than 1"),
     ({"device": "tpu"}, "device: Input should be 'auto', 'cpu', 'cuda' or 'mps'"),
     ({"name": "../etc"}, "name: invalid name '../etc'"),
     ({"data": None}, "data: Input should be a valid dictionary"),
+    # Stages and how they refer to each other.
+    ({"stages": [{"learning_rate": 1e-4}]}, "stages[0]: needs `stage:` one of cpt, sft, dpo, merge"),
+    ({"stages": [{"stage": "distil"}]}, "stages[0]: needs `stage:` one of cpt, sft, dpo, merge"),
+    ({"stages": []}, "stages: List should have at least 1 item"),
+    ({"stages": [{"stage": "dpo", "loss": "magic"}]}, "stages[0].loss: Input should be"),
+    ({"stages": [{"stage": "dpo", "bta": 0.1}]}, "unknown key 'stages[0].bta' (did you mean 'beta'?)"),
+    ({"stages": [{"stage": "sft", "fro": "base"}]}, "unknown key 'stages[0].fro' (did you mean 'from'?)"),
+    ({"stages": [{"stage": "sft"}, {"stage": "sft"}]}, "stages[1]: id 'sft' is taken"),
+    ({"stages": [{"stage": "sft", "from": "dpo"}, {"stage": "dpo"}]}, "stages[0]: 'dpo' is not an earlier stage"),
+    ({"stages": [{"stage": "merge", "method": "slerp", "sources": ["a:1"]}]}, "method slerp needs at least 2 sources"),
+    ({"stages": [{"stage": "merge", "method": "slerp", "sources": ["a:1", "b:1", "c:1"]}]}, "exactly 2 sources"),
+    ({"stages": [{"stage": "merge", "method": "linear", "sources": ["a:1", "b:1"], "weights": [1]}]},
+     "1 weights for 2 sources"),
+    ({"stages": [{"stage": "merge", "sources": ["a:1"]}]}, "use `from` instead of `sources`"),
+    ({"stages": [{"stage": "merge", "data": {"train": "x.jsonl"}}]}, "a merge stage takes no data"),
+    ({"stages": [{"stage": "cpt", "method": "spectrum", "spectrum": {"share": 0}}]},
+     "stages[0].spectrum.share: Input should be greater than 0"),
 ])
 def test_bad_key_or_value_is_named_with_the_file(tmp_path, patch, message):
     doc = {**VALID, **patch}
@@ -70,9 +92,9 @@ def test_missing_config_file(tmp_path):
 
 
 def test_eval_max_length_follows_training_unless_set(tmp_path):
-    cfg, _ = load_config(write(tmp_path, {**VALID, "sft": {"max_length": 128}}))
+    cfg, _ = load_config(write(tmp_path, {**VALID, **sft(max_length=128)}))
     assert cfg.eval_config().max_length == 128
-    cfg, _ = load_config(write(tmp_path, {**VALID, "sft": {"max_length": 128}, "eval": {"max_length": 64}}))
+    cfg, _ = load_config(write(tmp_path, {**VALID, **sft(max_length=128), "eval": {"max_length": 64}}))
     assert cfg.eval_config().max_length == 64
 
 

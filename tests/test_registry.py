@@ -108,3 +108,28 @@ def test_compare_signs_follow_better_and_worse():
     assert rows["perplexity"]["better"] is True and rows["tokens_per_s"]["better"] is True
     assert rows["peak_rss_mb"]["better"] is False
     assert registry.compare_versions(a, b)["hyperparameters"] == [{"hyperparameter": "lr", "a": None, "b": 1}]
+
+
+def test_lineage_follows_every_parent_to_the_root():
+    base = registry.create_version("base", "base")
+    registry.finish_version(base, "/b")
+    chain = [base]
+    for stage in ("cpt", "sft", "dpo"):
+        v = registry.create_version("fern", stage, parents=[chain[-1]])
+        registry.finish_version(v, f"/{stage}")
+        chain.append(v)
+    merged = registry.create_version("fern", "merge", parents=[chain[2], chain[3]])
+    registry.record_metrics(chain[3], {"perplexity": 9.5})
+    tree = registry.lineage(merged)
+    assert tree["version"] == "fern:4" and tree["status"] == "running"
+    assert [p["version"] for p in tree["parents"]] == ["fern:2", "fern:3"]
+    dpo = tree["parents"][1]
+    assert dpo["stage"] == "dpo" and dpo["metrics"] == {"perplexity": 9.5}
+    path = []
+    node = dpo
+    while node["parents"]:
+        node = node["parents"][0]
+        path.append(node["version"])
+    assert path == ["fern:2", "fern:1", "base:1"]
+    assert registry.children("fern:2") == ["fern:3", "fern:4"]
+    assert registry.lineage("base:1")["parents"] == []
