@@ -84,16 +84,17 @@ def run(config: Path = typer.Argument(None, help="Pipeline YAML; default: config
     if as_json:
         _print_json(result)
         return
-    table = Table(title=f"{cfg.name}: base vs fine-tuned (held-out data {result['data_hash'][:12]})")
-    columns = ("version", "stage", *SUMMARY_METRICS)
+    table = Table(title=f"{cfg.name}: every version of this run (held-out data {result['data_hash'][:12]})")
+    columns = ("version", "stage", "parents", *SUMMARY_METRICS)
     for col in columns:
-        table.add_column(col, justify="left" if col in ("version", "stage") else "right")
+        table.add_column(col, justify="left" if col in ("version", "stage", "parents") else "right")
     for row in result["rows"]:
         table.add_row(*(_fmt(row[c]) for c in columns))
     out.print(table)
-    base, tuned = result["rows"]
-    change = (tuned["perplexity"] - base["perplexity"]) / base["perplexity"]
-    out.print(f"held-out perplexity {base['perplexity']:.2f} -> {tuned['perplexity']:.2f} ({change:+.1%})")
+    base, last = result["rows"][0], result["rows"][-1]
+    change = (last["perplexity"] - base["perplexity"]) / base["perplexity"]
+    out.print(f"held-out perplexity {base['version']} {base['perplexity']:.2f} -> {last['version']} "
+              f"{last['perplexity']:.2f} ({change:+.1%})")
 
 
 def _base_and_data(config: Path):
@@ -103,14 +104,14 @@ def _base_and_data(config: Path):
 
     cfg, config_dir = load_config(config)
     base = steps.run_base(cfg, config_dir)
-    return cfg, base, steps.run_prep(cfg, config_dir, base["artifact_path"])
+    return cfg, config_dir, base, steps.run_prep(cfg, config_dir, base["artifact_path"])
 
 
 @command
 def prep(config: Path = typer.Argument(..., help="Pipeline YAML whose `data` section to prepare."),
          as_json: bool = JsonOpt) -> None:
     """Validate, normalise, de-duplicate and split the config's data; print where it was written."""
-    _, _, result = _base_and_data(config)
+    _, _, _, result = _base_and_data(config)
     if as_json:
         _print_json({"path": result.artifact_path, **result.info})
     else:
@@ -119,18 +120,78 @@ def prep(config: Path = typer.Argument(..., help="Pipeline YAML whose `data` sec
                   f"examples ({info['duplicates_removed']} duplicates removed) -> {result.artifact_path}")
 
 
-@command
-def sft(config: Path = typer.Argument(..., help="Pipeline YAML (its data, base_model and sft sections)."),
-        as_json: bool = JsonOpt) -> None:
-    """Fine-tune the config's base model on its data and register the new version (no evaluation)."""
-    from flows import steps
+def _single_stage(kind: str, config: Path, start: str | None, stage_id: str | None, sources: list[str],
+                  as_json: bool) -> None:
+    """Run one stage of a config on its own: the first of its kind, or the one with `stage_id`.
 
-    cfg, base, data = _base_and_data(config)
-    version = steps.run_sft(cfg, base, data)
+    It starts from `start`, else the stage's own `from` when that names a registered version, else the base.
+    References to other stages of the config cannot be followed in a single-stage run and must be given here.
+    """
+    from flows import steps
+    from flows.config import BASE_REF
+
+    cfg, config_dir, base, data = _base_and_data(config)
+    indices = [i for i, s in enumerate(cfg.stages) if s.stage == kind and stage_id in (None, cfg.stage_id(i))]
+    if not indices:
+        which = f"with id {stage_id!r}" if stage_id else f"of kind {kind}"
+        raise TuneryError(f"{config}: no {kind} stage {which} in `stages`")
+    index = indices[0]
+    stage = cfg.stages[index]
+    stage_ids = {cfg.stage_id(i) for i in range(len(cfg.stages))}
+    updates: dict[str, Any] = {}
+    if start:
+        updates["from_"] = start
+    if sources:
+        updates["sources"] = sources
+    stage = stage.model_copy(update=updates)
+    refs = [stage.from_] + list(getattr(stage, "sources", [])) + [getattr(stage, "base", None)]
+    for ref in refs:
+        if ref in stage_ids:
+            raise TuneryError(f"stage {cfg.stage_id(index)!r} uses stage {ref!r} of this config; a single-stage run "
+                              "needs registered versions instead (--from NAME:N, --source NAME:N)")
+    cfg = cfg.model_copy(update={"stages": cfg.stages[:index] + [stage] + cfg.stages[index + 1:]})
+    version = steps.run_stage(cfg, index, {BASE_REF: base}, base, data, config_dir)
     if as_json:
         _print_json(version)
     else:
-        out.print(f"registered {version['version']} -> {version['artifact_path']}")
+        out.print(f"registered {version['version']} ({kind}, parents {', '.join(version['parents'])}) -> "
+                  f"{version['artifact_path']}")
+
+
+ConfigArg = typer.Argument(..., help="Pipeline YAML holding the stage (and the base model and data).")
+FromOpt = typer.Option(None, "--from", help="Version to start from (NAME:N); default: the stage's `from`, "
+                                            "else the base model.")
+StageOpt = typer.Option(None, "--stage", help="Id of the stage to run when the config has several of this kind.")
+
+
+@command
+def cpt(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optional[str] = StageOpt,
+        as_json: bool = JsonOpt) -> None:
+    """Continued pretraining on raw text; registers the new version (no evaluation)."""
+    _single_stage("cpt", config, start, stage, [], as_json)
+
+
+@command
+def sft(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optional[str] = StageOpt,
+        as_json: bool = JsonOpt) -> None:
+    """Supervised fine-tuning on chat data; registers the new version (no evaluation)."""
+    _single_stage("sft", config, start, stage, [], as_json)
+
+
+@command
+def dpo(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optional[str] = StageOpt,
+        as_json: bool = JsonOpt) -> None:
+    """Preference alignment (DPO, IPO, KTO, ORPO, SimPO, ...) on prompt/chosen/rejected pairs; registers it."""
+    _single_stage("dpo", config, start, stage, [], as_json)
+
+
+@command
+def merge(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optional[str] = StageOpt,
+          source: list[str] = typer.Option([], "--source", help="A version to merge (repeat); replaces the "
+                                                                "stage's sources."),
+          as_json: bool = JsonOpt) -> None:
+    """Fold an adapter into its base, or merge versions with mergekit; registers the merged version."""
+    _single_stage("merge", config, start, stage, source, as_json)
 
 
 @command(name="eval")
@@ -143,7 +204,7 @@ def eval_command(version: str = typer.Argument(..., help="NAME:N or NAME (its ne
     from flows import steps
 
     v = registry.get_version(version)
-    cfg, _, data = _base_and_data(config)
+    cfg, _, _, data = _base_and_data(config)
     metrics = steps.run_eval(v, data, cfg.eval_config())
     if as_json:
         _print_json({"version": v["version"], "metrics": metrics})
@@ -198,6 +259,31 @@ def show(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bo
         out.print("[bold]metrics[/]")
         for k, val in sorted(v["metrics"].items()):
             out.print(f"{k:>22}  {_fmt(val)}")
+
+
+@command
+def lineage(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bool = JsonOpt) -> None:
+    """The whole ancestry of a version: its parents, their parents, down to the base model."""
+    import registry
+    from rich.tree import Tree
+
+    root = registry.lineage(version)
+    if as_json:
+        _print_json(root)
+        return
+
+    def label(node: dict[str, Any]) -> str:
+        ppl = node["metrics"].get("perplexity")
+        extra = f"  perplexity {ppl:.2f}" if ppl is not None else ""
+        status = "" if node["status"] == "ready" else f"  [red]{node['status']}[/]"
+        return f"[bold]{node['version']}[/]  {node['stage']}{extra}{status}"
+
+    def grow(tree: Tree, node: dict[str, Any]) -> Tree:
+        for parent in node["parents"]:
+            grow(tree.add(label(parent)), parent)
+        return tree
+
+    out.print(grow(Tree(label(root)), root))
 
 
 @command

@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows import steps
-from flows.config import load_config
+from flows.config import BASE_REF, load_config
 
 SUMMARY_METRICS = ("perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb")
 
@@ -40,18 +40,31 @@ def base_task(cfg, config_dir: Path) -> dict[str, Any]:
     return steps.run_base(cfg, config_dir)
 
 
-@task(task_run_name="sft {cfg.name} on {base[version]}")
-def sft_task(cfg, base: dict[str, Any], data) -> dict[str, Any]:
-    version = steps.run_sft(cfg, base, data, flow_run_id=str(flow_run.get_id() or ""))
-    m = version["metrics"]
-    create_markdown_artifact(
-        key=_key(cfg.name, "sft"),
-        markdown=f"### {version['version']} (sft, {version['info']['method']})\n\n"
-                 f"loss {m['train_loss_first']:.3f} -> {m['train_loss']:.3f} in {m['train_steps']:.0f} steps, "
-                 f"{m['train_runtime_s']:.0f} s, {m['train_tokens_per_s']:.0f} tokens/s, "
-                 f"peak RSS {m['train_peak_rss_mb']:.0f} MB\n",
-        description="fine-tuning run",
-    )
+def _describe_stage(version: dict[str, Any]) -> str:
+    m, info = version["metrics"], version["info"]
+    lines = [f"### {version['version']} ({version['stage']}, {info.get('method') or info.get('merge')})",
+             f"parents: {', '.join(version['parents'])}", ""]
+    if "train_loss" in m:
+        lines.append(f"loss {m['train_loss_first']:.3f} -> {m['train_loss']:.3f} in {m['train_steps']:.0f} steps, "
+                     f"{m['train_runtime_s']:.0f} s, peak RSS {m['train_peak_rss_mb']:.0f} MB")
+    for key in ("text_perplexity_start", "text_perplexity", "preference_accuracy_start", "preference_accuracy",
+                "reward_accuracy", "reward_margin"):
+        if key in m:
+            lines.append(f"- {key}: {m[key]:.3f}")
+    if "spectrum" in info:
+        lines.append(f"- spectrum trained {len(info['spectrum']['selected'])} of {len(info['spectrum']['scores'])} "
+                     "matrices")
+    if "mergekit_config" in info:
+        lines.append(f"- mergekit: `{info['mergekit_config']}`")
+    return "\n".join(lines) + "\n"
+
+
+@task(task_run_name="{kind} {cfg.name} stage {index}")
+def stage_task(cfg, index: int, kind: str, done: dict[str, dict[str, Any]], previous: dict[str, Any], data,
+               config_dir: Path) -> dict[str, Any]:
+    version = steps.run_stage(cfg, index, done, previous, data, config_dir, flow_run_id=str(flow_run.get_id() or ""))
+    create_markdown_artifact(key=_key(cfg.name, cfg.stage_id(index)), markdown=_describe_stage(version),
+                             description=f"{kind} stage")
     return version
 
 
@@ -69,15 +82,22 @@ def eval_task(version: dict[str, Any], data, eval_cfg) -> dict[str, float]:
 
 @flow(name="tunery-pipeline")
 def pipeline(config_path: str) -> dict[str, Any]:
-    """prep -> base -> eval(base) -> sft -> eval(sft); returns the versions and their metrics."""
+    """base -> prep -> eval(base) -> each stage in order, each followed by its eval; returns versions and metrics."""
     cfg, config_dir = load_config(config_path)
     base = base_task(cfg, config_dir)
     data = prep_task(cfg, config_dir, base)
-    base_metrics = eval_task(base, data, cfg.eval_config())
-    tuned = sft_task(cfg, base, data)
-    tuned_metrics = eval_task(tuned, data, cfg.eval_config())
-    rows = [{"version": v["version"], "stage": v["stage"], **{k: round(m.get(k, float("nan")), 3)
-                                                              for k in SUMMARY_METRICS}}
-            for v, m in ((base, base_metrics), (tuned, tuned_metrics))]
-    create_table_artifact(key=_key(cfg.name, "summary"), table=rows, description="base vs fine-tuned")
-    return {"data_hash": data.info["data_hash"], "base": base["version"], "tuned": tuned["version"], "rows": rows}
+    eval_cfg = cfg.eval_config()
+    results = [(base, eval_task(base, data, eval_cfg))]
+    done: dict[str, dict[str, Any]] = {BASE_REF: base}
+    previous = base
+    for index, stage in enumerate(cfg.stages):
+        name = f"{stage.stage} {cfg.name} from {stage.from_ or previous['version']}"
+        version = stage_task.with_options(task_run_name=name)(cfg, index, stage.stage, done, previous, data,
+                                                              config_dir)
+        results.append((version, eval_task(version, data, eval_cfg)))
+        done[cfg.stage_id(index)] = previous = version
+    rows = [{"version": v["version"], "stage": v["stage"], "parents": ", ".join(v["parents"]),
+             **{k: round(m.get(k, float("nan")), 3) for k in SUMMARY_METRICS}} for v, m in results]
+    create_table_artifact(key=_key(cfg.name, "summary"), table=rows, description="every version of this run")
+    return {"data_hash": data.info["data_hash"], "base": base["version"], "tuned": previous["version"],
+            "versions": [v["version"] for v, _ in results], "rows": rows}

@@ -10,17 +10,24 @@ from pathlib import Path
 from typing import Any
 
 import registry
-from flows.config import PipelineConfig
-from tasks.common import StageResult, TuneryError, artifacts_dir, atomic_dir
+from flows.config import BASE_REF, MergeStage, PipelineConfig, Stage, StageFields
+from tasks.common import StageResult, TuneryError, artifacts_dir, atomic_dir, home
+from tasks.cpt import train_cpt
+from tasks.dpo import train_dpo
 from tasks.evaluation import EvalConfig, evaluate
+from tasks.merge import NEEDS_BASE, merge_adapter, merge_models
 from tasks.models import DEFAULT_BASE, DEFAULT_NAME, resolve_base_model
-from tasks.prep import prepare
+from tasks.prep import PrepConfig, prepare
 from tasks.sft import train_sft
+from tasks.training import QuantizationConfig
+
+TRAINERS = {"cpt": train_cpt, "sft": train_sft, "dpo": train_dpo}
 
 
-def run_prep(cfg: PipelineConfig, config_dir: Path, base_path: str | None = None) -> StageResult:
-    """Prepare the config's data (content-addressed, so a repeat is cheap) and remember the dataset."""
-    result = prepare(cfg.data, config_dir, tokenizer_path=base_path)
+def run_prep(cfg: PipelineConfig, config_dir: Path, base_path: str | None = None,
+             data: PrepConfig | None = None) -> StageResult:
+    """Prepare the config's data, or a stage's own (content-addressed, so a repeat is cheap); remember it."""
+    result = prepare(data or cfg.data, config_dir, tokenizer_path=base_path)
     registry.record_dataset(result.info, result.artifact_path)
     return result
 
@@ -47,27 +54,120 @@ def run_base(cfg: PipelineConfig, config_dir: Path) -> dict[str, Any]:
     return registry.get_version(version)
 
 
-def run_sft(cfg: PipelineConfig, base: dict[str, Any], data: StageResult, flow_run_id: str | None = None
-            ) -> dict[str, Any]:
-    """Fine-tune `base` on `data` as a new version of `cfg.name`; return the registered version."""
-    hyperparameters = {"sft": cfg.sft.model_dump(), "seed": cfg.seed, "device": cfg.device}
-    version = registry.create_version(
-        cfg.name, "sft", base_model=base["base_model"],
-        parents=[base["version"]], hyperparameters=hyperparameters, data_hash=data.info["data_hash"],
-        flow_run_id=flow_run_id,
-    )
+def resolve_ref(ref: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A stage reference: 'base', an earlier stage's id (from `done`), or a registered version NAME:N / NAME."""
+    version = done[ref] if ref in done else registry.get_version(ref)
+    if version["status"] != "ready":
+        raise TuneryError(f"{version['version']} is {version['status']}; only ready versions can be used")
+    return version
+
+
+def model_folder(version: dict[str, Any]) -> str:
+    """A folder holding the version as a complete model, for training on, merging or exporting.
+
+    Full models are their artifact. An adapter version is merged into its parent's model once and kept under
+    TUNERY_HOME/cache/merged (a QLoRA adapter into the de-quantized weights it was trained against).
+    """
+    if not version["info"].get("adapter"):
+        return version["artifact_path"]
+    folder = home() / "cache" / "merged" / version["name"] / str(version["number"])
+    if not (folder / "config.json").exists():
+        parent = registry.get_version(version["parents"][0])
+        quantization = version["info"].get("quantization_config")
+        with atomic_dir(folder) as tmp:
+            merge_adapter(model_folder(parent), version["artifact_path"], tmp,
+                          QuantizationConfig(**quantization) if quantization else None)
+    return str(folder)
+
+
+def _record(version: str, run) -> dict[str, Any]:
+    """Run `run(tmp_folder) -> StageResult` into the version's artifact folder; mark it ready or failed."""
     number = version.split(":")[1]
-    final = artifacts_dir() / cfg.name / number
+    name = version.split(":")[0]
+    final = artifacts_dir() / name / number
     try:
         with atomic_dir(final) as tmp:
-            result = train_sft(cfg.sft, base["artifact_path"], data.artifact_path, tmp, cfg.device, cfg.seed)
+            result = run(tmp)
         registry.record_history(version, result.history)
         registry.record_metrics(version, result.metrics)
-        registry.finish_version(version, str(final), info={**result.info, "base_path": base["artifact_path"]})
+        registry.finish_version(version, str(final), info=result.info)
     except BaseException as e:
         registry.fail_version(version, _reason(e))
         raise
     return registry.get_version(version)
+
+
+def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], data: StageResult,
+              stage_id: str | None = None, flow_run_id: str | None = None) -> dict[str, Any]:
+    """Train `start` with a cpt, sft or dpo stage on `data` as a new version of `cfg.name`; return the version."""
+    hyperparameters = {stage.stage: stage.hyperparameters(), "seed": cfg.seed, "device": cfg.device}
+    version = registry.create_version(
+        cfg.name, stage.stage, base_model=start["base_model"], parents=[start["version"]],
+        hyperparameters=hyperparameters, data_hash=data.info["data_hash"], flow_run_id=flow_run_id,
+    )
+
+    def train(tmp: Path) -> StageResult:
+        start_folder = model_folder(start)
+        result = TRAINERS[stage.stage](stage, start_folder, data.artifact_path, tmp, cfg.device, cfg.seed)
+        result.info.update(stage_id=stage_id or stage.stage, start_folder=start_folder)
+        return result
+
+    return _record(version, train)
+
+
+def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | None,
+              sources: list[dict[str, Any]], merge_base: dict[str, Any] | None,
+              stage_id: str | None = None, flow_run_id: str | None = None) -> dict[str, Any]:
+    """Merge `start`'s adapter into its base (method lora) or the `sources` with mergekit; register the result.
+
+    Every source (and, for ties / dare_ties / task_arithmetic, the base they are measured from) is a parent.
+    """
+    if stage.method == "lora":
+        if start is None or not start["info"].get("adapter"):
+            what = start["version"] if start else "nothing"
+            raise TuneryError(f"merge (lora) needs an adapter version to fold in; {what} is not one")
+        parents = [start]
+    else:
+        parents = sources + ([merge_base] if merge_base is not None else [])
+    hyperparameters = {"merge": stage.hyperparameters(), "seed": cfg.seed,
+                       "sources": [p["version"] for p in sources]}
+    version = registry.create_version(
+        cfg.name, "merge", base_model=parents[0]["base_model"],
+        parents=list(dict.fromkeys(p["version"] for p in parents)), hyperparameters=hyperparameters,
+        data_hash=start["data_hash"] if stage.method == "lora" else None, flow_run_id=flow_run_id,
+    )
+
+    def merge(tmp: Path) -> StageResult:
+        if stage.method == "lora":
+            quantization = start["info"].get("quantization_config")
+            parent = registry.get_version(start["parents"][0])
+            info = merge_adapter(model_folder(parent), start["artifact_path"], tmp,
+                                 QuantizationConfig(**quantization) if quantization else None, stage.qlora_base)
+        else:
+            folders = {s["version"]: model_folder(s) for s in sources}
+            base = (merge_base["version"], model_folder(merge_base)) if merge_base is not None else None
+            info = merge_models(stage, folders, tmp, base=base, seed=cfg.seed)
+        info["stage_id"] = stage_id or "merge"
+        return StageResult(stage="merge", artifact_path=str(tmp), metrics={}, history=[], info=info)
+
+    return _record(version, merge)
+
+
+def run_stage(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], previous: dict[str, Any],
+              data: StageResult, config_dir: Path, flow_run_id: str | None = None) -> dict[str, Any]:
+    """Run stage `index` of the config: resolve what it starts from, prepare its own data, train or merge."""
+    stage: Stage = cfg.stages[index]
+    stage_id = cfg.stage_id(index)
+    start = resolve_ref(stage.from_, done) if stage.from_ else previous
+    if isinstance(stage, MergeStage):
+        sources = [resolve_ref(ref, done) for ref in stage.sources]
+        merge_base = None
+        if stage.method in NEEDS_BASE:
+            merge_base = resolve_ref(stage.base or BASE_REF, done)
+        return run_merge(cfg, stage, start, sources, merge_base, stage_id, flow_run_id)
+    if stage.data is not None:
+        data = run_prep(cfg, config_dir, done[BASE_REF]["artifact_path"], stage.data)
+    return run_train(cfg, stage, start, data, stage_id, flow_run_id)
 
 
 def run_eval(version: dict[str, Any], data: StageResult, eval_cfg: EvalConfig) -> dict[str, float]:
@@ -75,7 +175,8 @@ def run_eval(version: dict[str, Any], data: StageResult, eval_cfg: EvalConfig) -
     if version["status"] != "ready":
         raise TuneryError(f"{version['version']} is {version['status']}; only ready versions can be evaluated")
     if version["info"].get("adapter"):
-        result = evaluate(version["info"]["base_path"], data.artifact_path, eval_cfg, adapter=version["artifact_path"])
+        parent = registry.get_version(version["parents"][0])
+        result = evaluate(model_folder(parent), data.artifact_path, eval_cfg, adapter=version["artifact_path"])
     else:
         result = evaluate(version["artifact_path"], data.artifact_path, eval_cfg)
     registry.record_metrics(version["version"], result.metrics, eval_data_hash=data.info["data_hash"])

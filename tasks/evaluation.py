@@ -43,15 +43,26 @@ class EvalConfig(BaseModel):
     device: str = Field("auto", description="auto|cpu|cuda|mps for the measurement.")
 
 
+def scored_tokens(tokenizer, row: dict, max_length: int) -> dict[str, list[int]]:
+    """Token ids of a prepared example and the mask of the tokens perplexity scores: the assistant's answer of a
+    chat example (exactly the tokens sft learns), the chosen answer of a preference pair, every token of a text."""
+    if "messages" in row:
+        return encode_chat(tokenizer, row["messages"], max_length)
+    if "chosen" in row:
+        return encode_chat(tokenizer, row["prompt"] + row["chosen"], max_length)
+    ids = (tokenizer(row["text"], add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id])[:max_length]
+    return {"input_ids": ids, "completion_mask": [1] * len(ids)}
+
+
 def perplexity(model, tokenizer, rows: list[dict], max_length: int = 512, batch_size: int = 8,
                progress: bool = False) -> dict[str, float]:
-    """Token-weighted perplexity of the assistant answers in `rows` (chat examples) under `model`.
+    """Token-weighted perplexity of the scored tokens of `rows` (see `scored_tokens`) under `model`.
 
-    exp(sum of answer-token negative log-likelihoods / number of answer tokens), the tokens being exactly those
-    `encode_chat` marks (and training learns). Returns perplexity, nll_sum and tokens.
+    exp(sum of the scored tokens' negative log-likelihoods / number of scored tokens). Returns perplexity, nll_sum
+    and tokens.
     """
-    scores = [s for s in answer_nll(model, tokenizer, [r["messages"] for r in rows], max_length, batch_size,
-                                    progress) if s[1] > 0]
+    encoded = [scored_tokens(tokenizer, r, max_length) for r in rows]
+    scores = [s for s in answer_nll(model, tokenizer, encoded, batch_size, progress) if s[1] > 0]
     if not scores:
         raise TuneryError("no answer tokens to score in the validation data")
     nll_sum, n_tokens = sum(s[0] for s in scores), sum(s[1] for s in scores)
@@ -66,8 +77,8 @@ def preference_accuracy(model, tokenizer, rows: list[dict], max_length: int = 51
     `rows` are prepared preference examples. Returns preference_accuracy (share of pairs) and preference_margin
     (mean difference of the per-token log-likelihoods, chosen minus rejected).
     """
-    conversations = [r["prompt"] + r[key] for r in rows for key in ("chosen", "rejected")]
-    scores = answer_nll(model, tokenizer, conversations, max_length, batch_size)
+    encoded = [encode_chat(tokenizer, r["prompt"] + r[key], max_length) for r in rows for key in ("chosen", "rejected")]
+    scores = answer_nll(model, tokenizer, encoded, batch_size)
     mean_ll = [-nll / n if n else float("-inf") for nll, n in scores]
     margins = [c - r for c, r in zip(mean_ll[0::2], mean_ll[1::2])]
     finite = [m for m in margins if math.isfinite(m)]
@@ -75,16 +86,15 @@ def preference_accuracy(model, tokenizer, rows: list[dict], max_length: int = 51
             "preference_margin": sum(finite) / len(finite) if finite else 0.0}
 
 
-def answer_nll(model, tokenizer, conversations: list[list[dict]], max_length: int = 512, batch_size: int = 8,
+def answer_nll(model, tokenizer, encoded: list[dict[str, list[int]]], batch_size: int = 8,
                progress: bool = False) -> list[tuple[float, int]]:
-    """(sum of negative log-likelihoods, number of tokens) of each conversation's last message, in input order.
+    """(sum of negative log-likelihoods, number of tokens) of the masked tokens of each encoded example, in order.
 
-    Conversations are sorted by length and batched with right padding, so padding is small and never scored.
+    Examples are sorted by length and batched with right padding, so padding is small and never scored.
     """
     import torch
     from tqdm.auto import tqdm
 
-    encoded = [encode_chat(tokenizer, messages, max_length) for messages in conversations]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

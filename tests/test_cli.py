@@ -41,9 +41,9 @@ def test_user_errors_print_one_line_and_exit_1(tunery_home, args, message):
 
 def test_bad_config_key_is_named_before_anything_runs(tmp_path, tunery_home):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: fern\ndata: {train: x.jsonl}\nsft: {learning_rat: 0.1}\n")
+    bad.write_text("name: fern\ndata: {train: x.jsonl}\nstages: [{stage: sft, learning_rat: 0.1}]\n")
     proc = tunery("run", str(bad), home=tunery_home, check_exit=1)
-    assert "unknown key 'sft.learning_rat' (did you mean 'learning_rate'?)" in proc.stderr
+    assert "unknown key 'stages[0].learning_rat' (did you mean 'learning_rate'?)" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tunery_home / "registry.duckdb").exists()
 
 
@@ -93,7 +93,7 @@ def test_run_on_smollm2_registers_base_and_a_better_fine_tune(tmp_path, tunery_h
     cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     cfg["base_model"] = str(smollm2_dir)
     cfg["data"]["train"] = str(REPO / "data/demo/garden_chat.jsonl")
-    cfg["sft"].update({"epochs": 1, "max_steps": 6, "warmup_ratio": 0.0})
+    cfg["stages"][0].update({"epochs": 1, "max_steps": 6, "warmup_ratio": 0.0})
     cfg["eval"].update({"prompts": ["When should I plant garlic?"], "max_new_tokens": 8, "repeats": 1})
     (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(cfg))
     run = tunery("run", str(tmp_path / "e2e.yaml"), "--json", home=tunery_home)

@@ -24,7 +24,8 @@ def tiny_config(tmp_path, tiny_model_dir, garden_rows, **sft) -> str:
     doc = {
         "name": "tiny-fern", "base_model": str(tiny_model_dir), "base_name": "tiny-base", "device": "cpu",
         "data": {"train": "garden.jsonl", "val_fraction": 0.2},
-        "sft": {"max_steps": 4, "batch_size": 4, "learning_rate": 5e-3, "max_length": 128, **sft},
+        "stages": [{"stage": "sft", "max_steps": 4, "batch_size": 4, "learning_rate": 5e-3, "max_length": 128,
+                    **sft}],
         "eval": {"prompts": ["How deep?"], "max_new_tokens": 4, "repeats": 1, "warmup": 0},
     }
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(doc))
@@ -64,7 +65,7 @@ def test_failed_training_is_recorded_as_failed_and_leaves_no_artifact(tmp_path, 
     base = steps.run_base(cfg, config_dir)
     data = steps.run_prep(cfg, config_dir, base["artifact_path"])
     with pytest.raises(TuneryError, match="cuts off every answer"):
-        steps.run_sft(cfg, base, data)
+        steps.run_train(cfg, cfg.stages[0], base, data)
     failed = registry.get_version("tiny-fern:1")
     assert failed["status"] == "failed" and "cuts off every answer" in failed["error"]
     assert not (tunery_home / "artifacts" / "tiny-fern" / "1").exists()
