@@ -5,6 +5,7 @@ then moved into place and marked `ready`; any error marks it `failed` with the r
 """
 from __future__ import annotations
 
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,7 @@ def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | No
     )
 
     def merge(tmp: Path) -> StageResult:
+        began = time.perf_counter()
         if stage.method == "lora":
             quantization = start["info"].get("quantization_config")
             parent = registry.get_version(start["parents"][0])
@@ -148,7 +150,8 @@ def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | No
             base = (merge_base["version"], model_folder(merge_base)) if merge_base is not None else None
             info = merge_models(stage, folders, tmp, base=base, seed=cfg.seed)
         info["stage_id"] = stage_id or "merge"
-        return StageResult(stage="merge", artifact_path=str(tmp), metrics={}, history=[], info=info)
+        return StageResult(stage="merge", artifact_path=str(tmp), metrics={"merge_runtime_s": time.perf_counter() - began},
+                           history=[], info=info)
 
     return _record(version, merge)
 

@@ -64,6 +64,8 @@ def fail_version(version: str, error: str) -> None:
 
 def record_metrics(version: str, metrics: dict[str, float], eval_data_hash: str | None = None) -> None:
     """Add measured values for a version; a later value of the same metric on the same data supersedes."""
+    if not metrics:
+        return
     with connect() as con:
         _require(con, version)
         now = utcnow()

@@ -87,3 +87,54 @@ def test_bad_data_stops_before_any_version_is_registered(tmp_path, tiny_model_di
     with pytest.raises(TuneryError, match=r"garden.jsonl line 26: field 'messages\[0\].content'"):
         steps.run_prep(cfg, config_dir)
     assert registry.list_versions(name="tiny-fern") == []
+
+
+def test_shipped_full_chain_config_registers_every_stage_with_its_lineage(
+        prefect_harness, tmp_path, tiny_model_dir, tunery_home):
+    """configs/full_chain.yaml on the tiny model with 2 steps a stage: the versions form the expected chain."""
+    from conftest import REPO
+    from flows.pipeline import pipeline
+
+    doc = yaml.safe_load((REPO / "configs/full_chain.yaml").read_text())
+    doc.update(base_model=str(tiny_model_dir), base_name="tiny-base", device="cpu",
+               eval={"prompts": ["How deep?"], "max_new_tokens": 4, "repeats": 1, "warmup": 0})
+
+    def local(data: dict) -> dict:
+        return {**data, "train": str((REPO / "configs" / data["train"]).resolve())}
+
+    doc["data"] = local(doc["data"])
+    for stage in doc["stages"]:
+        if stage["stage"] != "merge":
+            stage.update(max_steps=2, batch_size=4, max_length=128)
+        if "data" in stage:
+            stage["data"] = local(stage["data"])
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump(doc))
+
+    result = pipeline(str(tmp_path / "chain.yaml"))
+    assert result["versions"] == ["tiny-base:1"] + [f"fern-chain:{n}" for n in range(1, 6)]
+    v = {x["version"]: x for x in registry.list_versions()}
+    cpt, sft, dpo, merged, blend = (v[f"fern-chain:{n}"] for n in range(1, 6))
+    assert [x["stage"] for x in (cpt, sft, dpo, merged, blend)] == ["cpt", "sft", "dpo", "merge", "merge"]
+    assert cpt["parents"] == ["tiny-base:1"] and sft["parents"] == [cpt["version"]]
+    assert dpo["parents"] == [sft["version"]] and merged["parents"] == [dpo["version"]]
+    assert blend["parents"] == [sft["version"], merged["version"]]  # a mergekit merge has both sources as parents
+    for x in (cpt, sft, dpo, merged, blend):
+        assert x["status"] == "ready" and x["base_model"] == str(tiny_model_dir)
+        assert {"perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb"} <= set(x["metrics"]), x["version"]
+    # Each stage trained on its own data and recorded what it is about.
+    assert cpt["info"]["method"] == "spectrum" and cpt["info"]["spectrum"]["selected"]
+    assert "text_perplexity" in cpt["metrics"] and cpt["data_hash"] != sft["data_hash"] != dpo["data_hash"]
+    assert {"preference_accuracy", "preference_accuracy_start", "reward_margin"} <= set(dpo["metrics"])
+    assert merged["info"]["merge"] == "lora" and not merged["info"]["adapter"]
+    assert blend["info"]["mergekit_config"]["base_model"] == sft["version"]
+    assert blend["hyperparameters"]["merge"]["method"] == "slerp"
+    assert (tunery_home / "artifacts" / "fern-chain" / "5" / "mergekit_config.yml").exists()
+    # The whole ancestry of the blend reaches the base along both of its parents.
+    tree = registry.lineage(blend["version"])
+    assert [p["version"] for p in tree["parents"]] == [sft["version"], merged["version"]]
+    deepest = tree["parents"][1]
+    chain = []
+    while deepest["parents"]:
+        deepest = deepest["parents"][0]
+        chain.append(deepest["version"])
+    assert chain == [dpo["version"], sft["version"], cpt["version"], "tiny-base:1"]
