@@ -150,8 +150,8 @@ def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | No
             base = (merge_base["version"], model_folder(merge_base)) if merge_base is not None else None
             info = merge_models(stage, folders, tmp, base=base, seed=cfg.seed)
         info["stage_id"] = stage_id or "merge"
-        return StageResult(stage="merge", artifact_path=str(tmp), metrics={"merge_runtime_s": time.perf_counter() - began},
-                           history=[], info=info)
+        metrics = {"merge_runtime_s": time.perf_counter() - began}
+        return StageResult(stage="merge", artifact_path=str(tmp), metrics=metrics, history=[], info=info)
 
     return _record(version, merge)
 

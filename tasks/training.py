@@ -244,7 +244,8 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
     write_json(out_dir / "tunery_stage.json", {"stage": stage, "metrics": metrics, "info": info,
                                                "start_model": model_path, "data_hash": data_hash})
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
-    plot_history(history, out_dir / "training_curves.png", title=f"{stage} ({config.method}) on {Path(model_path).name}")
+    title = f"{stage} ({config.method}) on {Path(model_path).name}"
+    plot_history(history, out_dir / "training_curves.png", title=title)
     return StageResult(stage=stage, artifact_path=str(out_dir), metrics=metrics, history=history, info=info)
 
 

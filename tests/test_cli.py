@@ -71,6 +71,53 @@ def test_models_show_compare_json_shapes(tunery_home):
     assert "fern:1" in tunery("models", home=tunery_home).stdout
 
 
+def test_lineage_prints_the_ancestry_and_json_nests_it(tunery_home):
+    base = registry.create_version("smol", "base")
+    registry.finish_version(base, "/m")
+    sft = registry.create_version("fern", "sft", parents=[base])
+    registry.finish_version(sft, "/a")
+    dpo = registry.create_version("fern", "dpo", parents=[sft])
+    registry.fail_version(dpo, "boom")
+    text = tunery("lineage", "fern:2", home=tunery_home).stdout
+    assert text.index("fern:2") < text.index("fern:1") < text.index("smol:1") and "failed" in text
+    tree = json.loads(tunery("lineage", "fern:2", "--json", home=tunery_home).stdout)
+    assert tree["parents"][0]["version"] == "fern:1" and tree["parents"][0]["parents"][0]["version"] == "smol:1"
+    proc = tunery("lineage", "fern:9", home=tunery_home, check_exit=1)
+    assert "unknown version 'fern:9'" in proc.stderr
+
+
+def test_dpo_refuses_a_bad_preference_row_by_line_and_registers_nothing(tmp_path, tunery_home, tiny_model_dir):
+    (tmp_path / "chat.jsonl").write_text('{"prompt": "Hi", "completion": "Hello!"}\n' * 1)
+    (tmp_path / "prefs.jsonl").write_text(
+        '{"prompt": "Best mulch?", "chosen": "Straw.", "rejected": "Plastic."}\n'
+        '{"prompt": "Best soil?", "chosen": "Loam."}\n'
+        '{"prompt": "Water when?", "chosen": "Morning.", "rejected": "Morning."}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "x", "base_model": str(tiny_model_dir), "data": {"train": "chat.jsonl"},
+                                   "stages": [{"stage": "dpo", "data": {"train": "prefs.jsonl"}}]}))
+    proc = tunery("dpo", str(cfg), home=tunery_home, check_exit=1)
+    assert "prefs.jsonl line 2: field 'rejected': missing" in proc.stderr
+    assert "prefs.jsonl line 3: field 'rejected': identical to chosen" in proc.stderr
+    assert "Traceback" not in proc.stderr and registry.list_versions(name="x") == []
+
+
+def test_single_stage_merge_takes_registered_sources(tmp_path, tunery_home, tiny_model_dir):
+    (tmp_path / "chat.jsonl").write_text('{"prompt": "Hi", "completion": "Hello!"}\n')
+    stages = [{"stage": "sft"}, {"stage": "merge", "method": "slerp", "sources": ["sft", "base"], "t": 0.0}]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "mix", "base_model": str(tiny_model_dir), "base_name": "tiny",
+                                   "data": {"train": "chat.jsonl"}, "stages": stages}))
+    proc = tunery("merge", str(cfg), home=tunery_home, check_exit=1)
+    assert "uses stage 'sft' of this config; a single-stage run needs registered versions" in proc.stderr
+    other = registry.create_version("other", "base")
+    registry.finish_version(other, str(tiny_model_dir))
+    merged = json.loads(tunery("merge", str(cfg), "--source", "other:1", "--source", "tiny:1", "--json",
+                               home=tunery_home).stdout)
+    assert merged["version"] == "mix:1" and merged["parents"] == ["other:1", "tiny:1"]
+    assert merged["info"]["mergekit_config"]["merge_method"] == "slerp"
+    assert (Path(merged["artifact_path"]) / "model.safetensors").exists()
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The packaged SmolLM2-135M-Instruct as converted by `make setup` (converted here if setup was skipped)."""
