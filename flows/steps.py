@@ -16,13 +16,14 @@ from tasks.common import StageResult, TuneryError, artifacts_dir, atomic_dir, ho
 from tasks.cpt import train_cpt
 from tasks.dpo import train_dpo
 from tasks.evaluation import EvalConfig, evaluate
-from tasks.merge import NEEDS_BASE, merge_adapter, merge_models
+from tasks.merge import NEEDS_BASE, check_sources, merge_adapter, merge_models
 from tasks.models import DEFAULT_BASE, DEFAULT_NAME, resolve_base_model
 from tasks.prep import PrepConfig, prepare
 from tasks.sft import train_sft
 from tasks.training import QuantizationConfig
 
 TRAINERS = {"cpt": train_cpt, "sft": train_sft, "dpo": train_dpo}
+DATA_KIND = {"cpt": "text", "sft": "chat", "dpo": "preference"}
 
 
 def run_prep(cfg: PipelineConfig, config_dir: Path, base_path: str | None = None,
@@ -101,6 +102,9 @@ def _record(version: str, run) -> dict[str, Any]:
 def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], data: StageResult,
               stage_id: str | None = None, flow_run_id: str | None = None) -> dict[str, Any]:
     """Train `start` with a cpt, sft or dpo stage on `data` as a new version of `cfg.name`; return the version."""
+    if data.info["kind"] != DATA_KIND[stage.stage]:
+        raise TuneryError(f"stage {stage_id or stage.stage} ({stage.stage}) needs {DATA_KIND[stage.stage]} data, but "
+                          f"its data holds {data.info['kind']} examples; give the stage its own `data:`")
     hyperparameters = {stage.stage: stage.hyperparameters(), "seed": cfg.seed, "device": cfg.device}
     version = registry.create_version(
         cfg.name, stage.stage, base_model=start["base_model"], parents=[start["version"]],
@@ -123,6 +127,8 @@ def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | No
 
     Every source (and, for ties / dare_ties / task_arithmetic, the base they are measured from) is a parent.
     """
+    folders: dict[str, str] = {}
+    base = None
     if stage.method == "lora":
         if start is None or not start["info"].get("adapter"):
             what = start["version"] if start else "nothing"
@@ -130,6 +136,10 @@ def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | No
         parents = [start]
     else:
         parents = sources + ([merge_base] if merge_base is not None else [])
+        # Checked before the version is registered: bad inputs leave no failed row behind.
+        folders = {s["version"]: model_folder(s) for s in sources}
+        base = (merge_base["version"], model_folder(merge_base)) if merge_base is not None else None
+        check_sources(folders, base)
     hyperparameters = {"merge": stage.hyperparameters(), "seed": cfg.seed,
                        "sources": [p["version"] for p in sources]}
     version = registry.create_version(
@@ -146,8 +156,6 @@ def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | No
             info = merge_adapter(model_folder(parent), start["artifact_path"], tmp,
                                  QuantizationConfig(**quantization) if quantization else None, stage.qlora_base)
         else:
-            folders = {s["version"]: model_folder(s) for s in sources}
-            base = (merge_base["version"], model_folder(merge_base)) if merge_base is not None else None
             info = merge_models(stage, folders, tmp, base=base, seed=cfg.seed)
         info["stage_id"] = stage_id or "merge"
         metrics = {"merge_runtime_s": time.perf_counter() - began}

@@ -101,6 +101,18 @@ def _copy_tokenizer(source: Path, out_dir: Path) -> None:
             shutil.copy2(source / name, out_dir / name)
 
 
+def check_sources(sources: dict[str, str], base: tuple[str, str] | None = None) -> None:
+    """Refuse, naming them, two inputs that are the same model or models of different architectures."""
+    models = {**sources, **({base[0]: base[1]} if base else {})}
+    seen: dict[str, str] = {}
+    for label, path in models.items():
+        key = str(Path(path).resolve())
+        if key in seen:
+            raise TuneryError(f"cannot merge {label} with {seen[key]}: they are the same model ({path})")
+        seen[key] = label
+    check_same_architecture(models)
+
+
 def check_same_architecture(models: dict[str, str]) -> None:
     """Raise TuneryError naming the first model whose shape differs from the first one's."""
     shapes = {}
@@ -149,7 +161,7 @@ def merge_models(config: MergeConfig, sources: dict[str, str], out_dir: str | Pa
 
     if config.method in NEEDS_BASE and base is None:
         raise TuneryError(f"method {config.method} needs a base model")
-    check_same_architecture({**sources, **({base[0]: base[1]} if base else {})})
+    check_sources(sources, base)
     doc = mergekit_config(config, sources, base)
     out_dir = Path(out_dir)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -71,6 +72,10 @@ def test_models_show_compare_json_shapes(tunery_home):
     assert "fern:1" in tunery("models", home=tunery_home).stdout
 
 
+def write_chat(path: Path) -> None:
+    path.write_text("".join(f'{{"prompt": "Question {i}?", "completion": "Answer {i}."}}\n' for i in range(4)))
+
+
 def test_lineage_prints_the_ancestry_and_json_nests_it(tunery_home):
     base = registry.create_version("smol", "base")
     registry.finish_version(base, "/m")
@@ -87,7 +92,7 @@ def test_lineage_prints_the_ancestry_and_json_nests_it(tunery_home):
 
 
 def test_dpo_refuses_a_bad_preference_row_by_line_and_registers_nothing(tmp_path, tunery_home, tiny_model_dir):
-    (tmp_path / "chat.jsonl").write_text('{"prompt": "Hi", "completion": "Hello!"}\n' * 1)
+    write_chat(tmp_path / "chat.jsonl")
     (tmp_path / "prefs.jsonl").write_text(
         '{"prompt": "Best mulch?", "chosen": "Straw.", "rejected": "Plastic."}\n'
         '{"prompt": "Best soil?", "chosen": "Loam."}\n'
@@ -102,7 +107,7 @@ def test_dpo_refuses_a_bad_preference_row_by_line_and_registers_nothing(tmp_path
 
 
 def test_single_stage_merge_takes_registered_sources(tmp_path, tunery_home, tiny_model_dir):
-    (tmp_path / "chat.jsonl").write_text('{"prompt": "Hi", "completion": "Hello!"}\n')
+    write_chat(tmp_path / "chat.jsonl")
     stages = [{"stage": "sft"}, {"stage": "merge", "method": "slerp", "sources": ["sft", "base"], "t": 0.0}]
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"name": "mix", "base_model": str(tiny_model_dir), "base_name": "tiny",
@@ -111,9 +116,14 @@ def test_single_stage_merge_takes_registered_sources(tmp_path, tunery_home, tiny
     assert "uses stage 'sft' of this config; a single-stage run needs registered versions" in proc.stderr
     other = registry.create_version("other", "base")
     registry.finish_version(other, str(tiny_model_dir))
-    merged = json.loads(tunery("merge", str(cfg), "--source", "other:1", "--source", "tiny:1", "--json",
+    proc = tunery("merge", str(cfg), "--source", "other:1", "--source", "tiny:1", home=tunery_home, check_exit=1)
+    assert "cannot merge tiny:1 with other:1: they are the same model" in proc.stderr
+    shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    other = registry.create_version("other", "base")
+    registry.finish_version(other, str(tmp_path / "copy"))
+    merged = json.loads(tunery("merge", str(cfg), "--source", "other:2", "--source", "tiny:1", "--json",
                                home=tunery_home).stdout)
-    assert merged["version"] == "mix:1" and merged["parents"] == ["other:1", "tiny:1"]
+    assert merged["version"] == "mix:1" and merged["parents"] == ["other:2", "tiny:1"]
     assert merged["info"]["mergekit_config"]["merge_method"] == "slerp"
     assert (Path(merged["artifact_path"]) / "model.safetensors").exists()
 

@@ -138,3 +138,16 @@ def test_shipped_full_chain_config_registers_every_stage_with_its_lineage(
         deepest = deepest["parents"][0]
         chain.append(deepest["version"])
     assert chain == [dpo["version"], sft["version"], cpt["version"], "tiny-base:1"]
+
+
+def test_stage_given_the_wrong_kind_of_data_registers_nothing(tmp_path, tiny_model_dir, garden_rows):
+    path = tiny_config(tmp_path, tiny_model_dir, garden_rows)
+    doc = yaml.safe_load(open(path))
+    doc["stages"] = [{"stage": "dpo"}]
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(doc))
+    cfg, config_dir = load_config(path)
+    base = steps.run_base(cfg, config_dir)
+    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    with pytest.raises(TuneryError, match=r"stage dpo \(dpo\) needs preference data, but its data holds chat"):
+        steps.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
+    assert registry.list_versions(name="tiny-fern") == []
