@@ -259,6 +259,12 @@ def show(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bo
         out.print("[bold]metrics[/]")
         for k, val in sorted(v["metrics"].items()):
             out.print(f"{k:>22}  {_fmt(val)}")
+    health = v["info"].get("health")
+    if health:
+        out.print("[bold]training health[/]")
+        for check, verdict in health.items():
+            colour = "green" if verdict["ok"] else "yellow"
+            out.print(f"{check:>22}  [{colour}]{verdict['verdict']}[/]  {verdict['detail']}", highlight=False)
 
 
 @command

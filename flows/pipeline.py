@@ -51,6 +51,8 @@ def _describe_stage(version: dict[str, Any]) -> str:
                 "reward_accuracy", "reward_margin"):
         if key in m:
             lines.append(f"- {key}: {m[key]:.3f}")
+    for check, verdict in info.get("health", {}).items():
+        lines.append(f"- {check}: **{verdict['verdict']}** ({verdict['detail']})")
     if "spectrum" in info:
         lines.append(f"- spectrum trained {len(info['spectrum']['selected'])} of {len(info['spectrum']['scores'])} "
                      "matrices")

@@ -6,7 +6,6 @@ already merged into its parent) and writes either a LoRA adapter on top of that 
 """
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.common import StageResult, TuneryError, peak_rss_mb, write_json
+from tasks.health import nan_guard, verdicts
 from tasks.models import load_model, torch_dtype
 
 
@@ -160,6 +160,7 @@ def trainer_arguments(config: TrainingConfig, out_dir: Path, device: str, precis
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
+        logging_nan_inf_filter=False,  # log a NaN loss as NaN (the default hides it), so the guard can stop the run
         eval_strategy="steps" if config.eval_steps and has_eval else "no",
         eval_steps=config.eval_steps,
         save_strategy="no",
@@ -205,20 +206,31 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
                  after_train: Callable[[], dict[str, float]] | None = None) -> StageResult:
     """Train, save the adapter or model with its tokenizer, curves and record; return metrics and history.
 
+    A NaN or infinite loss stops training at the step it is logged and raises TuneryError naming the step. The
+    health verdicts of the run (tasks.health) are added to `info`.
+
     `start_metrics` (measured before training) and what `after_train()` measures join the training metrics.
 
-    Raises TuneryError when the loss became NaN or infinite (the learning rate is the usual cause).
     """
     import torch
 
+    guard = nan_guard()
+    trainer.add_callback(guard)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     output = trainer.train()
     runtime = time.perf_counter() - start
+    if guard.bad is not None:
+        step, key, value = guard.bad
+        what = "loss" if key == "loss" else "gradient norm"
+        raise TuneryError(f"{stage}: the {what} became {value} at step {step}, so training stopped there; lower the "
+                          "learning rate or check the data")
     losses = [h["loss"] for h in history if "loss" in h]
-    if not losses or not all(math.isfinite(x) for x in losses):
-        raise TuneryError(f"{stage} produced a non-finite loss ({losses[-3:]}); lower the learning rate")
+    if not losses:
+        raise TuneryError(f"{stage}: no training step was logged")
+    info["health"] = verdicts(history, config.lr_scheduler, config.learning_rate, config.warmup_ratio,
+                              int(trainer.state.max_steps))
 
     trained = trainer.model
     trained.save_pretrained(out_dir, safe_serialization=True)
@@ -233,6 +245,7 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
         "train_runtime_s": runtime,
         "train_peak_rss_mb": peak_rss_mb(),
         "trainable_params": float(sum(p.numel() for p in trained.parameters() if p.requires_grad)),
+        "health_warnings": float(sum(not v["ok"] for v in info["health"].values())),
     }
     if tokens_seen:
         metrics["train_tokens"] = tokens_seen

@@ -1,0 +1,87 @@
+"""Training health: verdicts from a run's history, and a NaN loss that stops a run and fails its version."""
+from __future__ import annotations
+
+import pytest
+
+import registry
+from tasks import health
+from tasks.common import TuneryError
+from tasks.sft import SftConfig, train_sft
+
+FAST = {"batch_size": 4, "max_length": 128, "learning_rate": 5e-3}
+
+
+def test_a_healthy_run_gets_healthy_verdicts(tiny_model_dir, prepared, tmp_path):
+    cfg = SftConfig(method="full", **{**FAST, "learning_rate": 3e-3}, max_steps=12, warmup_ratio=0.25,
+                    lr_scheduler="cosine")
+    result = train_sft(cfg, str(tiny_model_dir), prepared.artifact_path, tmp_path / "out", "cpu")
+    h = result.info["health"]
+    assert h["loss"]["verdict"] == "falling" and h["learning_rate"]["verdict"] == "as configured"
+    assert h["grad_norm"]["ok"] and h["memory"]["verdict"] in ("flat", "growing")
+    assert result.metrics["health_warnings"] == sum(not v["ok"] for v in h.values())
+
+
+@pytest.mark.parametrize("losses, verdict", [([4, 3.5, 3, 2.5, 2, 1.5, 1, 0.9], "falling"),
+                                             ([2, 2.01, 1.99, 2, 2, 2.01, 2, 1.99], "flat"),
+                                             ([1, 1.2, 1.5, 1.7, 2, 2.2, 2.5, 3], "rising")])
+def test_loss_verdicts(losses, verdict):
+    assert health.loss_verdict(losses)["verdict"] == verdict
+
+
+def test_grad_norm_spikes_and_memory_growth_are_flagged():
+    assert health.grad_norm_verdict([1.0] * 9 + [50.0])["verdict"] == "spiking"
+    assert health.grad_norm_verdict([1.0, 1.2, 0.9, 1.1])["verdict"] == "healthy"
+    assert health.memory_verdict([1000 + 100 * i for i in range(12)])["verdict"] == "growing"
+    assert health.memory_verdict([1000.0] * 12)["verdict"] == "flat"
+
+
+def test_a_schedule_that_differs_from_the_configured_one_is_off_schedule():
+    rates = health.expected_learning_rates("linear", 1e-3, 0.0, 10)
+    points = [(step, rate) for step, rate in enumerate(rates, start=1)]
+    assert health.learning_rate_verdict(points, "linear", 1e-3, 0.0, 10)["verdict"] == "as configured"
+    assert health.learning_rate_verdict(points, "constant", 1e-3, 0.0, 10)["verdict"] == "off schedule"
+
+
+def _poison_after(calls: int):
+    """Wrap trainable_model so the model's hidden states turn NaN after `calls` forward passes."""
+    from tasks import training
+
+    real = training.trainable_model
+
+    def patched(config, model_path, device):
+        model, peft_config, info = real(config, model_path, device)
+        seen = {"n": 0}
+
+        def hook(module, args, output):
+            seen["n"] += 1
+            return output * float("nan") if seen["n"] > calls else output
+
+        # The final norm runs on every forward path, including trl's fused loss head.
+        model.get_decoder().norm.register_forward_hook(hook)
+        return model, peft_config, info
+
+    return patched
+
+
+def test_nan_loss_stops_training_at_once_and_fails_the_version(tiny_model_dir, garden_rows, tmp_path,
+                                                                monkeypatch, tunery_home):
+    import yaml
+
+    from conftest import write_jsonl
+    from flows import steps
+    from flows.config import load_config
+    from tasks import sft
+
+    monkeypatch.setattr(sft, "trainable_model", _poison_after(3))
+    write_jsonl(tmp_path / "g.jsonl", garden_rows)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "name": "nan", "base_model": str(tiny_model_dir), "device": "cpu", "data": {"train": "g.jsonl"},
+        "stages": [{"stage": "sft", "max_steps": 20, **FAST}]}))
+    cfg, config_dir = load_config(tmp_path / "c.yaml")
+    base = steps.run_base(cfg, config_dir)
+    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    with pytest.raises(TuneryError, match=r"the loss became nan at step 4, so training stopped there"):
+        steps.run_train(cfg, cfg.stages[0], base, data)
+    failed = registry.get_version("nan:1")
+    assert failed["status"] == "failed" and "loss became nan at step 4" in failed["error"]
+    assert not (tunery_home / "artifacts" / "nan" / "1").exists()
