@@ -265,6 +265,10 @@ def show(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bo
         for check, verdict in health.items():
             colour = "green" if verdict["ok"] else "yellow"
             out.print(f"{check:>22}  [{colour}]{verdict['verdict']}[/]  {verdict['detail']}", highlight=False)
+    if v.get("samples"):
+        out.print("[bold]sample answers[/]")
+        for sample in v["samples"]:
+            out.print(f"  [bold]Q:[/] {sample['prompt']}\n  [bold]A:[/] {sample['answer']}", highlight=False)
 
 
 @command

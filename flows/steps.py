@@ -191,6 +191,7 @@ def run_eval(version: dict[str, Any], data: StageResult, eval_cfg: EvalConfig) -
     else:
         result = evaluate(version["artifact_path"], data.artifact_path, eval_cfg)
     registry.record_metrics(version["version"], result.metrics, eval_data_hash=data.info["data_hash"])
+    registry.record_samples(version["version"], result.info.get("samples", []), eval_data_hash=data.info["data_hash"])
     return result.metrics
 
 

@@ -15,5 +15,6 @@ from registry.store import (  # noqa: F401
     record_dataset,
     record_history,
     record_metrics,
+    record_samples,
     resolve,
 )

@@ -73,6 +73,17 @@ def record_metrics(version: str, metrics: dict[str, float], eval_data_hash: str 
                         [[version, k, float(v), eval_data_hash, now] for k, v in metrics.items()])
 
 
+def record_samples(version: str, samples: list[dict[str, str]], eval_data_hash: str | None = None) -> None:
+    """Store one evaluation's sample answers ({prompt, answer} in prompt order)."""
+    if not samples:
+        return
+    with connect() as con:
+        _require(con, version)
+        now = utcnow()
+        con.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?)",
+                        [[version, i, s["prompt"], s["answer"], eval_data_hash, now] for i, s in enumerate(samples)])
+
+
 def record_history(version: str, history: list[dict[str, float]]) -> None:
     """Store a run's logged training history (one row per step and value)."""
     rows = [[version, int(h["step"]), h.get("epoch"), k, float(v)]
@@ -139,6 +150,14 @@ def _version_objects(con, where: str, params: list[Any]) -> list[dict[str, Any]]
         [names],
     ).fetchall():
         metrics[v][key] = value
+    samples: dict[str, list[dict[str, str]]] = {v: [] for v in names}
+    # Only the newest evaluation's set of samples of each version.
+    for v, prompt, answer in con.execute(
+        "SELECT version, prompt, answer FROM samples s WHERE version IN (SELECT unnest(?)) AND recorded_utc = "
+        "(SELECT max(recorded_utc) FROM samples WHERE version = s.version) ORDER BY version, position",
+        [names],
+    ).fetchall():
+        samples[v].append({"prompt": prompt, "answer": answer})
     out = []
     for (version, name, number, stage, status, base_model, hp, data_hash, artifact, info, error, flow_run,
          created, finished) in rows:
@@ -146,7 +165,7 @@ def _version_objects(con, where: str, params: list[Any]) -> list[dict[str, Any]]
             "version": version, "name": name, "number": number, "stage": stage, "status": status,
             "parents": parents[version], "base_model": base_model, "hyperparameters": json.loads(hp),
             "data_hash": data_hash, "metrics": metrics[version], "artifact_path": artifact,
-            "info": json.loads(info), "error": error, "flow_run_id": flow_run,
+            "info": json.loads(info), "samples": samples[version], "error": error, "flow_run_id": flow_run,
             "created_at": created.isoformat() + "Z", "finished_at": finished.isoformat() + "Z" if finished else None,
         })
     return out

@@ -41,6 +41,10 @@ class EvalConfig(BaseModel):
     repeats: int = Field(3, ge=1, description="Timed runs per prompt; the median is reported.")
     warmup: int = Field(1, ge=0, description="Untimed runs first (allocator, kernels, caches).")
     device: str = Field("auto", description="auto|cpu|cuda|mps for the measurement.")
+    generation_rows: int = Field(8, ge=0, description="Held-out prompts per category answered greedily to measure "
+                                                      "the generated length (0: skip).")
+    price_per_hour: float | None = Field(None, ge=0, description="What an hour of the measuring hardware costs "
+                                                                 "(USD); gives the cost per million generated tokens.")
 
 
 def scored_tokens(tokenizer, row: dict, max_length: int) -> dict[str, list[int]]:
@@ -162,9 +166,89 @@ def latency(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, repe
     return {"ttft_ms": 1000 * statistics.median(ttfts), "tokens_per_s": statistics.median(speeds)}
 
 
+def strip_answer(tokenizer, token_ids: list[int]) -> str:
+    """The text of a generated answer without special tokens or chat-template residue.
+
+    Cut at the first special token (end of turn, a new role header), then drop any other special-token text and a
+    leading role name the template might leave ("assistant\n").
+    """
+    text = tokenizer.decode(token_ids, skip_special_tokens=False)
+    specials = sorted({t for t in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()) if t},
+                      key=len, reverse=True)
+    cut = min((text.find(t) for t in specials if t in text), default=-1)
+    if cut >= 0:
+        text = text[:cut]
+    for t in specials:
+        text = text.replace(t, "")
+    text = text.strip()
+    for role in ("assistant:", "assistant\n", "Assistant:"):
+        if text.startswith(role):
+            text = text[len(role):].strip()
+    return text
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int) -> list[tuple[str, int]]:
+    """Greedy answers (stripped text, number of generated tokens up to the end of turn) at batch 1."""
+    import torch
+
+    device = next(model.parameters()).device
+    stop = {tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens)}
+    out = []
+    for messages in conversations:
+        ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        length = next((i for i, t in enumerate(gen) if t in stop), len(gen))
+        out.append((strip_answer(tokenizer, gen), length))
+    return out
+
+
+def by_category(rows: list[dict]) -> dict[str, list[int]]:
+    """Row indices per category; rows without one are left out (they count in the overall numbers only)."""
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row.get("category"):
+            groups.setdefault(row["category"], []).append(i)
+    return groups
+
+
+def quality(model, tokenizer, rows: list[dict], config: EvalConfig, progress: bool = False) -> dict[str, float]:
+    """Perplexity overall and per category (token-weighted, so the categories add up to the whole), and the
+    generated answer length on up to `generation_rows` held-out prompts per category."""
+    encoded = [scored_tokens(tokenizer, r, config.max_length) for r in rows]
+    scores = answer_nll(model, tokenizer, encoded, config.batch_size, progress)
+    nll, tokens = sum(s[0] for s in scores), sum(s[1] for s in scores)
+    if tokens == 0:
+        raise TuneryError("no answer tokens to score in the validation data")
+    metrics = {"perplexity": math.exp(nll / tokens), "nll_sum": nll, "tokens": float(tokens)}
+    groups = by_category(rows)
+    for cat, idx in groups.items():
+        c_nll, c_tokens = sum(scores[i][0] for i in idx), sum(scores[i][1] for i in idx)
+        if c_tokens:
+            metrics.update({f"perplexity/{cat}": math.exp(c_nll / c_tokens), f"nll_sum/{cat}": c_nll,
+                            f"tokens/{cat}": float(c_tokens), f"rows/{cat}": float(len(idx))})
+    if config.generation_rows and rows and "messages" in rows[0]:
+        chosen = [i for idx in (groups.values() or []) for i in idx[:config.generation_rows]]
+        uncategorised = [i for i, r in enumerate(rows) if not r.get("category")][:config.generation_rows]
+        picked = sorted(set(chosen + uncategorised))
+        answers = dict(zip(picked, generate(model, tokenizer, [rows[i]["messages"][:-1] for i in picked],
+                                            config.max_new_tokens)))
+        metrics["gen_tokens"] = statistics.fmean(n for _, n in answers.values())
+        for cat, idx in groups.items():
+            lengths = [answers[i][1] for i in idx if i in answers]
+            if lengths:
+                metrics[f"gen_tokens/{cat}"] = statistics.fmean(lengths)
+    return metrics
+
+
 def measure(model_path: str, data_dir: str, config: EvalConfig, adapter: str | None = None,
-            progress: bool = True) -> dict[str, float]:
-    """Load a version (a model folder, or a base plus LoRA adapter merged in) and measure it in this process."""
+            progress: bool = True) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """Load a version and measure it in this process; return (metrics, sample answers to the fixed prompts).
+
+    A LoRA version is timed twice: as base plus adapter (`*_adapter` metrics, the extra matmuls an unmerged adapter
+    costs at inference) and merged, which is how it is served and what the main latency metrics describe.
+    """
     import torch
 
     if Path(model_path).exists():
@@ -176,15 +260,26 @@ def measure(model_path: str, data_dir: str, config: EvalConfig, adapter: str | N
     tokenizer = load_tokenizer(adapter or model_path)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    model = load_model(model_path, device=device, adapter=adapter, merge=True)
-    metrics = perplexity(model, tokenizer, validation, config.max_length, config.batch_size, progress)
+    model = load_model(model_path, device=device, adapter=adapter)
+    metrics: dict[str, float] = {}
+    if adapter:
+        timed = latency(model, tokenizer, config.prompts, config.max_new_tokens, config.repeats, config.warmup,
+                        progress)
+        metrics.update({f"{k}_adapter": v for k, v in timed.items()})
+        model = model.merge_and_unload()
+    metrics.update(quality(model, tokenizer, validation, config, progress))
     metrics.update(latency(model, tokenizer, config.prompts, config.max_new_tokens, config.repeats,
                            config.warmup, progress))
+    if config.price_per_hour is not None:
+        metrics["cost_per_mtok_usd"] = config.price_per_hour / 3600 / metrics["tokens_per_s"] * 1e6
     metrics["peak_rss_mb"] = peak_rss_mb()
     if torch.cuda.is_available():
         metrics["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     metrics["eval_rows"] = float(len(validation))
-    return metrics
+    answers = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in config.prompts],
+                       config.max_new_tokens)
+    samples = [{"prompt": p, "answer": a} for p, (a, _) in zip(config.prompts, answers)]
+    return metrics, samples
 
 
 def evaluate(model_path: str, data_dir: str, config: EvalConfig, adapter: str | None = None) -> StageResult:
@@ -202,18 +297,19 @@ def evaluate(model_path: str, data_dir: str, config: EvalConfig, adapter: str | 
         if proc.returncode != 0 or "error" in result:
             detail = result.get("error") or f"the measuring process exited with code {proc.returncode}"
             raise TuneryError(f"evaluation of {adapter or model_path} failed: {detail}")
-        metrics = result["metrics"]
-    return StageResult(stage="eval", artifact_path=adapter or model_path, metrics=metrics)
+    return StageResult(stage="eval", artifact_path=adapter or model_path, metrics=result["metrics"],
+                       info={"samples": result["samples"]})
 
 
 def _main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     try:
-        metrics = measure(spec["model_path"], spec["data_dir"], EvalConfig(**spec["config"]), spec["adapter"])
+        metrics, samples = measure(spec["model_path"], spec["data_dir"], EvalConfig(**spec["config"]),
+                                   spec["adapter"])
     except TuneryError as e:
         Path(argv[1]).write_text(json.dumps({"error": str(e)}))
         return 1
-    Path(argv[1]).write_text(json.dumps({"metrics": metrics}))
+    Path(argv[1]).write_text(json.dumps({"metrics": metrics, "samples": samples}))
     return 0
 
 

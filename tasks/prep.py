@@ -7,6 +7,7 @@ Accepted row formats (see PRODUCT.md):
   alpaca      {"instruction": ..., "input": ... (optional), "output": ...}
   preference  {"prompt": ..., "chosen": ..., "rejected": ...}   (strings or message lists)
   text        {"text": ...}                                      (continued pretraining)
+Any row may carry a `category` string; evaluation then reports every metric per category too.
 Chat, prompt and alpaca rows become chat examples ({"messages": [...]}) for supervised fine-tuning. Every bad row
 is reported with its file, line and field before anything trains; nothing is written unless all rows are good.
 """
@@ -225,8 +226,16 @@ def normalise(data: Any, fmt: str, system_prompt: str | None = None) -> dict[str
     """Validate one row of format `fmt` and return its normal form.
 
     chat/prompt/alpaca -> {"messages": [...]}; preference -> {"prompt": [...], "chosen": [...], "rejected": [...]};
-    text -> {"text": ...}. Raises RowError naming the field at fault.
+    text -> {"text": ...}. An optional `category` string (support, marketing, ...) is kept, so evaluation can report
+    every metric per category. Raises RowError naming the field at fault.
     """
+    example = _normal_form(data, fmt, system_prompt)
+    if isinstance(data, dict) and data.get("category") is not None:
+        example["category"] = _text(data, "category").strip()
+    return example
+
+
+def _normal_form(data: Any, fmt: str, system_prompt: str | None) -> dict[str, Any]:
     found = detect_format(data)
     if found != fmt:
         raise RowError("(row)", f"looks like a {found} row, but this file's rows are {fmt}")

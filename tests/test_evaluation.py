@@ -1,11 +1,13 @@
 """Stage eval: perplexity equals a direct token-weighted computation; latency and memory are measured."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
+from conftest import REPO
 from tasks.evaluation import EvalConfig, evaluate, latency, perplexity
 from tasks.models import encode_chat, load_model, load_tokenizer
 from tasks.prep import load_prepared
@@ -73,3 +75,52 @@ def test_evaluate_reports_a_bad_version_by_name(tmp_path, prepared):
     (tmp_path / "broken").mkdir()
     with pytest.raises(TuneryError, match="evaluation of .*broken failed: .*broken: not a model folder"):
         evaluate(str(tmp_path / "broken"), prepared.artifact_path, EvalConfig())
+
+
+def test_categories_add_up_and_samples_are_stripped(tiny_model_dir, tmp_path):
+    """Per-category perplexities are token-weighted parts of the overall one; answers carry no template tokens."""
+    from conftest import write_jsonl
+    from tasks.evaluation import measure
+    from tasks.prep import PrepConfig, prepare
+
+    rows = []
+    for i, r in enumerate(json.loads(line) for line in
+                          (REPO / "data/demo/garden_chat.jsonl").read_text().splitlines()[:30]):
+        rows.append({**r, "category": ("support", "marketing", "care")[i % 3]})
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    data = prepare(PrepConfig(train=["d.jsonl"], val_fraction=0.4), tmp_path, str(tiny_model_dir))
+    cfg = EvalConfig(prompts=["How deep?", "When?"], max_new_tokens=6, repeats=1, warmup=0, generation_rows=2,
+                     price_per_hour=0.5)
+    metrics, samples = measure(str(tiny_model_dir), data.artifact_path, cfg, progress=False)
+    cats = [k.split("/")[1] for k in metrics if k.startswith("perplexity/")]
+    assert sorted(cats) == ["care", "marketing", "support"]
+    assert sum(metrics[f"tokens/{c}"] for c in cats) == metrics["tokens"]
+    assert sum(metrics[f"nll_sum/{c}"] for c in cats) == pytest.approx(metrics["nll_sum"], rel=1e-9)
+    assert math.exp(sum(metrics[f"nll_sum/{c}"] for c in cats) / metrics["tokens"]) == pytest.approx(
+        metrics["perplexity"], rel=1e-9)
+    assert all(0 < metrics[f"gen_tokens/{c}"] <= 6 for c in cats)
+    assert metrics["cost_per_mtok_usd"] == pytest.approx(0.5 / 3600 / metrics["tokens_per_s"] * 1e6)
+    assert [s["prompt"] for s in samples] == ["How deep?", "When?"]
+    for s in samples:
+        assert "<|im_" not in s["answer"] and "<|endoftext|>" not in s["answer"]
+
+
+def test_strip_answer_removes_template_residue(tiny_model_dir):
+    from tasks.evaluation import strip_answer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    ids = tok("Plant them deep.<|im_end|>\n<|im_start|>user\nmore")["input_ids"]
+    assert strip_answer(tok, ids) == "Plant them deep."
+    assert strip_answer(tok, tok("assistant\nWater daily.")["input_ids"]) == "Water daily."
+
+
+def test_adapter_versions_are_timed_in_both_forms(tiny_model_dir, prepared, tmp_path):
+    from tasks.evaluation import measure
+    from tasks.sft import SftConfig, train_sft
+
+    train_sft(SftConfig(max_steps=1, batch_size=4, max_length=128), str(tiny_model_dir), prepared.artifact_path,
+              tmp_path / "a", "cpu")
+    cfg = EvalConfig(prompts=["How deep?"], max_new_tokens=4, repeats=1, warmup=0, generation_rows=0)
+    metrics, _ = measure(str(tiny_model_dir), prepared.artifact_path, cfg, adapter=str(tmp_path / "a"),
+                         progress=False)
+    assert {"tokens_per_s", "ttft_ms", "tokens_per_s_adapter", "ttft_ms_adapter"} <= set(metrics)
