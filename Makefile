@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 STAMP := $(VENV)/.installed
 BASE_MODEL := $(TUNERY_HOME)/base_models/SmolLM2-135M-Instruct/model.safetensors
 
-.PHONY: setup demo test test-fast lock clean-venv
+.PHONY: setup demo test test-fast bench lock clean-venv
 
 setup: $(STAMP) $(BASE_MODEL)
 
@@ -32,6 +32,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not e2e"
+
+# Speed benchmarks against a baseline measured in the same run, reported as ratios.
+bench: setup
+	$(BIN)/python bench/perplexity_speed.py
 
 # Re-resolve the pins from requirements/base.in in a throwaway environment.
 lock:

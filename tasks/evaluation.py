@@ -6,6 +6,8 @@ version costs, not whatever the calling process (a Prefect flow, a test) happene
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import math
 import statistics
@@ -21,6 +23,9 @@ from tasks.common import StageResult, TuneryError, peak_rss_mb, resolve_device
 from tasks.models import check_model_folder, encode_chat, load_model, load_tokenizer, prompt_ids
 from tasks.prep import load_prepared
 
+METRIC_DIR = Path(__file__).resolve().parent.parent / "metrics" / "perplexity"
+NO_LIMIT = 10**9
+
 DEFAULT_PROMPTS = [
     "What should I plant in a shady corner?",
     "Explain in two sentences what a language model is.",
@@ -34,7 +39,8 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_size: int = Field(8, ge=1, description="Examples per forward pass for perplexity.")
-    max_length: int = Field(512, ge=16, description="Tokens per example; should match training's max_length.")
+    max_length: int = Field(512, ge=16, description="Tokens per perplexity window; longer examples are scored in "
+                                                   "sliding windows (stride half a window), never truncated.")
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS),
                                description="User prompts for the latency measurement (batch 1, greedy).")
     max_new_tokens: int = Field(32, ge=2, le=4096, description="Tokens generated per latency run.")
@@ -47,29 +53,31 @@ class EvalConfig(BaseModel):
                                                                  "(USD); gives the cost per million generated tokens.")
 
 
-def scored_tokens(tokenizer, row: dict, max_length: int) -> dict[str, list[int]]:
+def scored_tokens(tokenizer, row: dict) -> dict[str, list[int]]:
     """Token ids of a prepared example and the mask of the tokens perplexity scores: the assistant's answer of a
-    chat example (exactly the tokens sft learns), the chosen answer of a preference pair, every token of a text."""
+    chat example (exactly the tokens sft learns), the chosen answer of a preference pair, every token of a text.
+    Nothing is truncated: long examples are scored in sliding windows."""
     if "messages" in row:
-        return encode_chat(tokenizer, row["messages"], max_length)
-    if "chosen" in row:
-        return encode_chat(tokenizer, row["prompt"] + row["chosen"], max_length)
-    ids = (tokenizer(row["text"], add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id])[:max_length]
-    return {"input_ids": ids, "completion_mask": [1] * len(ids)}
+        encoded = encode_chat(tokenizer, row["messages"], NO_LIMIT)
+    elif "chosen" in row:
+        encoded = encode_chat(tokenizer, row["prompt"] + row["chosen"], NO_LIMIT)
+    else:
+        ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+        encoded = {"input_ids": ids, "completion_mask": [1] * len(ids)}
+    return {"input_ids": encoded["input_ids"], "score_mask": encoded["completion_mask"]}
 
 
 def perplexity(model, tokenizer, rows: list[dict], max_length: int = 512, batch_size: int = 8,
                progress: bool = False) -> dict[str, float]:
-    """Token-weighted perplexity of the scored tokens of `rows` (see `scored_tokens`) under `model`.
-
-    exp(sum of the scored tokens' negative log-likelihoods / number of scored tokens). Returns perplexity, nll_sum
-    and tokens.
+    """Token-weighted perplexity of the scored tokens of `rows` (see `scored_tokens`) under `model`, in windows of
+    `max_length` tokens. exp(sum of the scored tokens' negative log-likelihoods / number of scored tokens).
+    Returns perplexity, nll_sum and tokens.
     """
-    encoded = [scored_tokens(tokenizer, r, max_length) for r in rows]
-    scores = [s for s in answer_nll(model, tokenizer, encoded, batch_size, progress) if s[1] > 0]
-    if not scores:
-        raise TuneryError("no answer tokens to score in the validation data")
+    scores = answer_nll(model, tokenizer, [scored_tokens(tokenizer, r) for r in rows], max_length, batch_size,
+                        progress)
     nll_sum, n_tokens = sum(s[0] for s in scores), sum(s[1] for s in scores)
+    if not n_tokens:
+        raise TuneryError("no answer tokens to score in the validation data")
     return {"perplexity": math.exp(nll_sum / n_tokens), "nll_sum": nll_sum, "tokens": float(n_tokens)}
 
 
@@ -81,8 +89,9 @@ def preference_accuracy(model, tokenizer, rows: list[dict], max_length: int = 51
     `rows` are prepared preference examples. Returns preference_accuracy (share of pairs) and preference_margin
     (mean difference of the per-token log-likelihoods, chosen minus rejected).
     """
-    encoded = [encode_chat(tokenizer, r["prompt"] + r[key], max_length) for r in rows for key in ("chosen", "rejected")]
-    scores = answer_nll(model, tokenizer, encoded, batch_size)
+    encoded = [scored_tokens(tokenizer, {"prompt": r["prompt"], "chosen": r[key]}) for r in rows
+               for key in ("chosen", "rejected")]
+    scores = answer_nll(model, tokenizer, encoded, max_length, batch_size)
     mean_ll = [-nll / n if n else float("-inf") for nll, n in scores]
     margins = [c - r for c, r in zip(mean_ll[0::2], mean_ll[1::2])]
     finite = [m for m in margins if math.isfinite(m)]
@@ -90,42 +99,23 @@ def preference_accuracy(model, tokenizer, rows: list[dict], max_length: int = 51
             "preference_margin": sum(finite) / len(finite) if finite else 0.0}
 
 
-def answer_nll(model, tokenizer, encoded: list[dict[str, list[int]]], batch_size: int = 8,
+def answer_nll(model, tokenizer, encoded: list[dict[str, list[int]]], window: int = 512, batch_size: int = 8,
                progress: bool = False) -> list[tuple[float, int]]:
-    """(sum of negative log-likelihoods, number of tokens) of the masked tokens of each encoded example, in order.
+    """(sum of negative log-likelihoods, number of scored tokens) of each encoded example, in input order.
 
-    Examples are sorted by length and batched with right padding, so padding is small and never scored.
+    The implementation is the local `evaluate` metric in metrics/perplexity (batched, length-sorted windows).
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    model.eval()
-    batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
-        batch = order[start:start + batch_size]
-        width = max(len(encoded[i]["input_ids"]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(batch), width), dtype=torch.long)
-        scored = torch.zeros((len(batch), width), dtype=torch.bool)
-        for row, i in enumerate(batch):
-            n = len(encoded[i]["input_ids"])
-            ids[row, :n] = torch.tensor(encoded[i]["input_ids"])
-            attn[row, :n] = 1
-            scored[row, :n] = torch.tensor(encoded[i]["completion_mask"], dtype=torch.bool)
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
-        # Position t predicts token t+1; a token is scored when it is an answer token.
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = ids[:, 1:].to(device)
-        token_nll = -logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        mask = scored[:, 1:].to(device)
-        for row, i in enumerate(batch):
-            results[i] = (float(token_nll[row][mask[row]].double().sum()), int(mask[row].sum()))
-    return results
+    return perplexity_metric().windowed_nll(model, encoded, window, max(1, window // 2), batch_size, pad, progress)
+
+
+@functools.cache
+def perplexity_metric():
+    """The module metrics/perplexity/perplexity.py, which `evaluate.load` also loads by its folder path."""
+    spec = importlib.util.spec_from_file_location("tunery_perplexity_metric", METRIC_DIR / "perplexity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def latency(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, repeats: int = 3, warmup: int = 1,
@@ -216,8 +206,8 @@ def by_category(rows: list[dict]) -> dict[str, list[int]]:
 def quality(model, tokenizer, rows: list[dict], config: EvalConfig, progress: bool = False) -> dict[str, float]:
     """Perplexity overall and per category (token-weighted, so the categories add up to the whole), and the
     generated answer length on up to `generation_rows` held-out prompts per category."""
-    encoded = [scored_tokens(tokenizer, r, config.max_length) for r in rows]
-    scores = answer_nll(model, tokenizer, encoded, config.batch_size, progress)
+    encoded = [scored_tokens(tokenizer, r) for r in rows]
+    scores = answer_nll(model, tokenizer, encoded, config.max_length, config.batch_size, progress)
     nll, tokens = sum(s[0] for s in scores), sum(s[1] for s in scores)
     if tokens == 0:
         raise TuneryError("no answer tokens to score in the validation data")

@@ -13,31 +13,77 @@ from tasks.models import encode_chat, load_model, load_tokenizer
 from tasks.prep import load_prepared
 
 
-def direct_perplexity(model, tokenizer, rows, max_length):
-    """One example at a time, no padding, loss from transformers' own shifted cross-entropy."""
+def direct_perplexity(model, tokenizer, rows, window):
+    """One example at a time, no padding, loss from transformers' own shifted cross-entropy. An example longer
+    than `window` is scored window by window (starts every window // 2 tokens), each answer token once."""
+    stride = window // 2
     nll, count = 0.0, 0
     for r in rows:
-        e = encode_chat(tokenizer, r["messages"], max_length)
-        ids = torch.tensor([e["input_ids"]])
-        labels = ids.clone()
-        labels[0, torch.tensor(e["completion_mask"]) == 0] = -100
-        with torch.no_grad():
-            loss = model(input_ids=ids, labels=labels).loss  # mean over scored tokens
-        n = int((labels[0, 1:] != -100).sum())
-        nll += float(loss) * n
-        count += n
+        e = encode_chat(tokenizer, r["messages"], 10**9)
+        ids, mask = e["input_ids"], e["completion_mask"]
+        begin, scored_to = 0, 1
+        while True:
+            end = min(begin + window, len(ids))
+            labels = torch.full((1, end - begin), -100)
+            for t in range(max(scored_to, begin + 1), end):
+                if mask[t]:
+                    labels[0, t - begin] = ids[t]
+            n = int((labels[0, 1:] != -100).sum())
+            if n:
+                with torch.no_grad():
+                    loss = model(input_ids=torch.tensor([ids[begin:end]]), labels=labels).loss
+                nll += float(loss) * n
+                count += n
+            scored_to = end
+            if end >= len(ids):
+                break
+            begin += stride
     return math.exp(nll / count), count
 
 
-@pytest.mark.parametrize("batch_size, max_length", [(1, 512), (3, 512), (8, 40)])
-def test_perplexity_equals_direct_token_weighted_computation(tiny_model_dir, prepared, batch_size, max_length):
+@pytest.mark.parametrize("batch_size, window", [(1, 512), (3, 512), (8, 40), (1, 24)])
+def test_perplexity_equals_direct_token_weighted_computation(tiny_model_dir, prepared, batch_size, window):
+    """Batched (with padding) or not, and with answers longer than the window (40 and 24 tokens)."""
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     _, train, val = load_prepared(prepared.artifact_path)
     rows = train + val  # mixed lengths, so batches of 3 and 8 carry padding
-    expected, count = direct_perplexity(model, tok, rows, max_length)
-    got = perplexity(model, tok, rows, max_length=max_length, batch_size=batch_size)
-    assert got["tokens"] == count
+    expected, count = direct_perplexity(model, tok, rows, window)
+    got = perplexity(model, tok, rows, max_length=window, batch_size=batch_size)
+    # Nothing is truncated: every answer token is scored whatever the window.
+    assert got["tokens"] == count == sum(sum(encode_chat(tok, r["messages"], 10**9)["completion_mask"][1:])
+                                         for r in rows)
     assert got["perplexity"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_perplexity_is_a_local_evaluate_metric(tiny_model_dir):
+    import evaluate
+
+    from tasks.evaluation import METRIC_DIR
+
+    texts = ["Water tomatoes deeply two or three times a week.", "Mulch keeps the soil cool. " * 30]
+    metric = evaluate.load(str(METRIC_DIR))
+    result = metric.compute(predictions=texts, model_id=str(tiny_model_dir), window=32, stride=16, batch_size=2,
+                            device="cpu")
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    ids = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    rows_nll, rows_n = 0.0, 0
+    for seq in ids:  # a naive one-window-at-a-time reference
+        begin, scored_to = 0, 1
+        while True:
+            end = min(begin + 32, len(seq))
+            labels = torch.tensor([[-100] * (max(scored_to, begin + 1) - begin) +
+                                   seq[max(scored_to, begin + 1):end]])
+            with torch.no_grad():
+                loss = model(input_ids=torch.tensor([seq[begin:end]]), labels=labels).loss
+            n = end - max(scored_to, begin + 1)
+            rows_nll, rows_n = rows_nll + float(loss) * n, rows_n + n
+            scored_to = end
+            if end >= len(seq):
+                break
+            begin += 16
+    assert len(ids[1]) > 32 and result["tokens"] == rows_n == sum(len(s) - 1 for s in ids)
+    assert result["perplexity"] == pytest.approx(math.exp(rows_nll / rows_n), rel=1e-4)
+    assert len(result["perplexities"]) == 2
 
 
 def test_perplexity_scores_only_the_answer(tiny_model_dir):

@@ -1,0 +1,129 @@
+"""Perplexity of a causal language model, as a local `evaluate` metric that needs no hub:
+
+    import evaluate
+    ppl = evaluate.load("metrics/perplexity")          # a path to this folder
+    ppl.compute(predictions=["some text", ...], model_id="path/to/model", window=1024)
+
+Fast and exact: texts are cut into windows (texts longer than `window` tokens are covered by windows that start
+every `stride` tokens, each token scored once, with at least `window - stride` tokens of context after the first
+window), all windows are sorted by length and batched with right padding that is never scored, and the result is
+token-weighted: exp(sum of negative log-likelihoods / number of scored tokens). tunery's eval stage uses
+`windowed_nll` with a mask of the tokens to score (the answer tokens of a chat example).
+"""
+from __future__ import annotations
+
+import math
+
+import datasets
+import evaluate
+
+_DESCRIPTION = "Token-weighted perplexity with batched, length-sorted sliding windows."
+_CITATION = ""
+_INPUTS = """
+Args:
+    predictions (list of str): the texts to score.
+    model_id (str): a local folder (or hub id) of a causal LM with safetensors weights.
+    batch_size (int): windows per forward pass. Default 8.
+    window (int): tokens per window (the model's context or less). Default 1024.
+    stride (int): tokens between window starts for long texts; default window // 2.
+    add_start_token (bool): prepend the BOS token (when the tokenizer has one) so the first token is scored too.
+    device (str): "cpu", "cuda", ...; default cuda when available.
+Returns:
+    perplexity (float): token-weighted over all texts; perplexities (list): one per text; tokens (int).
+"""
+
+
+def windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_target) of each window over `length` tokens: every position 1..length-1 is a target once."""
+    if stride < 1 or stride > window:
+        raise ValueError(f"stride must be between 1 and window ({window}), got {stride}")
+    out, begin, scored_to = [], 0, 1
+    while True:
+        end = min(begin + window, length)
+        out.append((begin, end, max(scored_to, begin + 1)))
+        scored_to = end
+        if end >= length:
+            return out
+        begin += stride
+
+
+def windowed_nll(model, examples: list[dict], window: int, stride: int | None = None, batch_size: int = 8,
+                 pad_id: int = 0, progress: bool = False) -> list[tuple[float, int]]:
+    """(sum of negative log-likelihoods, number of scored tokens) of each example, in input order.
+
+    An example is {"input_ids": [...], "score_mask": [...]} (mask 1 = score this token as a prediction target;
+    without a mask every token but the first is scored).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    stride = stride or max(1, window // 2)
+    pieces = []  # (example index, ids of the window, target mask within the window)
+    for i, ex in enumerate(examples):
+        ids = list(ex["input_ids"])
+        mask = list(ex.get("score_mask") or [1] * len(ids))
+        for begin, end, first in windows(len(ids), window, stride):
+            target = [0] * (end - begin)
+            for t in range(first, end):
+                target[t - begin] = mask[t]
+            if any(target):
+                pieces.append((i, ids[begin:end], target))
+    pieces.sort(key=lambda p: len(p[1]))
+    device = next(model.parameters()).device
+    totals = [[0.0, 0] for _ in examples]
+    model.eval()
+    for start in tqdm(range(0, len(pieces), batch_size), desc="perplexity", unit="batch", disable=not progress):
+        batch = pieces[start:start + batch_size]
+        width = max(len(p[1]) for p in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        scored = torch.zeros((len(batch), width), dtype=torch.bool)
+        for row, (_, piece, target) in enumerate(batch):
+            ids[row, :len(piece)] = torch.tensor(piece)
+            attn[row, :len(piece)] = 1
+            scored[row, :len(piece)] = torch.tensor(target, dtype=torch.bool)
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+            # Position t predicts token t+1; only the positions whose next token is a target are normalised.
+            mask = scored[:, 1:].to(device)
+            picked = torch.log_softmax(logits[:, :-1][mask].float(), dim=-1)
+            token_nll = -picked.gather(-1, ids[:, 1:].to(device)[mask].unsqueeze(-1)).squeeze(-1).double()
+        counts = mask.sum(dim=1).tolist()
+        offset = 0
+        for (i, _, _), n in zip(batch, counts):
+            totals[i][0] += float(token_nll[offset:offset + n].sum())
+            totals[i][1] += n
+            offset += n
+    return [(nll, n) for nll, n in totals]
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
+class Perplexity(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            module_type="metric", description=_DESCRIPTION, citation=_CITATION, inputs_description=_INPUTS,
+            features=datasets.Features({"predictions": datasets.Value("string")}),
+        )
+
+    def _compute(self, predictions, model_id, batch_size: int = 8, window: int = 1024, stride: int | None = None,
+                 add_start_token: bool = True, device: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=False, use_safetensors=True,
+                                                     dtype=torch.float32).to(device)
+        bos = [tokenizer.bos_token_id] if add_start_token and tokenizer.bos_token_id is not None else []
+        examples = []
+        for text in predictions:
+            ids = bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+            examples.append({"input_ids": ids, "score_mask": [1] * len(ids)})
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        scores = windowed_nll(model, examples, window, stride, batch_size, pad)
+        total_nll, total = sum(s[0] for s in scores), sum(s[1] for s in scores)
+        return {
+            "perplexity": math.exp(total_nll / total) if total else float("nan"),
+            "perplexities": [math.exp(nll / n) if n else float("nan") for nll, n in scores],
+            "tokens": total,
+        }
