@@ -299,24 +299,30 @@ def lineage(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json:
 @command
 def compare(a: str = typer.Argument(..., help="The version before (NAME:N)."),
             b: str = typer.Argument(..., help="The version after (NAME:N)."), as_json: bool = JsonOpt) -> None:
-    """Metrics of two versions side by side, with the change from the first to the second."""
+    """Every metric and hyperparameter of two versions side by side, with absolute and relative change."""
     import registry
 
     result = registry.compare_versions(a, b)
     if as_json:
         _print_json(result)
         return
-    table = Table(title=f"{result['a']} -> {result['b']}")
-    for col in ("metric", result["a"], result["b"], "change", "relative"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
-    for row in result["metrics"]:
-        colour = {True: "green", False: "red"}.get(row["better"], "")
-        rel = f"{row['relative_change']:+.1%}" if row["relative_change"] is not None else "-"
-        table.add_row(row["metric"], _fmt(row["a"]), _fmt(row["b"]),
-                      f"[{colour}]{_fmt(row['change'])}[/]" if colour else _fmt(row["change"]), rel)
-    out.print(table)
-    for row in result["hyperparameters"]:
-        out.print(f"  {row['hyperparameter']}: {row['a']} -> {row['b']}")
+
+    def table(kind: str, rows: list[dict[str, Any]]) -> Table:
+        t = Table(title=f"{kind}: {result['a']} -> {result['b']}")
+        for col in (kind, result["a"], result["b"], "change", "relative"):
+            t.add_column(col, justify="left" if col == kind else "right")
+        for row in rows:
+            colour = {True: "green", False: "red"}.get(row.get("better"), "")
+            rel = f"{row['relative_change']:+.1%}" if row["relative_change"] is not None else "-"
+            change = _fmt(row["change"])
+            if row["change"] is None and row.get("changed"):
+                change = "changed"
+            t.add_row(row[kind], _fmt(row["a"]), _fmt(row["b"]), f"[{colour}]{change}[/]" if colour else change, rel)
+        return t
+
+    out.print(table("metric", result["metrics"]))
+    if result["hyperparameters"]:
+        out.print(table("hyperparameter", result["hyperparameters"]))
 
 
 @command

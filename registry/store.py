@@ -240,29 +240,45 @@ def get_history(version: str) -> list[dict[str, Any]]:
     return list(steps.values())
 
 
-LOWER_IS_BETTER = {"perplexity", "ttft_ms", "peak_rss_mb", "peak_cuda_mb", "train_loss", "nll_sum"}
-HIGHER_IS_BETTER = {"tokens_per_s", "train_tokens_per_s"}
+# Which way is better, by metric name (a per-category metric `perplexity/support` goes by its part before the slash).
+LOWER_IS_BETTER = {"perplexity", "text_perplexity", "nll_sum", "ttft_ms", "ttft_ms_adapter", "peak_rss_mb",
+                   "peak_cuda_mb", "cost_per_mtok_usd", "train_loss", "train_peak_rss_mb", "health_warnings"}
+HIGHER_IS_BETTER = {"tokens_per_s", "tokens_per_s_adapter", "train_tokens_per_s", "preference_accuracy",
+                    "preference_margin", "reward_accuracy", "reward_margin"}
+
+
+def _change(x: Any, y: Any) -> tuple[float | None, float | None]:
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
+    if not numeric:
+        return None, None
+    change = y - x
+    return change, (change / abs(x) if x else None)
 
 
 def compare_versions(a: str, b: str) -> dict[str, Any]:
-    """Metrics and hyperparameters of two versions side by side, with absolute and relative change (b vs a)."""
+    """Every metric and hyperparameter of two versions side by side, with absolute and relative change (b vs a)
+    and, for metrics with a known direction, whether b is better."""
     va, vb = get_version(a), get_version(b)
     rows = []
     for key in sorted(set(va["metrics"]) | set(vb["metrics"])):
         x, y = va["metrics"].get(key), vb["metrics"].get(key)
-        change = y - x if x is not None and y is not None else None
-        relative = change / abs(x) if change is not None and x else None
+        change, relative = _change(x, y)
+        family = key.split("/")[0]
         better = None
         if change:
-            if key in LOWER_IS_BETTER:
+            if family in LOWER_IS_BETTER:
                 better = change < 0
-            elif key in HIGHER_IS_BETTER:
+            elif family in HIGHER_IS_BETTER:
                 better = change > 0
         rows.append({"metric": key, "a": x, "b": y, "change": change, "relative_change": relative,
                      "better": better})
     hp_a, hp_b = _flatten(va["hyperparameters"]), _flatten(vb["hyperparameters"])
-    hp = [{"hyperparameter": k, "a": hp_a.get(k), "b": hp_b.get(k)}
-          for k in sorted(set(hp_a) | set(hp_b)) if hp_a.get(k) != hp_b.get(k)]
+    hp = []
+    for key in sorted(set(hp_a) | set(hp_b)):
+        x, y = hp_a.get(key), hp_b.get(key)
+        change, relative = _change(x, y)
+        hp.append({"hyperparameter": key, "a": x, "b": y, "change": change, "relative_change": relative,
+                   "changed": x != y})
     return {"a": va["version"], "b": vb["version"], "metrics": rows, "hyperparameters": hp}
 
 

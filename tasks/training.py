@@ -6,7 +6,9 @@ already merged into its parent) and writes either a LoRA adapter on top of that 
 """
 from __future__ import annotations
 
+import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -200,6 +202,48 @@ def history_callback(history: list[dict[str, float]]):
     return History()
 
 
+def _batch_tokens(batch: dict) -> int:
+    """Non-padding tokens of a collated batch, whichever trainer built it."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    ids = [v for k, v in batch.items() if k.endswith("input_ids") and hasattr(v, "numel")]
+    return int(sum(t.numel() for t in ids))
+
+
+def preflight(trainer, config: TrainingConfig) -> dict[str, float]:
+    """Estimate a run before it starts: steps and tokens from the data, time and peak memory from a probe.
+
+    The probe is one forward and backward pass on the first training batch (gradients are discarded, weights stay
+    as they are). Time = probe seconds per step x steps; memory = resident memory after the probe plus the AdamW
+    state (two fp32 values per trainable parameter) the optimizer allocates at its first step.
+    """
+    from tasks.common import peak_rss_mb
+
+    loader = trainer.get_train_dataloader()
+    per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
+    steps = config.max_steps if config.max_steps > 0 else math.ceil(per_epoch * config.epochs)
+    batch = next(iter(loader))
+    tokens = _batch_tokens(batch)
+    model = trainer.model
+    model.train()
+    began = time.perf_counter()
+    loss = trainer.compute_loss(model, trainer._prepare_inputs(batch))
+    loss.backward()
+    probe_s = time.perf_counter() - began
+    model.zero_grad(set_to_none=True)
+    # trl trainers average per-step metrics they collect in compute_loss; the probe's must not count.
+    for values in getattr(trainer, "_metrics", {}).values():
+        for series in values.values():
+            series.clear()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "estimate_train_steps": float(steps),
+        "estimate_train_tokens": float(tokens * steps * config.gradient_accumulation_steps),
+        "estimate_train_time_s": probe_s * steps * config.gradient_accumulation_steps,
+        "estimate_peak_rss_mb": peak_rss_mb() + trainable * 8 / 2**20,
+    }
+
+
 def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir: Path, history: list[dict],
                  model_path: str, data_hash: str, info: dict[str, Any],
                  start_metrics: dict[str, float] | None = None,
@@ -209,11 +253,15 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
     A NaN or infinite loss stops training at the step it is logged and raises TuneryError naming the step. The
     health verdicts of the run (tasks.health) are added to `info`.
 
-    `start_metrics` (measured before training) and what `after_train()` measures join the training metrics.
-
+    `start_metrics` (measured before training) and what `after_train()` measures join the training metrics, as do
+    the pre-flight estimates (`estimate_*`) and how far the actual figures landed from them (`*_vs_estimate`).
     """
     import torch
 
+    estimate = preflight(trainer, config)
+    print(f"{stage} pre-flight: ~{estimate['estimate_train_tokens']:.0f} tokens in "
+          f"{estimate['estimate_train_steps']:.0f} steps, ~{estimate['estimate_train_time_s']:.0f} s, "
+          f"~{estimate['estimate_peak_rss_mb']:.0f} MB peak", file=sys.stderr)
     guard = nan_guard()
     trainer.add_callback(guard)
     if torch.cuda.is_available():
@@ -238,6 +286,7 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
     tokens_seen = float(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
     metrics = {
         **(start_metrics or {}),
+        **estimate,
         "train_loss": losses[-1],
         "train_loss_first": losses[0],
         "train_loss_mean": float(output.training_loss),
@@ -250,6 +299,8 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
     if tokens_seen:
         metrics["train_tokens"] = tokens_seen
         metrics["train_tokens_per_s"] = tokens_seen / runtime if runtime > 0 else 0.0
+    metrics["train_time_vs_estimate"] = runtime / max(estimate["estimate_train_time_s"], 1e-9)
+    metrics["peak_rss_vs_estimate"] = metrics["train_peak_rss_mb"] / estimate["estimate_peak_rss_mb"]
     if after_train is not None:
         metrics.update(after_train())
     if torch.cuda.is_available():

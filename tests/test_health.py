@@ -72,6 +72,7 @@ def test_nan_loss_stops_training_at_once_and_fails_the_version(tiny_model_dir, g
     from flows.config import load_config
     from tasks import sft
 
+    # Three clean forward passes (the pre-flight probe, steps 1 and 2), then NaN from step 3 on.
     monkeypatch.setattr(sft, "trainable_model", _poison_after(3))
     write_jsonl(tmp_path / "g.jsonl", garden_rows)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({
@@ -80,8 +81,20 @@ def test_nan_loss_stops_training_at_once_and_fails_the_version(tiny_model_dir, g
     cfg, config_dir = load_config(tmp_path / "c.yaml")
     base = steps.run_base(cfg, config_dir)
     data = steps.run_prep(cfg, config_dir, base["artifact_path"])
-    with pytest.raises(TuneryError, match=r"the loss became nan at step 4, so training stopped there"):
+    with pytest.raises(TuneryError, match=r"the loss became nan at step 3, so training stopped there"):
         steps.run_train(cfg, cfg.stages[0], base, data)
     failed = registry.get_version("nan:1")
-    assert failed["status"] == "failed" and "loss became nan at step 4" in failed["error"]
+    assert failed["status"] == "failed" and "loss became nan at step 3" in failed["error"]
     assert not (tunery_home / "artifacts" / "nan" / "1").exists()
+
+
+def test_preflight_estimate_is_recorded_next_to_the_actual_figures(tiny_model_dir, prepared, tmp_path):
+    result = train_sft(SftConfig(**FAST, max_steps=6), str(tiny_model_dir), prepared.artifact_path,
+                       tmp_path / "out", "cpu")
+    m = result.metrics
+    assert m["estimate_train_steps"] == m["train_steps"] == 6
+    # Tokens are extrapolated from the first batch: the right order of magnitude, not exact.
+    assert 0.5 < m["estimate_train_tokens"] / m["train_tokens"] < 2
+    assert m["estimate_train_time_s"] > 0 and m["estimate_peak_rss_mb"] > 0
+    assert m["train_time_vs_estimate"] == pytest.approx(m["train_runtime_s"] / m["estimate_train_time_s"])
+    assert m["peak_rss_vs_estimate"] == pytest.approx(m["train_peak_rss_mb"] / m["estimate_peak_rss_mb"])

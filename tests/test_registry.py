@@ -100,14 +100,23 @@ def test_a_failed_write_leaves_no_partial_rows():
 
 
 def test_compare_signs_follow_better_and_worse():
-    a, b = registry.create_version("fern", "sft"), registry.create_version("fern", "sft", hyperparameters={"lr": 1})
-    registry.record_metrics(a, {"perplexity": 20.0, "tokens_per_s": 10.0, "peak_rss_mb": 100.0})
-    registry.record_metrics(b, {"perplexity": 10.0, "tokens_per_s": 12.0, "peak_rss_mb": 150.0})
-    rows = {r["metric"]: r for r in registry.compare_versions(a, b)["metrics"]}
+    a = registry.create_version("fern", "sft", hyperparameters={"sft": {"lr": 0.001, "r": 8, "method": "lora"}})
+    b = registry.create_version("fern", "sft", hyperparameters={"sft": {"lr": 0.002, "r": 8, "method": "full"}})
+    registry.record_metrics(a, {"perplexity": 20.0, "tokens_per_s": 10.0, "peak_rss_mb": 100.0,
+                                "perplexity/support": 30.0, "cost_per_mtok_usd": 2.0, "preference_accuracy": 0.5})
+    registry.record_metrics(b, {"perplexity": 10.0, "tokens_per_s": 12.0, "peak_rss_mb": 150.0,
+                                "perplexity/support": 33.0, "cost_per_mtok_usd": 1.5, "preference_accuracy": 0.9})
+    result = registry.compare_versions(a, b)
+    rows = {r["metric"]: r for r in result["metrics"]}
     assert rows["perplexity"]["change"] == -10.0 and rows["perplexity"]["relative_change"] == -0.5
     assert rows["perplexity"]["better"] is True and rows["tokens_per_s"]["better"] is True
-    assert rows["peak_rss_mb"]["better"] is False
-    assert registry.compare_versions(a, b)["hyperparameters"] == [{"hyperparameter": "lr", "a": None, "b": 1}]
+    assert rows["peak_rss_mb"]["better"] is False and rows["perplexity/support"]["better"] is False
+    assert rows["cost_per_mtok_usd"]["better"] is True and rows["preference_accuracy"]["better"] is True
+    hp = {r["hyperparameter"]: r for r in result["hyperparameters"]}
+    assert hp["sft.lr"]["change"] == 0.001 and hp["sft.lr"]["relative_change"] == pytest.approx(1.0)
+    assert hp["sft.r"]["change"] == 0 and not hp["sft.r"]["changed"]
+    assert hp["sft.method"] == {"hyperparameter": "sft.method", "a": "lora", "b": "full", "change": None,
+                                "relative_change": None, "changed": True}
 
 
 def test_lineage_follows_every_parent_to_the_root():
