@@ -47,7 +47,7 @@ class EvalConfig(BaseModel):
     repeats: int = Field(3, ge=1, description="Timed runs per prompt; the median is reported.")
     warmup: int = Field(1, ge=0, description="Untimed runs first (allocator, kernels, caches).")
     device: str = Field("auto", description="auto|cpu|cuda|mps for the measurement.")
-    generation_rows: int = Field(8, ge=0, description="Held-out prompts per category answered greedily to measure "
+    generation_rows: int = Field(4, ge=0, description="Held-out prompts per category answered greedily to measure "
                                                       "the generated length (0: skip).")
     price_per_hour: float | None = Field(None, ge=0, description="What an hour of the measuring hardware costs "
                                                                  "(USD); gives the cost per million generated tokens.")

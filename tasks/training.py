@@ -213,8 +213,8 @@ def _batch_tokens(batch: dict) -> int:
 def preflight(trainer, config: TrainingConfig) -> dict[str, float]:
     """Estimate a run before it starts: steps and tokens from the data, time and peak memory from a probe.
 
-    The probe is one forward and backward pass on the first training batch (gradients are discarded, weights stay
-    as they are). Time = probe seconds per step x steps; memory = resident memory after the probe plus the AdamW
+    The probe is a forward and backward pass on the first training batch, run twice and timed the second time
+    (gradients are discarded, weights stay as they are). Time = probe seconds per step x steps; memory = resident memory after the probe plus the AdamW
     state (two fp32 values per trainable parameter) the optimizer allocates at its first step.
     """
     from tasks.common import peak_rss_mb
@@ -226,11 +226,12 @@ def preflight(trainer, config: TrainingConfig) -> dict[str, float]:
     tokens = _batch_tokens(batch)
     model = trainer.model
     model.train()
-    began = time.perf_counter()
-    loss = trainer.compute_loss(model, trainer._prepare_inputs(batch))
-    loss.backward()
-    probe_s = time.perf_counter() - began
-    model.zero_grad(set_to_none=True)
+    inputs = trainer._prepare_inputs(batch)
+    for _ in range(2):  # the first pass pays one-time costs (allocator, kernels); the second is timed
+        began = time.perf_counter()
+        trainer.compute_loss(model, inputs).backward()
+        probe_s = time.perf_counter() - began
+        model.zero_grad(set_to_none=True)
     # trl trainers average per-step metrics they collect in compute_loss; the probe's must not count.
     for values in getattr(trainer, "_metrics", {}).values():
         for series in values.values():

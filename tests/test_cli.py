@@ -164,3 +164,13 @@ def test_run_on_smollm2_registers_base_and_a_better_fine_tune(tmp_path, tunery_h
     assert tuned["parents"] == [base["version"]] and tuned["data_hash"] == summary["data_hash"]
     assert tuned["metrics"]["perplexity"] < base["metrics"]["perplexity"]
     assert tuned["metrics"]["train_loss"] < tuned["metrics"]["train_loss_first"]
+    # What a user decides with: per-category numbers, cost, both latency forms, health, pre-flight, samples.
+    m = tuned["metrics"]
+    categories = [k.split("/", 1)[1] for k in m if k.startswith("perplexity/")]
+    assert categories and all(f"gen_tokens/{c}" in m for c in categories)
+    assert {"cost_per_mtok_usd", "tokens_per_s_adapter", "ttft_ms_adapter", "estimate_train_time_s",
+            "train_time_vs_estimate", "health_warnings"} <= set(m)
+    assert set(tuned["info"]["health"]) == {"loss", "grad_norm", "learning_rate", "memory"}
+    assert tuned["samples"] and all("<|im_" not in s["answer"] for s in tuned["samples"])
+    shown = tunery("show", "fern:1", home=tunery_home).stdout
+    assert "training health" in shown and "sample answers" in shown and "cost_per_mtok_usd" in shown
