@@ -1,0 +1,127 @@
+"""Export a model folder to GGUF, the file format llama.cpp (and so Ollama) runs, with the `gguf` library.
+
+Llama-family architectures: Llama, SmolLM and Mistral (GGUF arch `llama`, whose q/k projections llama.cpp expects
+in its own rotary layout, so they are permuted as its converter does) and Qwen2 (arch `qwen2`, no permutation,
+q/k/v biases). The tokenizer (a byte-level BPE: vocabulary, merges, token types), its special tokens and the chat
+template are written into the metadata. 1-D tensors (norms) stay F32; matrices are F32 or F16.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.common import TuneryError
+
+ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+OUTTYPES = ("f32", "f16")
+
+
+def _permute(weight, n_head: int):
+    """HF's rotary layout -> llama.cpp's (the same permutation as llama.cpp's convert_hf_to_gguf.py)."""
+    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _tokenizer_metadata(writer, model_dir: Path, config: dict[str, Any]) -> None:
+    import gguf
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    spec = json.loads((model_dir / "tokenizer.json").read_text()) if (model_dir / "tokenizer.json").exists() else {}
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise TuneryError(f"{model_dir}: GGUF export supports byte-level BPE tokenizers; this one is "
+                          f"{model.get('type', 'unknown')}")
+    vocab = tok.get_vocab()
+    size = max(config.get("vocab_size", 0), max(vocab.values()) + 1)
+    by_id = {i: t for t, i in vocab.items()}
+    added = {t.content: t for t in tok.added_tokens_decoder.values()}
+    tokens, types = [], []
+    for i in range(size):
+        token = by_id.get(i, f"[PAD{i}]")
+        tokens.append(token)
+        if token in added:
+            types.append(gguf.TokenType.CONTROL if added[token].special else gguf.TokenType.USER_DEFINED)
+        elif i in by_id:
+            types.append(gguf.TokenType.NORMAL)
+        else:
+            types.append(gguf.TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                      ("pad_token_id", writer.add_pad_token_id), ("unk_token_id", writer.add_unk_token_id)):
+        value = getattr(tok, attr)
+        if value is not None:
+            add(value)
+    writer.add_add_bos_token(False)
+    if tok.chat_template:
+        writer.add_chat_template(tok.chat_template)
+
+
+def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16", name: str | None = None) -> Path:
+    """Write the model in `model_dir` (config.json + safetensors + tokenizer) as one GGUF file at `out_path`."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if outtype not in OUTTYPES:
+        raise TuneryError(f"GGUF outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    config = json.loads((model_dir / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in ARCHES:
+        raise TuneryError(f"{model_dir}: cannot export model_type {model_type!r} to GGUF; supported: "
+                          f"{', '.join(sorted(ARCHES))}")
+    arch = ARCHES[model_type]
+    n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads", n_head)
+    writer = gguf.GGUFWriter(str(out_path), arch)
+    writer.add_name(name or model_dir.name)
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(n_layers)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // n_head)
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise TuneryError(f"{model_dir}: GGUF export does not write rope scaling {rope.get('rope_type')!r} yet")
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    _tokenizer_metadata(writer, model_dir, config)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA, n_layers)
+    tensors: dict[str, Any] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="np") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    if "lm_head.weight" not in tensors and not config.get("tie_word_embeddings", False):
+        raise TuneryError(f"{model_dir}: no lm_head.weight and the embeddings are not tied")
+    for key, value in tensors.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        target = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise TuneryError(f"{model_dir}: no GGUF name for tensor {key}")
+        value = value.astype(np.float32)
+        if arch == "llama" and key.endswith("q_proj.weight"):
+            value = _permute(value, n_head)
+        elif arch == "llama" and key.endswith("k_proj.weight"):
+            value = _permute(value, n_kv)
+        if outtype == "f16" and value.ndim > 1:
+            value = value.astype(np.float16)
+        writer.add_tensor(target, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=True)
+    writer.close()
+    return out_path
