@@ -214,8 +214,9 @@ def preflight(trainer, config: TrainingConfig) -> dict[str, float]:
     """Estimate a run before it starts: steps and tokens from the data, time and peak memory from a probe.
 
     The probe is a forward and backward pass on the first training batch, run twice and timed the second time
-    (gradients are discarded, weights stay as they are). Time = probe seconds per step x steps; memory = resident memory after the probe plus the AdamW
-    state (two fp32 values per trainable parameter) the optimizer allocates at its first step.
+    (gradients are discarded, weights stay as they are). Time = probe seconds per step x steps; memory = resident
+    memory after the probe plus the AdamW state (two fp32 values per trainable parameter) the optimizer allocates
+    at its first step.
     """
     from tasks.common import peak_rss_mb
 
