@@ -72,7 +72,7 @@ def _fmt(value: Any) -> str:
 @command
 def run(config: Path = typer.Argument(None, help="Pipeline YAML; default: configs/demo.yaml."),
         as_json: bool = JsonOpt) -> None:
-    """Run the whole pipeline flow (prep, base eval, sft, eval) described by a YAML config."""
+    """Run the pipeline a YAML config describes: prep, base eval, then each stage (cpt/sft/dpo/merge) and its eval."""
     from flows.config import DEMO_CONFIG, load_config
 
     config = config or DEMO_CONFIG
