@@ -128,9 +128,9 @@ def _single_stage(kind: str, config: Path, start: str | None, stage_id: str | No
     References to other stages of the config cannot be followed in a single-stage run and must be given here.
     """
     from flows import steps
-    from flows.config import BASE_REF
+    from flows.config import BASE_REF, load_config
 
-    cfg, config_dir, base, data = _base_and_data(config)
+    cfg, config_dir = load_config(config)
     indices = [i for i, s in enumerate(cfg.stages) if s.stage == kind and stage_id in (None, cfg.stage_id(i))]
     if not indices:
         which = f"with id {stage_id!r}" if stage_id else f"of kind {kind}"
@@ -144,12 +144,16 @@ def _single_stage(kind: str, config: Path, start: str | None, stage_id: str | No
     if sources:
         updates["sources"] = sources
     stage = stage.model_copy(update=updates)
-    refs = [stage.from_] + list(getattr(stage, "sources", [])) + [getattr(stage, "base", None)]
-    for ref in refs:
+    for ref in stage.references():
         if ref in stage_ids:
             raise TuneryError(f"stage {cfg.stage_id(index)!r} uses stage {ref!r} of this config; a single-stage run "
                               "needs registered versions instead (--from NAME:N, --source NAME:N)")
     cfg = cfg.model_copy(update={"stages": cfg.stages[:index] + [stage] + cfg.stages[index + 1:]})
+    # The stage is checked first; only then is the base resolved and the top-level data prepared, if the stage
+    # trains on it (a merge takes no data, a stage with its own `data` prepares that instead).
+    base = steps.run_base(cfg, config_dir)
+    uses_top_level = kind != "merge" and stage.data is None
+    data = steps.run_prep(cfg, config_dir, base["artifact_path"]) if uses_top_level else None
     version = steps.run_stage(cfg, index, {BASE_REF: base}, base, data, config_dir)
     if as_json:
         _print_json(version)

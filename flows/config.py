@@ -36,6 +36,10 @@ class StageFields(BaseModel):
     def hyperparameters(self) -> dict[str, Any]:
         return self.model_dump(exclude={"id", "from_", "data", "stage"})
 
+    def references(self) -> list[str]:
+        """The stage ids or versions this stage reads from."""
+        return [self.from_] if self.from_ else []
+
 
 class CptStage(StageFields, CptConfig):
     stage: Literal["cpt"]
@@ -51,6 +55,9 @@ class DpoStage(StageFields, DpoConfig):
 
 class MergeStage(StageFields, MergeConfig):
     stage: Literal["merge"]
+
+    def references(self) -> list[str]:
+        return super().references() + list(self.sources) + ([self.base] if self.base else [])
 
     @model_validator(mode="after")
     def _no_data(self) -> "MergeStage":
@@ -98,9 +105,7 @@ class PipelineConfig(BaseModel):
         for i, sid in enumerate(ids):
             if sid == BASE_REF or ids.index(sid) != i:
                 raise ValueError(f"stages[{i}]: id {sid!r} is taken; give this stage a unique `id`")
-            stage = self.stages[i]
-            refs = [stage.from_] + (list(stage.sources) + [stage.base] if isinstance(stage, MergeStage) else [])
-            for ref in refs:
+            for ref in self.stages[i].references():
                 if ref in ids[i:]:
                     raise ValueError(f"stages[{i}]: {ref!r} is not an earlier stage; a stage can only use the "
                                      "results of stages before it")

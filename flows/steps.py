@@ -20,10 +20,9 @@ from tasks.merge import NEEDS_BASE, check_sources, merge_adapter, merge_models
 from tasks.models import DEFAULT_BASE, DEFAULT_NAME, resolve_base_model
 from tasks.prep import PrepConfig, prepare
 from tasks.sft import train_sft
-from tasks.training import QuantizationConfig
+from tasks.training import STAGE_DATA, QuantizationConfig
 
 TRAINERS = {"cpt": train_cpt, "sft": train_sft, "dpo": train_dpo}
-DATA_KIND = {"cpt": "text", "sft": "chat", "dpo": "preference"}
 
 
 def run_prep(cfg: PipelineConfig, config_dir: Path, base_path: str | None = None,
@@ -74,18 +73,22 @@ def model_folder(version: dict[str, Any]) -> str:
         return version["artifact_path"]
     folder = home() / "cache" / "merged" / version["name"] / str(version["number"])
     if not (folder / "config.json").exists():
-        parent = registry.get_version(version["parents"][0])
-        quantization = version["info"].get("quantization_config")
         with atomic_dir(folder) as tmp:
-            merge_adapter(model_folder(parent), version["artifact_path"], tmp,
-                          QuantizationConfig(**quantization) if quantization else None)
+            fold_adapter(version, tmp)
     return str(folder)
+
+
+def fold_adapter(version: dict[str, Any], out_dir: Path, qlora_base: str = "dequantized") -> dict[str, Any]:
+    """Write an adapter version merged into its parent's model (its first parent) to `out_dir`."""
+    parent = registry.get_version(version["parents"][0])
+    quantization = version["info"].get("quantization_config")
+    return merge_adapter(model_folder(parent), version["artifact_path"], out_dir,
+                         QuantizationConfig(**quantization) if quantization else None, qlora_base)
 
 
 def _record(version: str, run) -> dict[str, Any]:
     """Run `run(tmp_folder) -> StageResult` into the version's artifact folder; mark it ready or failed."""
-    number = version.split(":")[1]
-    name = version.split(":")[0]
+    name, number = version.split(":")
     final = artifacts_dir() / name / number
     try:
         with atomic_dir(final) as tmp:
@@ -102,9 +105,11 @@ def _record(version: str, run) -> dict[str, Any]:
 def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], data: StageResult,
               stage_id: str | None = None, flow_run_id: str | None = None) -> dict[str, Any]:
     """Train `start` with a cpt, sft or dpo stage on `data` as a new version of `cfg.name`; return the version."""
-    if data.info["kind"] != DATA_KIND[stage.stage]:
-        raise TuneryError(f"stage {stage_id or stage.stage} ({stage.stage}) needs {DATA_KIND[stage.stage]} data, but "
-                          f"its data holds {data.info['kind']} examples; give the stage its own `data:`")
+    # The trainer checks this too; checking here first means a mismatch leaves no failed version behind.
+    kind = STAGE_DATA[stage.stage][0]
+    if data.info["kind"] != kind:
+        raise TuneryError(f"stage {stage_id or stage.stage} ({stage.stage}) needs {kind} data, but its data holds "
+                          f"{data.info['kind']} examples; give the stage its own `data:`")
     hyperparameters = {stage.stage: stage.hyperparameters(), "seed": cfg.seed, "device": cfg.device}
     version = registry.create_version(
         cfg.name, stage.stage, base_model=start["base_model"], parents=[start["version"]],
@@ -151,10 +156,7 @@ def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | No
     def merge(tmp: Path) -> StageResult:
         began = time.perf_counter()
         if stage.method == "lora":
-            quantization = start["info"].get("quantization_config")
-            parent = registry.get_version(start["parents"][0])
-            info = merge_adapter(model_folder(parent), start["artifact_path"], tmp,
-                                 QuantizationConfig(**quantization) if quantization else None, stage.qlora_base)
+            info = fold_adapter(start, tmp, stage.qlora_base)
         else:
             info = merge_models(stage, folders, tmp, base=base, seed=cfg.seed)
         info["stage_id"] = stage_id or "merge"
@@ -165,8 +167,12 @@ def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | No
 
 
 def run_stage(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], previous: dict[str, Any],
-              data: StageResult, config_dir: Path, flow_run_id: str | None = None) -> dict[str, Any]:
-    """Run stage `index` of the config: resolve what it starts from, prepare its own data, train or merge."""
+              data: StageResult | None, config_dir: Path, flow_run_id: str | None = None) -> dict[str, Any]:
+    """Run stage `index` of the config: resolve what it starts from, prepare its own data, train or merge.
+
+    `data` is the config's prepared top-level data, which a training stage without its own `data` trains on; a
+    merge takes none.
+    """
     stage: Stage = cfg.stages[index]
     stage_id = cfg.stage_id(index)
     start = resolve_ref(stage.from_, done) if stage.from_ else previous

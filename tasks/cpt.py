@@ -11,10 +11,9 @@ from pathlib import Path
 
 from pydantic import Field
 
-from tasks.common import StageResult, TuneryError, resolve_device, resolve_precision
-from tasks.models import load_tokenizer
-from tasks.prep import load_prepared
-from tasks.training import TrainingConfig, history_callback, run_training, trainable_model, trainer_arguments
+from tasks.common import StageResult
+from tasks.training import (TrainingConfig, history_callback, run_training, start_run, trainable_model,
+                            trainer_arguments)
 
 
 class CptConfig(TrainingConfig):
@@ -32,21 +31,14 @@ def train_cpt(config: CptConfig, model_path: str, data_dir: str | Path, out_dir:
     Records the held-out text perplexity before and after training when the data has a validation split.
     Raises TuneryError for data that is not raw text.
     """
-    import torch
     from datasets import Dataset
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
-    meta, train_rows, val_rows = load_prepared(data_dir)
-    if meta["kind"] != "text":
-        raise TuneryError(f"cpt needs raw text examples ({{\"text\": ...}}); {data_dir} holds {meta['kind']} examples")
-    device = resolve_device(device, quantized=config.quantized)
-    precision = resolve_precision(config.precision, device)
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    tokenizer = load_tokenizer(model_path)
-    train_ds = Dataset.from_list([{"text": r["text"]} for r in train_rows])
-    val_ds = Dataset.from_list([{"text": r["text"]} for r in val_rows]) if val_rows else None
+    run = start_run("cpt", config, model_path, data_dir, device, seed)
+    device, precision, tokenizer, out_dir = run.device, run.precision, run.tokenizer, Path(out_dir)
+    train_ds = Dataset.from_list([{"text": r["text"]} for r in run.train_rows])
+    val_ds = Dataset.from_list([{"text": r["text"]} for r in run.val_rows]) if run.val_rows else None
 
     model, peft_config, info = trainable_model(config, model_path, device)
     args = TrlSFTConfig(**trainer_arguments(config, out_dir, device, precision, seed, has_eval=val_ds is not None),
@@ -58,10 +50,11 @@ def train_cpt(config: CptConfig, model_path: str, data_dir: str | Path, out_dir:
     info.update(device=device, precision=precision, packing="bfd_split",
                 train_sequences=len(trainer.train_dataset))
     if val_ds is None:
-        return run_training(trainer, "cpt", config, tokenizer, out_dir, history, model_path, meta["data_hash"], info)
+        return run_training(trainer, "cpt", config, tokenizer, out_dir, history, model_path, run.meta["data_hash"],
+                            info)
     # The held-out text's perplexity (all tokens, packed like training), before and after.
     return run_training(
-        trainer, "cpt", config, tokenizer, out_dir, history, model_path, meta["data_hash"], info,
+        trainer, "cpt", config, tokenizer, out_dir, history, model_path, run.meta["data_hash"], info,
         start_metrics={"text_perplexity_start": math.exp(trainer.evaluate()["eval_loss"])},
         after_train=lambda: {"text_perplexity": math.exp(trainer.evaluate()["eval_loss"])},
     )

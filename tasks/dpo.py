@@ -16,11 +16,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.common import StageResult, TuneryError, resolve_device, resolve_precision
+from tasks.common import StageResult
 from tasks.evaluation import preference_accuracy
-from tasks.models import load_model, load_tokenizer
-from tasks.prep import load_prepared
-from tasks.training import TrainingConfig, history_callback, run_training, trainable_model, trainer_arguments
+from tasks.models import load_model
+from tasks.training import (TrainingConfig, history_callback, run_training, start_run, trainable_model,
+                            trainer_arguments)
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
               "apo_down", "sigmoid_norm")
@@ -77,18 +77,11 @@ def train_dpo(config: DpoConfig, model_path: str, data_dir: str | Path, out_dir:
 
     Raises TuneryError for data that is not preference pairs.
     """
-    import torch
     from datasets import Dataset
 
-    meta, train_rows, val_rows = load_prepared(data_dir)
-    if meta["kind"] != "preference":
-        raise TuneryError(f"dpo needs preference pairs (prompt/chosen/rejected); {data_dir} holds {meta['kind']} "
-                          "examples")
-    device = resolve_device(device, quantized=config.quantized)
-    precision = resolve_precision(config.precision, device)
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    tokenizer = load_tokenizer(model_path)
+    run = start_run("dpo", config, model_path, data_dir, device, seed)
+    device, precision, tokenizer, out_dir = run.device, run.precision, run.tokenizer, Path(out_dir)
+    train_rows, val_rows = run.train_rows, run.val_rows
     columns = ("prompt", "chosen", "rejected")
     train_ds = Dataset.from_list([{k: r[k] for k in columns} for r in train_rows])
     val_ds = Dataset.from_list([{k: r[k] for k in columns} for r in val_rows]) if val_rows else None
@@ -117,5 +110,6 @@ def train_dpo(config: DpoConfig, model_path: str, data_dir: str | Path, out_dir:
                 metrics[ours] = float(evaluated[theirs])
         return metrics
 
-    return run_training(trainer, "dpo", config, tokenizer, out_dir, history, model_path, meta["data_hash"], info,
+    return run_training(trainer, "dpo", config, tokenizer, out_dir, history, model_path, run.meta["data_hash"],
+                        info,
                         start_metrics=start, after_train=after_train)

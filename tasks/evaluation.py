@@ -75,9 +75,17 @@ def perplexity(model, tokenizer, rows: list[dict], max_length: int = 512, batch_
     """
     scores = answer_nll(model, tokenizer, [scored_tokens(tokenizer, r) for r in rows], max_length, batch_size,
                         progress)
+    totals = _totals(scores)
+    if totals is None:
+        raise TuneryError("no answer tokens to score in the validation data")
+    return totals
+
+
+def _totals(scores: list[tuple[float, int]]) -> dict[str, float] | None:
+    """perplexity, nll_sum and tokens of per-example (nll, tokens) scores; None when no token was scored."""
     nll_sum, n_tokens = sum(s[0] for s in scores), sum(s[1] for s in scores)
     if not n_tokens:
-        raise TuneryError("no answer tokens to score in the validation data")
+        return None
     return {"perplexity": math.exp(nll_sum / n_tokens), "nll_sum": nll_sum, "tokens": float(n_tokens)}
 
 
@@ -208,18 +216,17 @@ def quality(model, tokenizer, rows: list[dict], config: EvalConfig, progress: bo
     generated answer length on up to `generation_rows` held-out prompts per category."""
     encoded = [scored_tokens(tokenizer, r) for r in rows]
     scores = answer_nll(model, tokenizer, encoded, config.max_length, config.batch_size, progress)
-    nll, tokens = sum(s[0] for s in scores), sum(s[1] for s in scores)
-    if tokens == 0:
+    metrics = _totals(scores)
+    if metrics is None:
         raise TuneryError("no answer tokens to score in the validation data")
-    metrics = {"perplexity": math.exp(nll / tokens), "nll_sum": nll, "tokens": float(tokens)}
     groups = by_category(rows)
     for cat, idx in groups.items():
-        c_nll, c_tokens = sum(scores[i][0] for i in idx), sum(scores[i][1] for i in idx)
-        if c_tokens:
-            metrics.update({f"perplexity/{cat}": math.exp(c_nll / c_tokens), f"nll_sum/{cat}": c_nll,
-                            f"tokens/{cat}": float(c_tokens), f"rows/{cat}": float(len(idx))})
+        part = _totals([scores[i] for i in idx])
+        if part is not None:
+            metrics.update({f"{k}/{cat}": v for k, v in part.items()})
+            metrics[f"rows/{cat}"] = float(len(idx))
     if config.generation_rows and rows and "messages" in rows[0]:
-        chosen = [i for idx in (groups.values() or []) for i in idx[:config.generation_rows]]
+        chosen = [i for idx in groups.values() for i in idx[:config.generation_rows]]
         uncategorised = [i for i, r in enumerate(rows) if not r.get("category")][:config.generation_rows]
         picked = sorted(set(chosen + uncategorised))
         answers = dict(zip(picked, generate(model, tokenizer, [rows[i]["messages"][:-1] for i in picked],

@@ -177,9 +177,8 @@ def merge_models(config: MergeConfig, sources: dict[str, str], out_dir: str | Pa
     if base:
         labels[base[1]] = base[0]
     portable = json.loads(json.dumps(doc))
-    for key in ("base_model",):
-        if key in portable:
-            portable[key] = labels.get(portable[key], portable[key])
+    if "base_model" in portable:
+        portable["base_model"] = labels.get(portable["base_model"], portable["base_model"])
     for entry in portable.get("models", []):
         entry["model"] = labels.get(entry["model"], entry["model"])
     info = {"merge": config.method, "adapter": False, "mergekit_config": portable}

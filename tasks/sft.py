@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.common import StageResult, TuneryError, resolve_device, resolve_precision
-from tasks.models import encode_chat, load_tokenizer
-from tasks.prep import load_prepared
-from tasks.training import TrainingConfig, history_callback, run_training, trainable_model, trainer_arguments
+from tasks.common import StageResult, TuneryError
+from tasks.models import encode_chat
+from tasks.training import (TrainingConfig, history_callback, run_training, start_run, trainable_model,
+                            trainer_arguments)
 
 
 class SftConfig(TrainingConfig):
@@ -23,25 +23,18 @@ def train_sft(config: SftConfig, model_path: str, data_dir: str | Path, out_dir:
 
     Raises TuneryError for data that is not chat data or that leaves nothing to train on after truncation.
     """
-    import torch
     from datasets import Dataset
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
-    meta, train_rows, val_rows = load_prepared(data_dir)
-    if meta["kind"] != "chat":
-        raise TuneryError(f"sft needs chat examples; {data_dir} holds {meta['kind']} examples")
-    device = resolve_device(device, quantized=config.quantized)
-    precision = resolve_precision(config.precision, device)
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    tokenizer = load_tokenizer(model_path)
+    run = start_run("sft", config, model_path, data_dir, device, seed)
+    device, precision, tokenizer, out_dir = run.device, run.precision, run.tokenizer, Path(out_dir)
 
     def encode(rows: list[dict]) -> Dataset:
         encoded = [encode_chat(tokenizer, r["messages"], config.max_length) for r in rows]
         return Dataset.from_list([e for e in encoded if any(e["completion_mask"])])
 
-    train_ds, val_ds = encode(train_rows), encode(val_rows)
+    train_ds, val_ds = encode(run.train_rows), encode(run.val_rows)
     if len(train_ds) == 0:
         raise TuneryError(f"max_length {config.max_length} cuts off every answer; raise max_length")
 
@@ -54,4 +47,5 @@ def train_sft(config: SftConfig, model_path: str, data_dir: str | Path, out_dir:
         processing_class=tokenizer, peft_config=peft_config, callbacks=[history_callback(history)],
     )
     info.update(device=device, precision=precision)
-    return run_training(trainer, "sft", config, tokenizer, out_dir, history, model_path, meta["data_hash"], info)
+    return run_training(trainer, "sft", config, tokenizer, out_dir, history, model_path, run.meta["data_hash"],
+                        info)

@@ -11,13 +11,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.common import StageResult, TuneryError, peak_rss_mb, write_json
+from tasks.common import StageResult, TuneryError, peak_rss_mb, resolve_device, resolve_precision, write_json
 from tasks.health import nan_guard, verdicts
-from tasks.models import load_model, torch_dtype
+from tasks.models import load_model, load_tokenizer, torch_dtype
+from tasks.prep import load_prepared
 
 
 class QuantizationConfig(BaseModel):
@@ -112,6 +114,39 @@ class TrainingConfig(BaseModel):
     @property
     def adapter(self) -> bool:
         return self.method == "lora"
+
+
+# The prepared data each training stage needs: its kind, and how an error message names it.
+STAGE_DATA = {"cpt": ("text", 'raw text examples ({"text": ...})'), "sft": ("chat", "chat examples"),
+              "dpo": ("preference", "preference pairs (prompt/chosen/rejected)")}
+
+
+@dataclass
+class RunStart:
+    """What every training stage resolves before it builds its datasets."""
+
+    meta: dict[str, Any]
+    train_rows: list[dict]
+    val_rows: list[dict]
+    device: str
+    precision: str
+    tokenizer: Any
+
+
+def start_run(stage: str, config: TrainingConfig, model_path: str, data_dir: str | Path, device: str,
+              seed: int) -> RunStart:
+    """Load the prepared data (refusing the wrong kind by name), resolve device and precision, seed, load the
+    tokenizer. Raises TuneryError when the data is not the kind `stage` trains on."""
+    import torch
+
+    meta, train_rows, val_rows = load_prepared(data_dir)
+    kind, what = STAGE_DATA[stage]
+    if meta["kind"] != kind:
+        raise TuneryError(f"{stage} needs {what}; {data_dir} holds {meta['kind']} examples")
+    device = resolve_device(device, quantized=config.quantized)
+    precision = resolve_precision(config.precision, device)
+    torch.manual_seed(seed)
+    return RunStart(meta, train_rows, val_rows, device, precision, load_tokenizer(model_path))
 
 
 def trainable_model(config: TrainingConfig, model_path: str, device: str):
