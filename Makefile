@@ -8,10 +8,12 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # The stamp changes whenever the pins or the package metadata change, so setup re-runs exactly then.
 STAMP := $(VENV)/.installed
 BASE_MODEL := $(TUNERY_HOME)/base_models/SmolLM2-135M-Instruct/model.safetensors
+# Renders Ollama TEMPLATEs with Go's text/template (Ollama's own engine) to check exported chat templates.
+GOTEMPLATE := $(BIN)/tunery-gotemplate
 
 .PHONY: setup demo test test-fast bench lock clean-venv
 
-setup: $(STAMP) $(BASE_MODEL)
+setup: $(STAMP) $(BASE_MODEL) $(GOTEMPLATE)
 
 $(STAMP): requirements/torch.txt requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +22,11 @@ $(STAMP): requirements/torch.txt requirements/lock.txt pyproject.toml
 	$(BIN)/pip install -q -r requirements/lock.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+$(GOTEMPLATE): tools/gotemplate/main.go tools/gotemplate/go.mod | $(STAMP)
+	command -v go >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends golang-go) \
+		|| { echo "Go is needed to check Ollama templates: install golang-go"; exit 1; }
+	cd tools/gotemplate && GOFLAGS=-mod=mod go build -o $(CURDIR)/$(GOTEMPLATE) .
 
 $(BASE_MODEL): | $(STAMP)
 	$(BIN)/tunery setup

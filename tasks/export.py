@@ -23,6 +23,41 @@ def _permute(weight, n_head: int):
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+# Hugging Face pre-tokenizers and the llama.cpp pre-tokenizer that splits text the same way. llama.cpp's
+# converter recognises a tokenizer by hashing its output on a test text; this reads the tokenizer.json instead.
+_GPT2_SPLIT = ("ByteLevel", True)
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def pre_tokenizer(spec: dict[str, Any], where: Path) -> str:
+    """The llama.cpp `tokenizer.ggml.pre` name for a tokenizer.json's pre-tokenizer (TuneryError if unknown)."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    shape = []
+    for step in steps:
+        if step.get("type") == "ByteLevel":
+            shape.append(("ByteLevel", bool(step.get("use_regex", True))))
+        elif step.get("type") == "Digits":
+            shape.append(("Digits", bool(step.get("individual_digits"))))
+        elif step.get("type") == "Split":
+            shape.append(("Split", (step.get("pattern") or {}).get("Regex")))
+        else:
+            shape.append((step.get("type"), None))
+    known = {
+        (_GPT2_SPLIT,): "gpt-2",
+        (("Digits", True), _GPT2_SPLIT): "smollm",
+        (("Split", _LLAMA3_REGEX), ("ByteLevel", False)): "llama-bpe",
+        (("Split", _QWEN2_REGEX), ("ByteLevel", False)): "qwen2",
+    }
+    name = known.get(tuple(shape))
+    if name is None:
+        raise TuneryError(f"{where}/tokenizer.json: its pre-tokenizer ({', '.join(str(s[0]) for s in shape)}) has "
+                          f"no llama.cpp equivalent tunery knows; known: gpt-2, smollm, llama-bpe, qwen2")
+    return name
+
+
 def _tokenizer_metadata(writer, model_dir: Path, config: dict[str, Any]) -> None:
     import gguf
     from transformers import AutoTokenizer
@@ -49,7 +84,7 @@ def _tokenizer_metadata(writer, model_dir: Path, config: dict[str, Any]) -> None
             types.append(gguf.TokenType.UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre_tokenizer(spec, model_dir))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

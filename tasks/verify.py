@@ -1,0 +1,257 @@
+"""Checks of a GGUF export with llama.cpp (llama-cpp-python), the engine inside Ollama.
+
+Each check returns {name, passed, value, detail}; `passed` is None for a measurement that is not pass/fail.
+- loads: llama.cpp opens the file and its vocabulary is the tokenizer's size.
+- tokenization: llama.cpp's tokens equal the HF tokenizer's on text with unicode, whitespace and special tokens.
+- greedy: llama.cpp's greedy tokens equal HF `generate`'s for the same prompt ids (F32 / F16 files; quantized
+  arithmetic flips near-ties, so quantized files are judged by perplexity and KL instead).
+- perplexity / kl: on held-out examples, the file's perplexity of the scored tokens, the HF fp32 model's on the
+  same tokens, the mean KL divergence KL(fp32 || file) of the next-token distributions and how often both pick
+  the same top token (the figures llama.cpp's `perplexity --kl-divergence` reports).
+- template: the Modelfile's Go TEMPLATE renders sample conversations exactly as the HF chat template does.
+- answers: the file answers the eval prompts through the Modelfile's template and stops at a stop token (no
+  endless generation); the answers are kept as samples. decode_tokens_per_s is llama.cpp's decode speed there.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.common import TuneryError
+from tasks.modelfile import SAMPLE_CONVERSATIONS, ChatFrames, hf_render, render_go
+
+TOKENIZER_CORPUS = [
+    "Water tomatoes deeply, twice a week.",
+    "  two leading spaces, three trailing   ",
+    "tabs\tand\nnew lines\n\n\nand a blank line\r\nwith CRLF",
+    "Café «jardín» 🌱 — ünïcödé ñ 東京 مرحبا Привет",
+    "numbers 12345 3.14159 1,000,000 and 2026-11-23",
+    "code: def f(x):\n    return x ** 2  # square",
+    "don't won't I'm you'll THEY'RE",
+    "emoji sequences 👩‍🌾🍅🪴 and symbols ©®™ ½",
+]
+LOG = "llama.cpp.log"  # what llama.cpp printed while quantizing and loading, kept beside the export
+QUANTS = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+          "q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q4_k_m": "MOSTLY_Q4_K_M", "q4_0": "MOSTLY_Q4_0",
+          "q3_k_m": "MOSTLY_Q3_K_M", "q2_k": "MOSTLY_Q2_K"}
+
+
+def check(name: str, passed: bool | None, value: float | None = None, detail: str = "") -> dict[str, Any]:
+    return {"name": name, "passed": passed, "value": None if value is None else float(value), "detail": detail}
+
+
+@contextlib.contextmanager
+def c_output_to(log: Path):
+    """Send what llama.cpp's C code prints (per-tensor quantize lines, load warnings) to `log`, not the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> Path:
+    """Quantize an F16/F32 GGUF with llama.cpp's own quantizer (K-quants included)."""
+    import llama_cpp
+
+    if quant not in QUANTS:
+        raise TuneryError(f"unknown quantization {quant!r}; one of {', '.join(QUANTS)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{QUANTS[quant]}")
+    params.nthread = threads or os.cpu_count() or 1
+    log = dst.parent / LOG
+    with c_output_to(log):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0 or not dst.exists():
+        raise TuneryError(f"llama.cpp could not quantize {src.name} to {quant} (code {rc}); see {log}")
+    return dst
+
+
+def open_gguf(path: Path, n_ctx: int = 2048, logits_all: bool = False, threads: int | None = None):
+    """Load a GGUF in llama.cpp; TuneryError with llama.cpp's own reason when it cannot."""
+    from llama_cpp import Llama
+
+    def load(verbose: bool):
+        return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, n_threads=threads or os.cpu_count(),
+                     n_threads_batch=threads or os.cpu_count(), verbose=verbose, seed=0)
+
+    log = path.parent / LOG
+    try:
+        with c_output_to(log):
+            return load(False)
+    except (ValueError, RuntimeError) as e:
+        error = str(e)
+    try:  # again, verbosely, for llama.cpp's reason
+        with c_output_to(log):
+            load(True).close()
+    except (ValueError, RuntimeError):
+        pass
+    reasons = [line for line in log.read_text(errors="replace").splitlines() if "error" in line.lower()]
+    raise TuneryError(f"llama.cpp cannot load {path.name}: {reasons[-1] if reasons else error}")
+
+
+def check_loads(path: Path, tokenizer) -> tuple[Any, dict[str, Any]]:
+    try:
+        llm = open_gguf(path)
+    except TuneryError as e:
+        return None, check("loads", False, detail=str(e))
+    expected = len(tokenizer)
+    ok = llm.n_vocab() >= expected
+    return llm, check("loads", ok, llm.n_vocab(), f"vocabulary {llm.n_vocab()} tokens (tokenizer: {expected})")
+
+
+def check_tokenization(llm, tokenizer, extra: list[str] = ()) -> dict[str, Any]:
+    texts = TOKENIZER_CORPUS + list(extra)
+    bad = []
+    for text in texts:
+        ours = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        theirs = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if list(ours) != list(theirs):
+            bad.append(text)
+    detail = f"{len(texts) - len(bad)}/{len(texts)} texts tokenize identically"
+    if bad:
+        detail += f"; first mismatch: {bad[0]!r}"
+    return check("tokenization", not bad, len(texts) - len(bad), detail)
+
+
+def _last_logits(llm) -> np.ndarray:
+    """The next-token logits after the last eval (llama-cpp-python keeps them only with logits_all)."""
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+
+
+def greedy_ids(llm, prompt: list[int], max_new_tokens: int, stop: set[int]) -> tuple[list[int], float, float]:
+    """llama.cpp greedy continuation of `prompt`: (tokens, seconds to first token, decode tokens/s)."""
+    llm.reset()
+    began = time.perf_counter()
+    llm.eval(prompt)
+    out: list[int] = []
+    first = time.perf_counter() - began
+    decode_began = time.perf_counter()
+    for _ in range(max_new_tokens):
+        token = int(np.argmax(_last_logits(llm)))
+        out.append(token)
+        if token in stop:
+            break
+        llm.eval([token])
+    decode = time.perf_counter() - decode_began
+    return out, first, (len(out) / decode if decode > 0 else 0.0)
+
+
+def check_greedy(llm, model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop: set[int]
+                 ) -> dict[str, Any]:
+    import torch
+
+    same = 0
+    first_bad = ""
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        hf = hf[:next((i + 1 for i, t in enumerate(hf) if t in stop), len(hf))]
+        ours, _, _ = greedy_ids(llm, prompt, len(hf), stop)
+        if ours == hf:
+            same += 1
+        elif not first_bad:
+            at = next((i for i, (a, b) in enumerate(zip(ours, hf)) if a != b), min(len(ours), len(hf)))
+            first_bad = f"; prompt {prompts.index(prompt) + 1} differs at generated token {at + 1}"
+    return check("greedy", same == len(prompts), same,
+                 f"{same}/{len(prompts)} prompts give HF's greedy tokens ({max_new_tokens} tokens){first_bad}")
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def distribution_checks(path: Path, model, examples: list[dict[str, list[int]]], n_ctx: int,
+                        threads: int | None = None) -> list[dict[str, Any]]:
+    """Perplexity (file and HF fp32 on the same tokens), mean KL(fp32 || file) and top-token agreement."""
+    import torch
+
+    llm = open_gguf(path, n_ctx=n_ctx, logits_all=True, threads=threads)
+    nll_file = nll_hf = kl = 0.0
+    same_top = count = 0
+    for ex in examples:
+        ids, mask = ex["input_ids"][:n_ctx], ex["score_mask"][:n_ctx]
+        positions = [t - 1 for t in range(1, len(ids)) if mask[t]]
+        if not positions:
+            continue
+        with torch.no_grad():
+            hf_logits = model(torch.tensor([ids])).logits[0].float().numpy()
+        llm.reset()
+        llm.eval(ids)
+        file_logits = np.array(llm.scores[:len(ids)], dtype=np.float32)
+        targets = [ids[p + 1] for p in positions]
+        p_log = _log_softmax(hf_logits[positions])
+        q_log = _log_softmax(file_logits[positions])
+        rows = np.arange(len(positions))
+        nll_hf -= p_log[rows, targets].sum()
+        nll_file -= q_log[rows, targets].sum()
+        kl += (np.exp(p_log) * (p_log - q_log)).sum()
+        same_top += int((p_log.argmax(-1) == q_log.argmax(-1)).sum())
+        count += len(positions)
+    llm.close()
+    if not count:
+        raise TuneryError("no held-out tokens to measure perplexity and KL on")
+    ppl_file, ppl_hf = math.exp(nll_file / count), math.exp(nll_hf / count)
+    return [
+        check("perplexity", None, ppl_file, f"{ppl_file:.3f} on {count} held-out tokens; HF fp32: {ppl_hf:.3f}"),
+        check("perplexity_hf", None, ppl_hf, "the HF fp32 model on the same tokens"),
+        check("mean_kl", None, kl / count, f"mean KL(fp32 || file) per token over {count} tokens"),
+        check("same_top_token", None, same_top / count, "share of positions where both pick the same token"),
+    ]
+
+
+def check_template(template: str, tokenizer, frames: ChatFrames | None) -> dict[str, Any]:
+    if frames is None:
+        return check("template", False, detail="no template derived from the chat template")
+    try:
+        go = render_go(template, SAMPLE_CONVERSATIONS)
+    except TuneryError as e:
+        return check("template", False, detail=str(e))
+    same = sum(g == hf_render(tokenizer, c, frames) for g, c in zip(go, SAMPLE_CONVERSATIONS))
+    detail = f"{same}/{len(go)} sample conversations render identically in Go and in the HF chat template"
+    return check("template", same == len(go), same, detail)
+
+
+def check_answers(llm, template: str, stops: list[str], prompts: list[str], system: str | None,
+                  max_new_tokens: int) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, str]]]:
+    """Answer each prompt the way Ollama would: the Go template renders it, llama.cpp tokenizes and decodes greedily
+    until a stop string. Returns (answers check, decode speed, samples)."""
+    conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+                     for p in prompts]
+    rendered = render_go(template, conversations)
+    stop_ids = {t for s in stops for t in llm.tokenize(s.encode(), add_bos=False, special=True)[:1]}
+    samples, stopped, speeds = [], 0, []
+    for prompt, text in zip(prompts, rendered):
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=llm._model.add_bos_token(), special=True)
+        out, _, speed = greedy_ids(llm, ids, max_new_tokens, stop_ids)
+        speeds.append(speed)
+        ended = bool(out) and out[-1] in stop_ids
+        stopped += ended
+        answer = llm.detokenize(out[:-1] if ended else out).decode("utf-8", errors="replace").strip()
+        samples.append({"prompt": prompt, "answer": answer})
+    detail = f"{stopped}/{len(prompts)} answers end at a stop token within {max_new_tokens} tokens"
+    speed = float(np.median(speeds)) if speeds else 0.0
+    return (check("answers_stop", stopped == len(prompts), stopped, detail),
+            check("decode_tokens_per_s", None, speed, "llama.cpp greedy decode at batch 1, median over prompts"),
+            samples)

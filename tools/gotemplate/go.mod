@@ -1,0 +1,3 @@
+module tunery/gotemplate
+
+go 1.19
