@@ -95,6 +95,8 @@ def run(config: Path = typer.Argument(None, help="Pipeline YAML; default: config
     change = (last["perplexity"] - base["perplexity"]) / base["perplexity"]
     out.print(f"held-out perplexity {base['version']} {base['perplexity']:.2f} -> {last['version']} "
               f"{last['perplexity']:.2f} ({change:+.1%})")
+    if result.get("promotion"):
+        _print_promotion(result["promotion"])
 
 
 def _base_and_data(config: Path):
@@ -215,6 +217,103 @@ def eval_command(version: str = typer.Argument(..., help="NAME:N or NAME (its ne
     else:
         for k, val in metrics.items():
             out.print(f"{k:>14}  {_fmt(val)}")
+
+
+# ---------------------------------------------------------------- export, promote, rollback
+
+QuantOpt = typer.Option(None, "--quant", help="f32, f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ...; default: the "
+                                              "config's export.quant (q4_k_m).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML whose data (held-out checks), eval prompts, "
+                                                      "export and promote settings to use; default: the demo's.")
+
+
+def _export_setup(config: Path | None, quant: str | None):
+    from flows.config import DEMO_CONFIG
+
+    cfg, _, _, data = _base_and_data(config or DEMO_CONFIG)
+    export_cfg = _override(cfg.export, "--quant", quant=quant) if quant else cfg.export
+    return cfg, data, export_cfg
+
+
+def _override(settings, option: str, **changes: Any):
+    """A copy of a config section with a command-line value in it, validated like the YAML was."""
+    from pydantic import ValidationError
+
+    try:
+        return type(settings).model_validate({**settings.model_dump(), **changes})
+    except ValidationError as e:
+        raise TuneryError(f"{option}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
+def _print_checks(export: dict[str, Any]) -> None:
+    table = Table(title=f"{export['export_id']}: {export['gguf_file']} ({export['size_bytes'] / 2**20:.1f} MiB)")
+    for col in ("check", "file", "passed", "value", "detail"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for c in export["checks"]:
+        passed = "-" if c["passed"] is None else ("yes" if c["passed"] else "NO")
+        table.add_row(c["name"], c["file"], passed, _fmt(c["value"]), c["detail"])
+    out.print(table)
+    for sample in export["info"].get("answers", []):
+        out.print(f"[bold]{sample['prompt']}[/bold]\n  {sample['answer']}")
+
+
+def _print_promotion(result: dict[str, Any]) -> None:
+    from flows.promotion import summary
+
+    out.print(summary(result))
+    if result["promoted"]:
+        out.print(f"{result['alias']} -> {result['version']}: {result['path']} ({result['ollama']})")
+
+
+@command
+def export(version: str = typer.Argument(..., help="NAME:N or NAME."), quant: Optional[str] = QuantOpt,
+           config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """Write a version as GGUF + Modelfile under TUNERY_HOME/exports/NAME/vN-QUANT and check it with llama.cpp."""
+    from flows.promotion import export_version
+
+    cfg, data, export_cfg = _export_setup(config, quant)
+    result = export_version(version, data, export_cfg, cfg.eval_config().prompts, progress=err.print)
+    if as_json:
+        _print_json(result)
+        return
+    _print_checks(result)
+    out.print(f"{result['path']} ({'all checks passed' if result['passed'] else 'SOME CHECKS FAILED'})")
+
+
+@command
+def promote(version: str = typer.Argument(..., help="NAME:N or NAME."),
+            alias: Optional[str] = typer.Option(None, "--alias", help="Default: the config's promote.alias, "
+                                                                       "else production."),
+            quant: Optional[str] = QuantOpt, config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """Export, check and gate a version; on a pass move NAME@ALIAS to it (and `ollama create` where installed)."""
+    from flows.promotion import promote as run_promote, refused_message
+    from tasks.export import GateConfig
+
+    cfg, data, export_cfg = _export_setup(config, quant)
+    gate = cfg.promote or GateConfig()
+    if alias:
+        gate = _override(gate, "--alias", alias=alias)
+    result = run_promote(version, data, export_cfg, gate, cfg.eval_config().prompts, progress=err.print)
+    if as_json:
+        _print_json(result)
+    else:
+        _print_checks(result["export"])
+        _print_promotion(result)
+    if not result["promoted"]:
+        raise TuneryError(refused_message(result))
+
+
+@command
+def rollback(alias: str = typer.Argument(..., help="NAME@ALIAS, e.g. fern@production."),
+             as_json: bool = JsonOpt) -> None:
+    """Move NAME@ALIAS, its export folder link and Ollama's model back to the version it held before."""
+    from flows.promotion import rollback as run_rollback
+
+    result = run_rollback(alias)
+    if as_json:
+        _print_json(result)
+        return
+    out.print(f"{result['alias']}: {result['previous']} -> {result['version']} ({result['path']}; {result['ollama']})")
 
 
 # ---------------------------------------------------------------- registry views

@@ -12,6 +12,7 @@ from tasks.common import TuneryError, check_name
 from tasks.cpt import CptConfig
 from tasks.dpo import DpoConfig
 from tasks.evaluation import EvalConfig
+from tasks.export import ExportConfig, GateConfig
 from tasks.merge import MergeConfig
 from tasks.prep import PrepConfig
 from tasks.sft import SftConfig
@@ -87,6 +88,10 @@ class PipelineConfig(BaseModel):
     stages: list[Stage] = Field(default_factory=lambda: [SftStage(stage="sft")], min_length=1,
                                 description="cpt, sft, dpo and merge stages, run in order.")
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig, description="GGUF + Modelfile settings for "
+                                                                         "`tunery export` and `tunery promote`.")
+    promote: GateConfig | None = Field(None, description="When set, `tunery run` ends by promoting its best "
+                                                         "version through this gate.")
 
     @field_validator("name", "base_name")
     @classmethod

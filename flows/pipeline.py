@@ -9,7 +9,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from flows import steps
+from flows import promotion, steps
 from flows.config import BASE_REF, load_config
 
 SUMMARY_METRICS = ("perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb")
@@ -82,9 +82,26 @@ def eval_task(version: dict[str, Any], data, eval_cfg) -> dict[str, float]:
     return metrics
 
 
+@task(task_run_name="promote {version[version]}")
+def promote_task(version: dict[str, Any], data, cfg) -> dict[str, Any]:
+    """Export the version, check it with llama.cpp and promote it through the config's gate."""
+    result = promotion.promote(version["version"], data, cfg.export, cfg.promote, cfg.eval_config().prompts)
+    checks = "\n".join(f"| {c['name']} | {c['file']} | {'-' if c['passed'] is None else c['passed']} | "
+                       f"{'' if c['value'] is None else round(c['value'], 4)} | {c['detail']} |"
+                       for c in result["export"]["checks"])
+    create_markdown_artifact(
+        key=_key(version["name"], "promotion"),
+        markdown=f"```\n{promotion.summary(result)}\n```\n\n### Export checks ({result['export']['export_id']})\n\n"
+                 f"| check | file | passed | value | detail |\n|---|---|---|---|---|\n{checks}\n",
+        description="export, checks and gate decision",
+    )
+    return result
+
+
 @flow(name="tunery-pipeline")
 def pipeline(config_path: str) -> dict[str, Any]:
-    """base -> prep -> eval(base) -> each stage in order, each followed by its eval; returns versions and metrics."""
+    """base -> prep -> eval(base) -> each stage in order, each followed by its eval -> (with `promote:`) export and
+    promote the run's best version; returns versions, metrics and the gate's decision."""
     cfg, config_dir = load_config(config_path)
     base = base_task(cfg, config_dir)
     data = prep_task(cfg, config_dir, base)
@@ -101,5 +118,12 @@ def pipeline(config_path: str) -> dict[str, Any]:
     rows = [{"version": v["version"], "stage": v["stage"], "parents": ", ".join(v["parents"]),
              **{k: round(m.get(k, float("nan")), 3) for k in SUMMARY_METRICS}} for v, m in results]
     create_table_artifact(key=_key(cfg.name, "summary"), table=rows, description="every version of this run")
+    promoted = None
+    if cfg.promote is not None:
+        import registry
+
+        best = promotion.best_version([registry.get_version(v["version"]) for v, _ in results[1:]])
+        promoted = promote_task.with_options(task_run_name=f"promote {best['version']} to "
+                                                           f"{cfg.name}@{cfg.promote.alias}")(best, data, cfg)
     return {"data_hash": data.info["data_hash"], "base": base["version"], "tuned": previous["version"],
-            "versions": [v["version"] for v, _ in results], "rows": rows}
+            "versions": [v["version"] for v, _ in results], "rows": rows, "promotion": promoted}

@@ -143,6 +143,23 @@ def go_template(frames: ChatFrames) -> str:
     )
 
 
+def stop_tokens(tok, frames: ChatFrames | None, model_dir: Path | None = None) -> list[str]:
+    """Every end-of-turn token: special tokens that close an assistant turn, the EOS token, and the
+    generation config's eos ids. Without one of these as a stop, Ollama generates until num_predict."""
+    special = {t for t in tok.all_special_tokens} | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    closing = (frames.assistant_suffix or frames.user_prefix) if frames else ""
+    stops = [t for t in sorted(special, key=closing.find) if t and t in closing]
+    ids = []
+    config = (model_dir / "generation_config.json") if model_dir else None
+    if config is not None and config.exists():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    for token in [tok.eos_token, *tok.convert_ids_to_tokens(ids)]:
+        if token and token not in stops:
+            stops.append(token)
+    return stops
+
+
 def hf_render(tok, messages: list[dict[str, str]], frames: ChatFrames) -> str:
     """The HF chat template's prompt for `messages`, without the BOS that llama.cpp adds itself."""
     text = _render(tok, messages, messages[-1]["role"] != "assistant")

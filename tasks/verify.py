@@ -182,34 +182,53 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def _file_log_probs(path: Path, examples: list[dict[str, list[int]]], n_ctx: int, threads: int | None):
+    """For each held-out example: (its ids cut to n_ctx, the positions that predict a scored token, the targets,
+    the GGUF's next-token log-probabilities there)."""
+    llm = open_gguf(path, n_ctx=n_ctx, logits_all=True, threads=threads)
+    try:
+        for ex in examples:
+            ids, mask = ex["input_ids"][:n_ctx], ex["score_mask"][:n_ctx]
+            positions = [t - 1 for t in range(1, len(ids)) if mask[t]]
+            if not positions:
+                continue
+            llm.reset()
+            llm.eval(ids)
+            logits = np.array(llm.scores[:len(ids)], dtype=np.float32)
+            yield ids, positions, [ids[p + 1] for p in positions], _log_softmax(logits[positions])
+    finally:
+        llm.close()
+
+
+def gguf_perplexity(path: Path, examples: list[dict[str, list[int]]], n_ctx: int, threads: int | None = None
+                    ) -> float:
+    """Perplexity of a GGUF on the scored tokens of held-out examples."""
+    nll, count = 0.0, 0
+    for _, positions, targets, q_log in _file_log_probs(path, examples, n_ctx, threads):
+        nll -= q_log[np.arange(len(positions)), targets].sum()
+        count += len(positions)
+    if not count:
+        raise TuneryError("no held-out tokens to measure perplexity on")
+    return math.exp(nll / count)
+
+
 def distribution_checks(path: Path, model, examples: list[dict[str, list[int]]], n_ctx: int,
                         threads: int | None = None) -> list[dict[str, Any]]:
     """Perplexity (file and HF fp32 on the same tokens), mean KL(fp32 || file) and top-token agreement."""
     import torch
 
-    llm = open_gguf(path, n_ctx=n_ctx, logits_all=True, threads=threads)
     nll_file = nll_hf = kl = 0.0
     same_top = count = 0
-    for ex in examples:
-        ids, mask = ex["input_ids"][:n_ctx], ex["score_mask"][:n_ctx]
-        positions = [t - 1 for t in range(1, len(ids)) if mask[t]]
-        if not positions:
-            continue
+    for ids, positions, targets, q_log in _file_log_probs(path, examples, n_ctx, threads):
         with torch.no_grad():
             hf_logits = model(torch.tensor([ids])).logits[0].float().numpy()
-        llm.reset()
-        llm.eval(ids)
-        file_logits = np.array(llm.scores[:len(ids)], dtype=np.float32)
-        targets = [ids[p + 1] for p in positions]
         p_log = _log_softmax(hf_logits[positions])
-        q_log = _log_softmax(file_logits[positions])
         rows = np.arange(len(positions))
         nll_hf -= p_log[rows, targets].sum()
         nll_file -= q_log[rows, targets].sum()
         kl += (np.exp(p_log) * (p_log - q_log)).sum()
         same_top += int((p_log.argmax(-1) == q_log.argmax(-1)).sum())
         count += len(positions)
-    llm.close()
     if not count:
         raise TuneryError("no held-out tokens to measure perplexity and KL on")
     ppl_file, ppl_hf = math.exp(nll_file / count), math.exp(nll_hf / count)

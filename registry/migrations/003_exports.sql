@@ -16,7 +16,7 @@ CREATE TABLE exports (
 );
 
 CREATE TABLE export_checks (
-    export_id    VARCHAR NOT NULL REFERENCES exports(export_id),
+    export_id    VARCHAR NOT NULL,        -- (no foreign key: DuckDB cannot replace a referenced row in one transaction)
     name         VARCHAR NOT NULL,        -- loads, tokenization, greedy, template, perplexity, mean_kl, ...
     file         VARCHAR NOT NULL,        -- the GGUF the check ran on (the F16 intermediate or the final file)
     passed       BOOLEAN,                 -- NULL: a measurement, not a pass/fail check

@@ -1,0 +1,276 @@
+"""Export a version to GGUF + Modelfile with its llama.cpp checks; promote it behind a gate; roll an alias back.
+
+Layout under TUNERY_HOME/exports/NAME/: one folder per export, `vN-QUANT/` (the GGUF, the Modelfile, checks.json,
+llama.cpp.log), and one symlink per alias, `ALIAS -> vN-QUANT`, switched atomically. Ollama reads
+`exports/NAME/ALIAS/Modelfile`; where an `ollama` executable is on PATH, promotion and rollback run
+`ollama create NAME:ALIAS` from it before the alias moves.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import registry
+from flows.steps import model_folder
+from registry import exports as export_store
+from tasks.common import StageResult, TuneryError, atomic_dir, check_name, home, write_json
+from tasks.export import ExportConfig, GateConfig, write_gguf
+from tasks.modelfile import (SAMPLE_CONVERSATIONS, chat_frames, go_template, hf_render, parse_modelfile,
+                             render_modelfile, stop_tokens)
+from tasks.prep import load_prepared
+
+Progress = Callable[[str], None]
+
+
+def exports_dir() -> Path:
+    return home() / "exports"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def heldout_examples(tokenizer, data: StageResult, rows: int) -> list[dict[str, list[int]]]:
+    from tasks.evaluation import scored_tokens
+
+    _, _, validation = load_prepared(data.artifact_path)
+    if not validation:
+        raise TuneryError(f"{data.artifact_path}: the validation split is empty; nothing to check the export on")
+    return [scored_tokens(tokenizer, row) for row in validation[:rows]]
+
+
+def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list[str],
+                   progress: Progress = print) -> dict[str, Any]:
+    """Write exports/NAME/vN-QUANT (GGUF + Modelfile), run every check on it, record export and checks."""
+    from tasks import verify
+    from tasks.models import load_model, load_tokenizer, prompt_ids
+
+    version = registry.get_version(ref)
+    if version["status"] != "ready":
+        raise TuneryError(f"{version['version']} is {version['status']}; only ready versions can be exported")
+    name, number = version["name"], version["number"]
+    tag = f"v{number}-{cfg.quant}"
+    folder = Path(model_folder(version))
+    tokenizer = load_tokenizer(str(folder))
+    examples = heldout_examples(tokenizer, data, cfg.heldout_rows)
+    try:
+        frames = chat_frames(tokenizer)
+    except TuneryError as e:
+        frames, frames_error = None, str(e)
+    template = cfg.template or (go_template(frames) if frames else None)
+    if template is None:
+        raise TuneryError(f"{version['version']}: cannot derive an Ollama TEMPLATE ({frames_error}); set "
+                          "export.template")
+    stops = stop_tokens(tokenizer, frames, folder)
+    parameters = {**({"num_ctx": cfg.num_ctx} if cfg.num_ctx else {}), **cfg.parameters}
+    checks: list[dict[str, Any]] = []
+    final = exports_dir() / name / tag
+    with atomic_dir(final) as tmp:
+        full = "f32" if cfg.quant == "f32" else "f16"
+        full_path = tmp / f"{name}-v{number}-{full}.gguf"
+        progress(f"writing {full_path.name}")
+        write_gguf(folder, full_path, full, name=version["version"])
+        gguf = full_path
+        if cfg.quant != full:
+            progress(f"quantizing to {cfg.quant} with llama.cpp")
+            gguf = verify.quantize(full_path, tmp / f"{name}-v{number}-{cfg.quant}.gguf", cfg.quant, cfg.threads)
+        modelfile = render_modelfile(gguf.name, template, stops, cfg.system, parameters)
+        (tmp / "Modelfile").write_text(modelfile)
+
+        def add(file: Path, *found: dict[str, Any]) -> None:
+            checks.extend({**c, "file": file.name} for c in found)
+
+        expected = [("from", f"./{gguf.name}"), ("template", template), *(("parameter stop", s) for s in stops),
+                    *((f"parameter {k}", str(v)) for k, v in parameters.items()),
+                    *([("system", cfg.system)] if cfg.system else [])]
+        got = parse_modelfile(modelfile)
+        add(gguf, verify.check("modelfile", got == expected, len(got),
+                               f"{len(got)} directives read back as written" if got == expected else
+                               f"read back {[c for c, _ in got]}, wrote {[c for c, _ in expected]}"))
+        add(gguf, verify.check_template(template, tokenizer, frames))
+        progress("checking the export with llama.cpp")
+        llm, loads = verify.check_loads(gguf, tokenizer)
+        add(gguf, loads)
+        if llm is None:
+            raise TuneryError(f"{gguf.name}: {loads['detail']}")
+        samples: list[dict[str, str]] = []
+        model = load_model(str(folder))
+        try:
+            rendered = [hf_render(tokenizer, c, frames) for c in SAMPLE_CONVERSATIONS] if frames else []
+            add(gguf, verify.check_tokenization(llm, tokenizer, rendered))
+            answered, speed, samples = verify.check_answers(llm, template, stops, prompts, cfg.system,
+                                                            cfg.answer_tokens)
+            add(gguf, answered, speed)
+        finally:
+            llm.close()
+        system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        ids = [prompt_ids(tokenizer, system + [{"role": "user", "content": p}]) for p in prompts]
+        stop_ids = set(tokenizer.convert_tokens_to_ids(stops))
+        full_llm = verify.open_gguf(full_path, threads=cfg.threads)
+        try:
+            progress(f"greedy tokens of {full_path.name} vs HF")
+            add(full_path, verify.check_greedy(full_llm, model, tokenizer, ids, cfg.max_new_tokens, stop_ids))
+        finally:
+            full_llm.close()
+        progress("perplexity and KL against the fp32 model")
+        add(gguf, *verify.distribution_checks(gguf, model, examples, cfg.window, cfg.threads))
+        if gguf != full_path and not cfg.keep_full_precision:
+            full_path.unlink()
+        passed = all(c["passed"] is not False for c in checks)
+        info = {"config": cfg.model_dump(), "stops": stops, "template_source": "config" if cfg.template else
+                "derived", "answers": samples, "model_folder": str(folder)}
+        write_json(tmp / "checks.json", {"version": version["version"], "checks": checks, "answers": samples})
+        sha = _sha256(gguf)
+        size = gguf.stat().st_size
+        gguf_name = gguf.name
+    export = {"export_id": f"{name}/{tag}", "version": version["version"], "quant": cfg.quant, "path": str(final),
+              "gguf_file": gguf_name, "size_bytes": size, "sha256": sha, "modelfile": modelfile, "passed": passed,
+              "info": info}
+    export_store.record_export(export, checks)
+    return export_store.get_export(export["export_id"])
+
+
+def _value(export: dict[str, Any], name: str) -> float | None:
+    found = [c for c in export["checks"] if c["name"] == name]
+    return found[-1]["value"] if found else None
+
+
+def gate(candidate: dict[str, Any], holder: dict[str, Any] | None, data: StageResult, cfg: GateConfig,
+         window: int, threads: int | None = None) -> list[dict[str, Any]]:
+    """The gate's verdicts: {name, passed, value, threshold, detail}, one per threshold."""
+    from tasks import verify
+    from tasks.models import load_tokenizer
+
+    verdicts = []
+    by_name = {c["name"]: c for c in candidate["checks"]}
+    for name in cfg.require_checks:
+        c = by_name.get(name)
+        verdicts.append({"name": f"check {name}", "passed": bool(c and c["passed"]), "value": c and c["value"],
+                         "threshold": "passed", "detail": c["detail"] if c else "not run"})
+    kl = _value(candidate, "mean_kl")
+    verdicts.append({"name": "mean_kl", "passed": kl is not None and kl <= cfg.max_mean_kl, "value": kl,
+                     "threshold": cfg.max_mean_kl, "detail": "KL(fp32 || export) per held-out token"})
+    speed = _value(candidate, "decode_tokens_per_s")
+    verdicts.append({"name": "decode_tokens_per_s", "passed": speed is not None and
+                     speed >= cfg.min_decode_tokens_per_s, "value": speed,
+                     "threshold": cfg.min_decode_tokens_per_s, "detail": "llama.cpp greedy decode"})
+    if holder is None or holder["version"] == candidate["version"]:
+        verdicts.append({"name": "perplexity_vs_holder", "passed": True, "value": _value(candidate, "perplexity"),
+                         "threshold": None, "detail": "no other version holds the alias"})
+        return verdicts
+    # Both exports measured now, on the same held-out tokens (the candidate's tokenizer; the family shares it).
+    tokenizer = load_tokenizer(candidate["info"]["model_folder"])
+    examples = heldout_examples(tokenizer, data, candidate["info"]["config"]["heldout_rows"])
+    ours = verify.gguf_perplexity(Path(candidate["path"]) / candidate["gguf_file"], examples, window, threads)
+    theirs = verify.gguf_perplexity(Path(holder["path"]) / holder["gguf_file"], examples, window, threads)
+    limit = theirs * (1 + cfg.max_perplexity_increase_pct / 100)
+    verdicts.append({"name": "perplexity_vs_holder", "passed": ours <= limit, "value": ours, "threshold": limit,
+                     "detail": f"{ours:.3f} vs {holder['version']}'s {theirs:.3f} "
+                               f"(+{cfg.max_perplexity_increase_pct:g}% allowed)"})
+    return verdicts
+
+
+def _point_alias(name: str, alias: str, export: dict[str, Any]) -> Path:
+    """Switch exports/NAME/ALIAS to the export's folder in one rename."""
+    link = exports_dir() / name / alias
+    if link.exists() and not link.is_symlink():
+        raise TuneryError(f"{link} exists and is not an alias link; move it away first")
+    tmp = link.with_name(f".{alias}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(Path(export["path"]).name)
+    os.replace(tmp, link)
+    return link
+
+
+def _ollama_create(name: str, alias: str, export: dict[str, Any]) -> str:
+    """`ollama create NAME:ALIAS` from the export's Modelfile where ollama is on PATH; what happened, in words."""
+    exe = shutil.which("ollama")
+    if exe is None:
+        return "not run: no ollama executable on PATH"
+    modelfile = Path(export["path"]) / "Modelfile"
+    for attempt, delay in enumerate((2, 5, None), 1):  # the ollama server may be starting; retry briefly
+        proc = subprocess.run([exe, "create", f"{name}:{alias}", "-f", str(modelfile)], capture_output=True,
+                              text=True, timeout=1800)
+        if proc.returncode == 0:
+            return f"ollama create {name}:{alias}: ok"
+        if delay is None:
+            raise TuneryError(f"ollama create {name}:{alias} failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def promote(ref: str, data: StageResult, export_cfg: ExportConfig, gate_cfg: GateConfig, prompts: list[str],
+            progress: Progress = print) -> dict[str, Any]:
+    """Export `ref`, gate it against the alias's holder, and move the alias on a pass. Either way, a row."""
+    version = registry.get_version(ref)
+    name, alias = version["name"], gate_cfg.alias
+    check_name(alias, "alias")
+    candidate = export_version(version["version"], data, export_cfg, prompts, progress)
+    current = export_store.get_alias(name, alias)
+    holder = export_store.get_export(current["export_id"]) if current else None
+    progress(f"gate for {name}@{alias}" + (f" (held by {holder['version']})" if holder else ""))
+    verdicts = gate(candidate, holder, data, gate_cfg, export_cfg.window, export_cfg.threads)
+    record = {"thresholds": gate_cfg.model_dump(), "verdicts": verdicts}
+    if not all(v["passed"] for v in verdicts):
+        export_store.record_promotion(name, alias, "refused", version["version"], candidate["export_id"], record)
+        return {"promoted": False, "alias": f"{name}@{alias}", "version": version["version"], "export": candidate,
+                "previous": current and current["version"], "gate": verdicts}
+    ollama = _ollama_create(name, alias, candidate)
+    _point_alias(name, alias, candidate)
+    export_store.record_promotion(name, alias, "promote", version["version"], candidate["export_id"], record, ollama)
+    return {"promoted": True, "alias": f"{name}@{alias}", "version": version["version"], "export": candidate,
+            "previous": current and current["version"], "gate": verdicts, "ollama": ollama,
+            "path": str(exports_dir() / name / alias)}
+
+
+def rollback(target: str) -> dict[str, Any]:
+    """Move NAME@ALIAS (and its export link, and Ollama's model) back to the holder before the current one."""
+    if target.count("@") != 1:
+        raise TuneryError(f"expected NAME@ALIAS, got {target!r}")
+    name, alias = target.split("@")
+    check_name(name, "model name")
+    check_name(alias, "alias")
+    current = export_store.get_alias(name, alias)
+    version, export_id = export_store.rollback_target(name, alias)
+    export = export_store.get_export(export_id)
+    if not (Path(export["path"]) / export["gguf_file"]).exists():
+        raise TuneryError(f"{export['path']}/{export['gguf_file']} is gone; cannot roll {target} back to it")
+    ollama = _ollama_create(name, alias, export)
+    _point_alias(name, alias, export)
+    export_store.record_promotion(name, alias, "rollback", version, export_id,
+                                  {"rolled_back_from": current["version"] if current else None}, ollama)
+    return {"alias": target, "version": version, "export": export_id, "previous": current and current["version"],
+            "ollama": ollama, "path": str(exports_dir() / name / alias)}
+
+
+def best_version(versions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The version with the lowest held-out perplexity (what `tunery run` promotes)."""
+    scored = [v for v in versions if v["status"] == "ready" and "perplexity" in v["metrics"]]
+    if not scored:
+        raise TuneryError("no evaluated version to promote")
+    return min(scored, key=lambda v: v["metrics"]["perplexity"])
+
+
+def summary(result: dict[str, Any]) -> str:
+    """A few lines for the terminal and the Prefect artifact."""
+    lines = [f"{'PROMOTED' if result['promoted'] else 'REFUSED'} {result['version']} -> {result['alias']}"]
+    for v in result["gate"]:
+        value = v["value"] if not isinstance(v["value"], float) else f"{v['value']:.4g}"
+        threshold = v["threshold"] if not isinstance(v["threshold"], float) else f"{v['threshold']:.4g}"
+        lines.append(f"  {'ok  ' if v['passed'] else 'FAIL'} {v['name']}: {value} (needs {threshold}) {v['detail']}")
+    return "\n".join(lines)
+
+
+def refused_message(result: dict[str, Any]) -> str:
+    failed = [f"{v['name']} ({v['detail']})" for v in result["gate"] if not v["passed"]]
+    return (f"gate refused {result['version']} for {result['alias']}: " + "; ".join(failed)
+            + (f"; the alias stays on {result['previous']}" if result["previous"] else "; the alias was not created"))
