@@ -43,6 +43,7 @@ test-fast: setup
 # Speed benchmarks against a baseline measured in the same run, reported as ratios.
 bench: setup
 	$(BIN)/python bench/perplexity_speed.py
+	$(BIN)/python bench/export_speed.py
 
 # Re-resolve the pins from requirements/base.in in a throwaway environment.
 lock:

@@ -227,9 +227,16 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML whose data 
                                                       "export and promote settings to use; default: the demo's.")
 
 
-def _export_setup(config: Path | None, quant: str | None):
-    from flows.config import DEMO_CONFIG
+def _export_setup(version: str, config: Path | None, quant: str | None):
+    """Check the version and options first, then load the config and prepare its held-out data."""
+    import registry
+    from flows.config import DEMO_CONFIG, load_config
+    from tasks.export import ExportConfig
 
+    registry.get_version(version)
+    if quant:
+        _override(ExportConfig(), "--quant", quant=quant)
+    load_config(config or DEMO_CONFIG)
     cfg, _, _, data = _base_and_data(config or DEMO_CONFIG)
     export_cfg = _override(cfg.export, "--quant", quant=quant) if quant else cfg.export
     return cfg, data, export_cfg
@@ -271,7 +278,7 @@ def export(version: str = typer.Argument(..., help="NAME:N or NAME."), quant: Op
     """Write a version as GGUF + Modelfile under TUNERY_HOME/exports/NAME/vN-QUANT and check it with llama.cpp."""
     from flows.promotion import export_version
 
-    cfg, data, export_cfg = _export_setup(config, quant)
+    cfg, data, export_cfg = _export_setup(version, config, quant)
     result = export_version(version, data, export_cfg, cfg.eval_config().prompts, progress=err.print)
     if as_json:
         _print_json(result)
@@ -289,7 +296,7 @@ def promote(version: str = typer.Argument(..., help="NAME:N or NAME."),
     from flows.promotion import promote as run_promote, refused_message
     from tasks.export import GateConfig
 
-    cfg, data, export_cfg = _export_setup(config, quant)
+    cfg, data, export_cfg = _export_setup(version, config, quant)
     gate = cfg.promote or GateConfig()
     if alias:
         gate = _override(gate, "--alias", alias=alias)
@@ -343,10 +350,15 @@ def models(name: Optional[str] = typer.Option(None, help="Only versions of this 
 
 @command
 def show(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bool = JsonOpt) -> None:
-    """Everything recorded about one version: lineage, hyperparameters, data, metrics."""
+    """Everything recorded about one version: lineage, hyperparameters, data, metrics, exports and aliases."""
     import registry
+    from registry import exports as export_store
 
     v = registry.get_version(version)
+    v["exports"] = [{k: e[k] for k in ("export_id", "quant", "path", "gguf_file", "size_bytes", "passed", "checks")}
+                    for e in export_store.list_exports(v["version"])]
+    v["aliases"] = [f"{a['name']}@{a['alias']}" for a in export_store.list_aliases(v["name"])
+                    if a["version"] == v["version"]]
     if as_json:
         _print_json(v)
         return
@@ -372,6 +384,12 @@ def show(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bo
         out.print("[bold]sample answers[/]")
         for sample in v["samples"]:
             out.print(f"  [bold]Q:[/] {sample['prompt']}\n  [bold]A:[/] {sample['answer']}", highlight=False)
+    if v["aliases"]:
+        out.print(f"[bold]{'aliases':>14}[/]  {', '.join(v['aliases'])}", highlight=False)
+    for e in v["exports"]:
+        failed = [c["name"] for c in e["checks"] if c["passed"] is False]
+        out.print(f"[bold]{'export':>14}[/]  {e['path']}/{e['gguf_file']} ({e['size_bytes'] / 2**20:.1f} MiB): "
+                  + (f"checks failed: {', '.join(failed)}" if failed else "all checks passed"), highlight=False)
 
 
 @command

@@ -49,16 +49,19 @@ def check(name: str, passed: bool | None, value: float | None = None, detail: st
 
 @contextlib.contextmanager
 def c_output_to(log: Path):
-    """Send what llama.cpp's C code prints (per-tensor quantize lines, load warnings) to `log`, not the terminal."""
+    """Send what llama.cpp prints (per-tensor quantize lines, load messages; from C and through Python's
+    sys.stderr) to `log`, not the terminal."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(log, "ab") as f:
+    with open(log, "a", encoding="utf-8", errors="replace") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         try:
-            yield
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                yield
         finally:
+            f.flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])

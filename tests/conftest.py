@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Where `make setup` put the converted default base model (the tests' own TUNERY_HOME is a temp folder).
+SETUP_HOME = Path(os.environ.get("TUNERY_HOME") or REPO / ".tunery")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 CHATML = (
@@ -82,3 +84,19 @@ def prepared(tmp_path, garden_rows, tiny_model_dir):
 
     write_jsonl(tmp_path / "garden.jsonl", garden_rows)
     return prepare(PrepConfig(train=["garden.jsonl"], val_fraction=0.15), tmp_path, str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The packaged SmolLM2-135M-Instruct as converted by `make setup` (converted here if setup was skipped)."""
+    from tasks.models import ensure_default_base_model
+
+    saved = os.environ.get("TUNERY_HOME")
+    os.environ["TUNERY_HOME"] = str(SETUP_HOME)
+    try:
+        return ensure_default_base_model()
+    finally:
+        if saved is None:
+            os.environ.pop("TUNERY_HOME")
+        else:
+            os.environ["TUNERY_HOME"] = saved

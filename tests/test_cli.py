@@ -15,8 +15,6 @@ import registry
 from conftest import REPO
 
 TUNERY = str(Path(os.sys.executable).parent / "tunery")
-# Where `make setup` put the converted default base model (the tests' own TUNERY_HOME is a temp folder).
-SETUP_HOME = Path(os.environ.get("TUNERY_HOME") or REPO / ".tunery")
 
 
 def tunery(*args: str, home: Path, check_exit: int | None = 0) -> subprocess.CompletedProcess:
@@ -34,10 +32,28 @@ def tunery(*args: str, home: Path, check_exit: int | None = 0) -> subprocess.Com
     (["compare", "fern:1", "fern:2"], "error: unknown version 'fern:1'"),
     (["run", "nope.yaml"], "error: nope.yaml: config file not found"),
     (["eval", "fern:1", "--config", "nope.yaml"], "error: unknown version 'fern:1'"),
+    (["export", "fern:9"], "error: unknown version 'fern:9'"),
+    (["promote", "fern:9", "--alias", "production"], "error: unknown version 'fern:9'"),
+    (["rollback", "fern"], "error: expected NAME@ALIAS, got 'fern'"),
+    (["rollback", "fern@production"], "error: fern@production does not exist; `tunery promote` creates it"),
+    (["rollback", "../x@production"], "error: invalid model name '../x'"),
 ])
 def test_user_errors_print_one_line_and_exit_1(tunery_home, args, message):
     proc = tunery(*args, home=tunery_home, check_exit=1)
     assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "tiny:1", "--quant", "q9"], "error: --quant: unknown quantization 'q9'"),
+    (["promote", "tiny:1", "--alias", "v2-q8_0"], "error: --alias: alias 'v2-q8_0' looks like an export tag"),
+    (["promote", "tiny:1", "--alias", "a/b"], "error: --alias: invalid alias 'a/b'"),
+])
+def test_bad_export_options_are_named_before_any_work(tunery_home, tiny_model_dir, args, message):
+    version = registry.create_version("tiny", "base")
+    registry.finish_version(version, str(tiny_model_dir))
+    proc = tunery(*args, home=tunery_home, check_exit=1)
+    assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    assert not (tunery_home / "exports").exists()
 
 
 def test_bad_config_key_is_named_before_anything_runs(tmp_path, tunery_home):
@@ -126,22 +142,6 @@ def test_single_stage_merge_takes_registered_sources(tmp_path, tunery_home, tiny
     assert merged["version"] == "mix:1" and merged["parents"] == ["other:2", "tiny:1"]
     assert merged["info"]["mergekit_config"]["merge_method"] == "slerp"
     assert (Path(merged["artifact_path"]) / "model.safetensors").exists()
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """The packaged SmolLM2-135M-Instruct as converted by `make setup` (converted here if setup was skipped)."""
-    from tasks.models import ensure_default_base_model
-
-    saved = os.environ.get("TUNERY_HOME")
-    os.environ["TUNERY_HOME"] = str(SETUP_HOME)
-    try:
-        return ensure_default_base_model()
-    finally:
-        if saved is None:
-            os.environ.pop("TUNERY_HOME")
-        else:
-            os.environ["TUNERY_HOME"] = saved
 
 
 @pytest.mark.e2e

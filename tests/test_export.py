@@ -56,3 +56,80 @@ def test_rope_base_and_logits_survive_the_round_trip(tiny_model_dir, tmp_path):
     ids = torch.tensor([[1, 20, 31, 42, 53, 64, 75, 86]])
     with torch.no_grad():
         assert torch.equal(load_model(str(tmp_path / "m"))(ids).logits, back(ids).logits)
+
+
+def _checks(found: list[dict]) -> dict[str, dict]:
+    return {c["name"]: c for c in found}
+
+
+def test_llama_cpp_reproduces_a_tiny_f32_export(tiny_model_dir, tmp_path, prepared):
+    """llama.cpp loads the tiny export, tokenizes like HF, gives HF's greedy tokens and (F32) its distributions."""
+    from flows.promotion import heldout_examples
+    from tasks import verify
+    from tasks.models import prompt_ids
+
+    path = write_gguf(tiny_model_dir, tmp_path / "tiny.gguf", "f32")
+    tok = load_tokenizer(str(tiny_model_dir))
+    llm, loads = verify.check_loads(path, tok)
+    try:
+        assert loads["passed"], loads
+        assert verify.check_tokenization(llm, tok)["passed"]
+        prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in ("Water basil?", "Prune roses?")]
+        greedy = verify.check_greedy(llm, load_model(str(tiny_model_dir)), tok, prompts, 12, {tok.eos_token_id})
+        assert greedy["passed"] and greedy["value"] == 2, greedy
+    finally:
+        llm.close()
+    found = _checks(verify.distribution_checks(path, load_model(str(tiny_model_dir)),
+                                               heldout_examples(tok, prepared, 4), 256))
+    assert found["mean_kl"]["value"] < 1e-4
+    assert found["perplexity"]["value"] == pytest.approx(found["perplexity_hf"]["value"], rel=1e-3)
+
+
+def test_quantized_tiny_export_is_measured_not_matched(tiny_model_dir, tmp_path, prepared):
+    """Q8_0 of the tiny model: a real KL above zero, perplexity near fp32's, recorded rather than asserted equal."""
+    from flows.promotion import heldout_examples
+    from tasks import verify
+
+    f16 = write_gguf(tiny_model_dir, tmp_path / "tiny-f16.gguf", "f16")
+    q8 = verify.quantize(f16, tmp_path / "tiny-q8_0.gguf", "q8_0")
+    assert q8.stat().st_size < f16.stat().st_size
+    tok = load_tokenizer(str(tiny_model_dir))
+    found = _checks(verify.distribution_checks(q8, load_model(str(tiny_model_dir)),
+                                               heldout_examples(tok, prepared, 4), 256))
+    assert 0 < found["mean_kl"]["value"] < 0.05
+    assert found["perplexity"]["value"] == pytest.approx(found["perplexity_hf"]["value"], rel=0.05)
+    with pytest.raises(TuneryError, match="unknown quantization 'q9'"):
+        verify.quantize(f16, tmp_path / "x.gguf", "q9")
+
+
+def test_a_corrupt_gguf_is_named_with_llama_cpp_s_reason(tiny_model_dir, tmp_path):
+    from tasks import verify
+
+    path = write_gguf(tiny_model_dir, tmp_path / "tiny.gguf", "f32")
+    path.write_bytes(path.read_bytes()[:100_000])
+    with pytest.raises(TuneryError, match="llama.cpp cannot load tiny.gguf: .*(corrupted|incomplete|bounds)"):
+        verify.open_gguf(path)
+
+
+@pytest.mark.e2e
+def test_llama_cpp_matches_hf_on_the_smollm2_f16_export(smollm2_dir, tmp_path):
+    """The packaged SmolLM2 as F16 GGUF: llama.cpp tokenizes like HF (unicode, whitespace, special tokens) and
+    gives HF's greedy tokens on chat prompts."""
+    from tasks import verify
+    from tasks.modelfile import SAMPLE_CONVERSATIONS, chat_frames, hf_render
+    from tasks.models import prompt_ids
+
+    path = write_gguf(smollm2_dir, tmp_path / "smollm2-f16.gguf", "f16")
+    tok = load_tokenizer(str(smollm2_dir))
+    llm, loads = verify.check_loads(path, tok)
+    try:
+        assert loads["passed"] and loads["value"] == 49152
+        frames = chat_frames(tok)
+        tokenization = verify.check_tokenization(llm, tok, [hf_render(tok, c, frames) for c in SAMPLE_CONVERSATIONS])
+        assert tokenization["passed"], tokenization
+        prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in
+                   ("What is the capital of France?", "How do I keep my basil from wilting?")]
+        greedy = verify.check_greedy(llm, load_model(str(smollm2_dir)), tok, prompts, 24, {tok.eos_token_id})
+        assert greedy["passed"], greedy
+    finally:
+        llm.close()

@@ -1,0 +1,110 @@
+"""Promotion (issue 5): the gate compares the candidate's GGUF with the alias holder's on the same tokens and
+refuses a worse one without moving anything; rollback restores the previous export; every decision is a row."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import registry
+from flows import promotion
+from registry import exports as export_store
+from tasks.common import TuneryError
+from tasks.export import ExportConfig, GateConfig
+
+EXPORT = ExportConfig(quant="f32", heldout_rows=4, max_new_tokens=8, answer_tokens=8, window=256)
+# A random tiny model never ends its answers, and its decode speed says nothing: gate on what it can pass.
+GATE = GateConfig(require_checks=["modelfile", "loads", "tokenization", "template", "greedy"],
+                  min_decode_tokens_per_s=0.0, max_mean_kl=0.01)
+PROMPTS = ["How often should I water basil?"]
+
+
+def _register(folder: Path) -> str:
+    version = registry.create_version("tiny", "base")
+    registry.finish_version(version, str(folder))
+    return version
+
+
+def _noisy_copy(src: Path, dst: Path, scale: float) -> Path:
+    """The tiny model with every matrix perturbed: a worse model of the same family."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    generator = torch.Generator().manual_seed(1)
+    noisy = {k: (v + scale * torch.randn(v.shape, generator=generator) if v.ndim == 2 else v).contiguous()
+             for k, v in weights.items()}
+    save_file(noisy, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _link(tunery_home: Path) -> Path:
+    return (tunery_home / "exports" / "tiny" / "production").resolve()
+
+
+def test_gate_refuses_worse_perplexity_and_leaves_the_alias(tiny_model_dir, tmp_path, prepared, tunery_home):
+    good = _register(tiny_model_dir)
+    worse = _register(_noisy_copy(tiny_model_dir, tmp_path / "noisy", 0.5))
+    first = promotion.promote(good, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)
+    assert first["promoted"] and first["previous"] is None
+    assert _link(tunery_home).name == "v1-f32"
+    modelfile = (tunery_home / "exports/tiny/production/Modelfile").read_text()
+    assert modelfile.startswith("FROM ./tiny-v1-f32.gguf\n") and "PARAMETER stop <|im_end|>" in modelfile
+
+    second = promotion.promote(worse, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)
+    assert not second["promoted"]
+    failed = [v for v in second["gate"] if not v["passed"]]
+    assert [v["name"] for v in failed] == ["perplexity_vs_holder"], second["gate"]
+    assert failed[0]["value"] > failed[0]["threshold"]
+    assert "stays on tiny:1" in promotion.refused_message(second)
+    # Nothing moved: alias row, link, and the holder's export are as they were; the refusal is recorded.
+    assert export_store.get_alias("tiny", "production")["version"] == "tiny:1"
+    assert _link(tunery_home).name == "v1-f32"
+    history = export_store.promotion_history("tiny", "production")
+    assert [(h["action"], h["version"]) for h in history] == [("promote", "tiny:1"), ("refused", "tiny:2")]
+    assert history[1]["gate"]["verdicts"] == second["gate"]
+    # The refused candidate's export and its checks are still on record.
+    refused = export_store.get_export("tiny/v2-f32")
+    assert {"loads", "tokenization", "greedy", "template", "mean_kl", "perplexity"} <= {
+        c["name"] for c in refused["checks"]}
+
+
+def test_rollback_restores_the_previous_export(tiny_model_dir, tmp_path, prepared, tunery_home):
+    first = _register(tiny_model_dir)
+    same = _register(_noisy_copy(tiny_model_dir, tmp_path / "copy", 0.0))
+    assert promotion.promote(first, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)["promoted"]
+    assert promotion.promote(same, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)["promoted"]
+    assert _link(tunery_home).name == "v2-f32"
+
+    back = promotion.rollback("tiny@production")
+    assert (back["version"], back["previous"]) == ("tiny:1", "tiny:2")
+    assert back["ollama"] == "not run: no ollama executable on PATH"
+    assert export_store.get_alias("tiny", "production")["export_id"] == "tiny/v1-f32"
+    assert _link(tunery_home).name == "v1-f32"
+    assert (tunery_home / "exports/tiny/production/tiny-v1-f32.gguf").exists()
+    actions = [(h["action"], h["version"]) for h in export_store.promotion_history("tiny", "production")]
+    assert actions == [("promote", "tiny:1"), ("promote", "tiny:2"), ("rollback", "tiny:1")]
+    with pytest.raises(TuneryError, match=r"tiny@production has no earlier holder to roll back to \(it holds tiny:1\)"):
+        promotion.rollback("tiny@production")
+    # Both exports stay on disk: a rollback never deletes what was recorded.
+    assert (tunery_home / "exports/tiny/v2-f32/tiny-v2-f32.gguf").exists()
+
+
+def test_failed_export_leaves_no_folder_and_no_row(tiny_model_dir, tmp_path, prepared, tunery_home):
+    import json
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    version = _register(broken)
+    with pytest.raises(TuneryError, match="cannot export model_type 'gpt_neox'"):
+        promotion.promote(version, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)
+    assert export_store.list_exports() == [] and export_store.promotion_history() == []
+    assert not list((tunery_home / "exports").rglob("*.gguf"))
