@@ -1,7 +1,9 @@
 """The DuckDB registry: every model version, its lineage, hyperparameters, data and metrics.
 
-All SQL of tunery lives in this package; callers use the functions of `registry.store`.
+All SQL of tunery lives in this package; callers use the functions of `registry.store` (versions, metrics,
+lineage) and `registry.exports` (GGUF exports, their checks, aliases, promotions).
 """
+from registry import exports  # noqa: F401
 from registry.store import (  # noqa: F401
     children,
     compare_versions,

@@ -174,3 +174,19 @@ def test_run_on_smollm2_registers_base_and_a_better_fine_tune(tmp_path, tunery_h
     assert tuned["samples"] and all("<|im_" not in s["answer"] for s in tuned["samples"])
     shown = tunery("show", "fern:1", home=tunery_home).stdout
     assert "training health" in shown and "sample answers" in shown and "cost_per_mtok_usd" in shown
+    # The demo config ends by promoting the best version: a Q4_K_M GGUF + Modelfile checked with llama.cpp.
+    promotion = summary["promotion"]
+    assert promotion["version"] == "fern:1" and promotion["alias"] == "fern@production"
+    checks = {c["name"]: c for c in promotion["export"]["checks"]}
+    for name in ("modelfile", "loads", "tokenization", "greedy", "template"):
+        assert checks[name]["passed"], checks[name]
+    assert checks["mean_kl"]["value"] < 0.2 and checks["decode_tokens_per_s"]["value"] > 0
+    assert promotion["promoted"] == all(v["passed"] for v in promotion["gate"])
+    folder = tunery_home / "exports" / "fern" / "v1-q4_k_m"
+    assert (folder / "fern-v1-q4_k_m.gguf").exists() and (folder / "Modelfile").exists()
+    assert "PARAMETER stop <|im_end|>" in (folder / "Modelfile").read_text()
+    history = registry.exports.promotion_history("fern", "production")
+    assert [h["action"] for h in history] == ["promote" if promotion["promoted"] else "refused"]
+    shown = json.loads(tunery("show", "fern:1", "--json", home=tunery_home).stdout)
+    assert shown["exports"][0]["export_id"] == "fern/v1-q4_k_m"
+    assert shown["aliases"] == (["fern@production"] if promotion["promoted"] else [])
