@@ -268,6 +268,8 @@ def _print_promotion(result: dict[str, Any]) -> None:
     from flows.promotion import summary
 
     out.print(summary(result))
+    for sample in result["export"]["info"].get("answers", []):
+        out.print(f"  llama.cpp, through the Modelfile: [bold]{sample['prompt']}[/bold] {sample['answer']}")
     if result["promoted"]:
         out.print(f"{result['alias']} -> {result['version']}: {result['path']} ({result['ollama']})")
 
@@ -359,6 +361,10 @@ def show(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bo
                     for e in export_store.list_exports(v["version"])]
     v["aliases"] = [f"{a['name']}@{a['alias']}" for a in export_store.list_aliases(v["name"])
                     if a["version"] == v["version"]]
+    v["promotions"] = [{k: p[k] for k in ("action", "alias", "version", "previous_version", "export_id", "gate",
+                                          "ollama", "recorded_at")}
+                       for p in export_store.promotion_history(v["name"])
+                       if v["version"] in (p["version"], p["previous_version"])]
     if as_json:
         _print_json(v)
         return
@@ -386,6 +392,13 @@ def show(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bo
             out.print(f"  [bold]Q:[/] {sample['prompt']}\n  [bold]A:[/] {sample['answer']}", highlight=False)
     if v["aliases"]:
         out.print(f"[bold]{'aliases':>14}[/]  {', '.join(v['aliases'])}", highlight=False)
+    for p in v["promotions"]:
+        verdicts = p["gate"].get("verdicts", [])
+        failed = [x["name"] for x in verdicts if not x["passed"]]
+        what = {"promote": f"{p['version']} promoted", "refused": f"{p['version']} refused",
+                "rollback": f"rolled back to {p['version']}"}[p["action"]]
+        out.print(f"[bold]{'promotion':>14}[/]  {p['recorded_at'][:19]} {v['name']}@{p['alias']}: "
+                  f"{what}" + (f" (failed: {', '.join(failed)})" if failed else ""), highlight=False)
     for e in v["exports"]:
         failed = [c["name"] for c in e["checks"] if c["passed"] is False]
         out.print(f"[bold]{'export':>14}[/]  {e['path']}/{e['gguf_file']} ({e['size_bytes'] / 2**20:.1f} MiB): "

@@ -167,6 +167,13 @@ def gate(candidate: dict[str, Any], holder: dict[str, Any] | None, data: StageRe
         verdicts.append({"name": "perplexity_vs_holder", "passed": True, "value": _value(candidate, "perplexity"),
                          "threshold": None, "detail": "no other version holds the alias"})
         return verdicts
+    ours_base, theirs_base = (registry.get_version(e["version"])["base_model"] for e in (candidate, holder))
+    if ours_base != theirs_base:
+        verdicts.append({"name": "perplexity_vs_holder", "passed": False, "value": None, "threshold": None,
+                         "detail": f"{holder['version']} was trained from {theirs_base}, this version from "
+                                   f"{ours_base}: perplexities over different tokenizers are not comparable; "
+                                   "promote to another alias"})
+        return verdicts
     # Both exports measured now, on the same held-out tokens (the candidate's tokenizer; the family shares it).
     tokenizer = load_tokenizer(candidate["info"]["model_folder"])
     examples = heldout_examples(tokenizer, data, candidate["info"]["config"]["heldout_rows"])

@@ -108,3 +108,15 @@ def test_failed_export_leaves_no_folder_and_no_row(tiny_model_dir, tmp_path, pre
         promotion.promote(version, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)
     assert export_store.list_exports() == [] and export_store.promotion_history() == []
     assert not list((tunery_home / "exports").rglob("*.gguf"))
+
+
+def test_holder_from_another_base_model_is_not_compared(tiny_model_dir, prepared):
+    first = _register(tiny_model_dir)
+    other = registry.create_version("tiny", "base", base_model="another-base")
+    registry.finish_version(other, str(tiny_model_dir))
+    assert promotion.promote(first, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)["promoted"]
+    result = promotion.promote(other, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)
+    failed = [v for v in result["gate"] if not v["passed"]]
+    assert [v["name"] for v in failed] == ["perplexity_vs_holder"]
+    assert "not comparable" in failed[0]["detail"]
+    assert export_store.get_alias("tiny", "production")["version"] == "tiny:1"
