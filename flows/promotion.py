@@ -204,7 +204,7 @@ def _ollama_create(name: str, alias: str, export: dict[str, Any]) -> str:
     if exe is None:
         return "not run: no ollama executable on PATH"
     modelfile = Path(export["path"]) / "Modelfile"
-    for attempt, delay in enumerate((2, 5, None), 1):  # the ollama server may be starting; retry briefly
+    for delay in (2, 5, None):  # the ollama server may still be starting: retry briefly
         proc = subprocess.run([exe, "create", f"{name}:{alias}", "-f", str(modelfile)], capture_output=True,
                               text=True, timeout=1800)
         if proc.returncode == 0:
