@@ -100,13 +100,9 @@ def run(config: Path = typer.Argument(None, help="Pipeline YAML; default: config
 
 
 def _base_and_data(config: Path):
-    """Load a config, resolve (and register) its base model, prepare its data: what every single stage needs."""
-    from flows import steps
-    from flows.config import load_config
+    from flows.steps import load_with_data
 
-    cfg, config_dir = load_config(config)
-    base = steps.run_base(cfg, config_dir)
-    return cfg, config_dir, base, steps.run_prep(cfg, config_dir, base["artifact_path"])
+    return load_with_data(config)
 
 
 @command
@@ -227,31 +223,6 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML whose data 
                                                       "export and promote settings to use; default: the demo's.")
 
 
-def _export_setup(version: str, config: Path | None, quant: str | None):
-    """Check the version and options first, then load the config and prepare its held-out data."""
-    import registry
-    from flows.config import DEMO_CONFIG, load_config
-    from tasks.export import ExportConfig
-
-    registry.get_version(version)
-    if quant:
-        _override(ExportConfig(), "--quant", quant=quant)
-    load_config(config or DEMO_CONFIG)
-    cfg, _, _, data = _base_and_data(config or DEMO_CONFIG)
-    export_cfg = _override(cfg.export, "--quant", quant=quant) if quant else cfg.export
-    return cfg, data, export_cfg
-
-
-def _override(settings, option: str, **changes: Any):
-    """A copy of a config section with a command-line value in it, validated like the YAML was."""
-    from pydantic import ValidationError
-
-    try:
-        return type(settings).model_validate({**settings.model_dump(), **changes})
-    except ValidationError as e:
-        raise TuneryError(f"{option}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
-
-
 def _print_checks(export: dict[str, Any]) -> None:
     table = Table(title=f"{export['export_id']}: {export['gguf_file']} ({export['size_bytes'] / 2**20:.1f} MiB)")
     for col in ("check", "file", "passed", "value", "detail"):
@@ -278,10 +249,9 @@ def _print_promotion(result: dict[str, Any]) -> None:
 def export(version: str = typer.Argument(..., help="NAME:N or NAME."), quant: Optional[str] = QuantOpt,
            config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
     """Write a version as GGUF + Modelfile under TUNERY_HOME/exports/NAME/vN-QUANT and check it with llama.cpp."""
-    from flows.promotion import export_version
+    from flows.promotion import export_from_config
 
-    cfg, data, export_cfg = _export_setup(version, config, quant)
-    result = export_version(version, data, export_cfg, cfg.eval_config().prompts, progress=err.print)
+    result = export_from_config(version, config, quant, progress=err.print)
     if as_json:
         _print_json(result)
         return
@@ -295,14 +265,9 @@ def promote(version: str = typer.Argument(..., help="NAME:N or NAME."),
                                                                        "else production."),
             quant: Optional[str] = QuantOpt, config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
     """Export, check and gate a version; on a pass move NAME@ALIAS to it (and `ollama create` where installed)."""
-    from flows.promotion import promote as run_promote, refused_message
-    from tasks.export import GateConfig
+    from flows.promotion import promote_from_config, refused_message
 
-    cfg, data, export_cfg = _export_setup(version, config, quant)
-    gate = cfg.promote or GateConfig()
-    if alias:
-        gate = _override(gate, "--alias", alias=alias)
-    result = run_promote(version, data, export_cfg, gate, cfg.eval_config().prompts, progress=err.print)
+    result = promote_from_config(version, config, alias, quant, progress=err.print)
     if as_json:
         _print_json(result)
     else:

@@ -267,6 +267,49 @@ def best_version(versions: list[dict[str, Any]]) -> dict[str, Any]:
     return min(scored, key=lambda v: v["metrics"]["perplexity"])
 
 
+def override(settings, option: str, **changes: Any):
+    """A copy of a config section with a value from the command line or the dashboard, validated like the YAML."""
+    from pydantic import ValidationError
+
+    try:
+        return type(settings).model_validate({**settings.model_dump(), **changes})
+    except ValidationError as e:
+        raise TuneryError(f"{option}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
+def _setup(ref: str, config: str | Path | None, quant: str | None, alias: str | None):
+    """Check the version and the options first, then load the config and prepare its held-out data."""
+    from flows.config import DEMO_CONFIG, load_config
+    from flows.steps import load_with_data
+
+    registry.get_version(ref)
+    export_cfg, gate_cfg = ExportConfig(), GateConfig()
+    if quant:
+        override(export_cfg, "--quant", quant=quant)
+    if alias:
+        override(gate_cfg, "--alias", alias=alias)
+    load_config(config or DEMO_CONFIG)
+    cfg, _, _, data = load_with_data(config or DEMO_CONFIG)
+    export_cfg = override(cfg.export, "--quant", quant=quant) if quant else cfg.export
+    gate_cfg = cfg.promote or gate_cfg
+    gate_cfg = override(gate_cfg, "--alias", alias=alias) if alias else gate_cfg
+    return cfg, data, export_cfg, gate_cfg
+
+
+def export_from_config(ref: str, config: str | Path | None = None, quant: str | None = None,
+                       progress: Progress = print) -> dict[str, Any]:
+    """`tunery export`: the config's held-out data, eval prompts and export settings (the demo's by default)."""
+    cfg, data, export_cfg, _ = _setup(ref, config, quant, None)
+    return export_version(ref, data, export_cfg, cfg.eval_config().prompts, progress)
+
+
+def promote_from_config(ref: str, config: str | Path | None = None, alias: str | None = None,
+                        quant: str | None = None, progress: Progress = print) -> dict[str, Any]:
+    """`tunery promote` and the dashboard's Promote button: export, check and gate as the config says."""
+    cfg, data, export_cfg, gate_cfg = _setup(ref, config, quant, alias)
+    return promote(ref, data, export_cfg, gate_cfg, cfg.eval_config().prompts, progress)
+
+
 def summary(result: dict[str, Any]) -> str:
     """A few lines for the terminal and the Prefect artifact."""
     lines = [f"{'PROMOTED' if result['promoted'] else 'REFUSED'} {result['version']} -> {result['alias']}"]

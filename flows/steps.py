@@ -33,6 +33,16 @@ def run_prep(cfg: PipelineConfig, config_dir: Path, base_path: str | None = None
     return result
 
 
+def load_with_data(config: str | Path):
+    """Load a config, resolve (and register) its base model, prepare its data: what single commands need.
+    Returns (config, its folder, the base version, the prepared data)."""
+    from flows.config import load_config
+
+    cfg, config_dir = load_config(config)
+    base = run_base(cfg, config_dir)
+    return cfg, config_dir, base, run_prep(cfg, config_dir, base["artifact_path"])
+
+
 def base_name(cfg: PipelineConfig, base_path: str) -> str:
     if cfg.base_name:
         return cfg.base_name
