@@ -7,6 +7,7 @@ from registry import exports  # noqa: F401
 from registry.store import (  # noqa: F401
     children,
     compare_versions,
+    facets,
     create_version,
     fail_version,
     finish_version,
@@ -19,4 +20,5 @@ from registry.store import (  # noqa: F401
     record_metrics,
     record_samples,
     resolve,
+    version_table,
 )

@@ -289,3 +289,66 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: obj}
+
+
+TABLE_METRICS = ("perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb")
+
+
+def version_table(names: list[str] = (), stages: list[str] = (), base_models: list[str] = (),
+                  statuses: list[str] = (), alias: str | None = None, search: str | None = None,
+                  since: Any = None, until: Any = None) -> list[dict[str, Any]]:
+    """One row per version with its key metrics and aliases, newest first, for tables of many versions.
+
+    Every filter is a bound parameter; an empty list or None means no filter. `search` matches, case-insensitively
+    and literally (no wildcards), the version, stage, base model, status or error text.
+    """
+    metric_cols = ", ".join(f"max(CASE WHEN m.name = '{k}' THEN m.value END) AS {k}" for k in TABLE_METRICS)
+    sql = f"""
+        WITH latest AS (
+            SELECT version, name, value,
+                   row_number() OVER (PARTITION BY version, name ORDER BY recorded_utc DESC) AS rn
+            FROM metrics WHERE name IN (SELECT unnest(?))
+        ), tags AS (
+            SELECT version, string_agg(name || '@' || alias, ', ' ORDER BY alias) AS aliases
+            FROM aliases GROUP BY version
+        )
+        SELECT v.version, v.name, v.number, v.stage, v.status, v.base_model, v.created_utc, v.error,
+               t.aliases, {metric_cols}
+        FROM versions v
+        LEFT JOIN latest m ON m.version = v.version AND m.rn = 1
+        LEFT JOIN tags t ON t.version = v.version
+        WHERE (len(?) = 0 OR v.name IN (SELECT unnest(?)))
+          AND (len(?) = 0 OR v.stage IN (SELECT unnest(?)))
+          AND (len(?) = 0 OR v.base_model IN (SELECT unnest(?)))
+          AND (len(?) = 0 OR v.status IN (SELECT unnest(?)))
+          AND (? IS NULL OR v.version IN (SELECT version FROM aliases WHERE alias = ?))
+          AND (? IS NULL OR contains(lower(concat_ws(' ', v.version, v.stage, v.base_model, v.status, v.error)),
+                                     lower(?)))
+          AND (?::TIMESTAMP IS NULL OR v.created_utc >= ?::TIMESTAMP)
+          AND (?::TIMESTAMP IS NULL OR v.created_utc < ?::TIMESTAMP)
+        GROUP BY ALL
+        ORDER BY v.created_utc DESC, v.name, v.number DESC
+    """
+    lists = [list(names), list(stages), list(base_models), list(statuses)]
+    params: list[Any] = [list(TABLE_METRICS)]
+    for values in lists:
+        params += [values, values]
+    params += [alias, alias, search or None, search or None, since, since, until, until]
+    with connect(read_only=True) as con:
+        cursor = con.execute(sql, params)
+        columns = [d[0] for d in cursor.description]
+        rows = cursor.fetchall()
+    return [dict(zip(columns, row)) for row in rows]
+
+
+def facets() -> dict[str, list[str]]:
+    """The distinct names, stages, base models, statuses and aliases, for filter widgets."""
+    with connect(read_only=True) as con:
+        def distinct(sql: str) -> list[str]:
+            return [r[0] for r in con.execute(sql).fetchall() if r[0] is not None]
+
+        return {"names": distinct("SELECT DISTINCT name FROM versions ORDER BY 1"),
+                "stages": distinct("SELECT DISTINCT stage FROM versions ORDER BY 1"),
+                "base_models": distinct("SELECT DISTINCT base_model FROM versions ORDER BY 1"),
+                "statuses": distinct("SELECT DISTINCT status FROM versions ORDER BY 1"),
+                "aliases": distinct("SELECT DISTINCT alias FROM aliases ORDER BY 1")}

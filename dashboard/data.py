@@ -1,0 +1,98 @@
+"""What the dashboard reads, and the few computations its pages share.
+
+No connection is held between reruns: every read goes through the registry's functions, which open a short-lived
+read-only connection and retry while a flow holds DuckDB's write lock. Results are cached for a few seconds, so
+reruns are cheap and a new version shows up at the latest a TTL later, or at once after Refresh.
+"""
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import pandas as pd
+import streamlit as st
+
+import registry
+from registry import exports as export_store
+from registry.store import TABLE_METRICS
+
+TTL = 5  # seconds a query result is reused across reruns and sessions
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def version_table(**filters: Any) -> pd.DataFrame:
+    rows = registry.version_table(**filters)
+    columns = ["version", "name", "number", "stage", "status", "base_model", "created_utc", "error", "aliases",
+               *TABLE_METRICS]
+    return pd.DataFrame(rows, columns=columns)
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def facets() -> dict[str, list[str]]:
+    return registry.facets()
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def version(ref: str) -> dict[str, Any]:
+    v = registry.get_version(ref)
+    v["children"] = registry.children(ref)
+    v["exports"] = export_store.list_exports(v["version"])
+    v["aliases"] = [f"{a['name']}@{a['alias']}" for a in export_store.list_aliases(v["name"])
+                    if a["version"] == v["version"]]
+    v["promotions"] = [p for p in export_store.promotion_history(v["name"])
+                       if v["version"] in (p["version"], p["previous_version"])]
+    return v
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def history(ref: str) -> pd.DataFrame:
+    """One row per logged step, one column per logged value (loss, learning_rate, grad_norm, rss_mb, ...)."""
+    return pd.DataFrame(registry.get_history(ref))
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def compare(a: str, b: str) -> dict[str, Any]:
+    return registry.compare_versions(a, b)
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def aliases(name: str | None = None) -> list[dict[str, Any]]:
+    return export_store.list_aliases(name)
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def family(name: str) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Every version of a model name plus all their ancestors, and the parent -> child edges between them."""
+    nodes: dict[str, dict[str, Any]] = {}
+    edges: set[tuple[str, str]] = set()
+    todo = [v["version"] for v in registry.version_table(names=[name])]
+    while todo:
+        ref = todo.pop()
+        if ref in nodes:
+            continue
+        v = registry.get_version(ref)
+        nodes[ref] = {k: v[k] for k in ("version", "stage", "status")} | {"perplexity": v["metrics"].get("perplexity")}
+        for parent in v["parents"]:
+            edges.add((parent, ref))
+            todo.append(parent)
+    return list(nodes.values()), sorted(edges)
+
+
+def refresh() -> None:
+    """Forget every cached read, so the next render shows what flows wrote since."""
+    st.cache_data.clear()
+
+
+def version_url(ref: str) -> str:
+    return f"/version?v={quote(ref, safe=':')}"
+
+
+def pareto(df: pd.DataFrame, lower: str = "perplexity", higher: str = "tokens_per_s") -> pd.Series:
+    """True for versions no other version beats on both: lower `lower` and higher `higher` (ties do not dominate)."""
+    points = df[[lower, higher]].to_numpy()
+    flags = []
+    for i, (lo, hi) in enumerate(points):
+        dominated = any((lo2 <= lo and hi2 >= hi) and (lo2 < lo or hi2 > hi)
+                        for j, (lo2, hi2) in enumerate(points) if j != i)
+        flags.append(not dominated)
+    return pd.Series(flags, index=df.index)

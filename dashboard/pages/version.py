@@ -1,0 +1,111 @@
+"""One version in full: record, lineage, health, metrics, curves, samples, exports and checks; promote / roll back."""
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from dashboard.data import aliases, history, refresh, version, version_table, version_url
+from tasks.common import TuneryError
+
+known = version_table()["version"].tolist()
+wanted = st.query_params.get("v")
+if not known:
+    st.info("No versions registered yet: `tunery run` registers the demo's.")
+    st.stop()
+choice = st.selectbox("Version", known, index=known.index(wanted) if wanted in known else 0, key="version")
+st.query_params["v"] = choice
+v = version(choice)
+
+st.title(v["version"])
+status_colour = {"ready": "green", "failed": "red", "running": "orange"}[v["status"]]
+st.markdown(f":{status_colour}[**{v['status']}**] · {v['stage']} · base model `{v['base_model']}` · "
+            f"data `{(v['data_hash'] or '-')[:16]}` · created {v['created_at'][:19]}"
+            + (f" · aliases {', '.join(v['aliases'])}" if v["aliases"] else ""))
+if v["error"]:
+    st.error(v["error"])
+left, right = st.columns(2)
+with left:
+    st.subheader("Lineage")
+    st.markdown("parents: " + (", ".join(f"[{p}]({version_url(p)})" for p in v["parents"]) or "none"))
+    st.markdown("children: " + (", ".join(f"[{c}]({version_url(c)})" for c in v["children"]) or "none"))
+    st.subheader("Hyperparameters")
+    st.json(v["hyperparameters"], expanded=1)
+with right:
+    st.subheader("Metrics")
+    metrics = pd.DataFrame(sorted(v["metrics"].items()), columns=["metric", "value"])
+    st.dataframe(metrics, hide_index=True, width="stretch", height=320)
+    health = v["info"].get("health")
+    if health:
+        st.subheader("Training health")
+        for check, verdict in health.items():
+            (st.success if verdict["ok"] else st.warning)(f"{check}: {verdict['verdict']} ({verdict['detail']})")
+
+curves = history(choice)
+if not curves.empty:
+    st.subheader("Training curves")
+    present = [c for c in ("loss", "learning_rate", "grad_norm", "rss_mb", "eval_loss") if c in curves]
+    cols = st.columns(len(present))
+    for col, name in zip(cols, present):
+        col.altair_chart(alt.Chart(curves.dropna(subset=[name])).mark_line(point=True).encode(
+            x="step:Q", y=alt.Y(f"{name}:Q", scale=alt.Scale(zero=False)), tooltip=["step", name]
+        ).properties(title=name, height=180), width="stretch")
+
+if v["samples"]:
+    st.subheader("Sample answers")
+    st.dataframe(pd.DataFrame(v["samples"]), hide_index=True, width="stretch")
+
+st.subheader("Exports")
+if not v["exports"]:
+    st.caption("None yet: `tunery export` or Promote below.")
+for e in v["exports"]:
+    failed = [c["name"] for c in e["checks"] if c["passed"] is False]
+    label = f"{e['export_id']} · {e['gguf_file']} · {e['size_bytes'] / 2**20:.1f} MiB · " + (
+        f"failed: {', '.join(failed)}" if failed else "all checks passed")
+    with st.expander(label):
+        st.dataframe(pd.DataFrame(e["checks"]), hide_index=True, width="stretch")
+        st.code(e["modelfile"], language="dockerfile")
+for p in v["promotions"]:
+    verdicts = p["gate"].get("verdicts", [])
+    st.caption(f"{p['recorded_at'][:19]} · {p['name']}@{p['alias']} · {p['action']} {p['version']}"
+               + (f" (was {p['previous_version']})" if p["previous_version"] else "")
+               + (f" · failed: {', '.join(x['name'] for x in verdicts if not x['passed'])}"
+                  if p["action"] == "refused" else ""))
+
+st.subheader("Promote")
+if v["status"] == "ready":
+    with st.form("promote"):
+        alias = st.text_input("Alias", value="production")
+        config = st.text_input("Config (held-out data, prompts, export and gate settings)", value="configs/demo.yaml")
+        quant = st.selectbox("Quantization", ["config's", "q4_k_m", "q8_0", "f16", "f32"])
+        submitted = st.form_submit_button(f"Export, check and promote {v['version']}")
+    if submitted:
+        from flows.promotion import promote_from_config, summary
+
+        with st.status(f"Promoting {v['version']} to {v['name']}@{alias}", expanded=True) as status:
+            try:
+                result = promote_from_config(v["version"], config, alias, None if quant == "config's" else quant,
+                                             progress=st.write)
+            except TuneryError as e:
+                status.update(label=f"error: {e}", state="error")
+            else:
+                status.update(label=("promoted" if result["promoted"] else "refused by the gate"),
+                              state="complete" if result["promoted"] else "error")
+                st.dataframe(pd.DataFrame(result["gate"]), hide_index=True, width="stretch")
+                st.code(summary(result))
+                refresh()
+
+held = [f"{a['name']}@{a['alias']}" for a in aliases(v["name"])]
+if held:
+    with st.form("rollback"):
+        target = st.selectbox("Roll back", held)
+        if st.form_submit_button("Roll back to the previous holder"):
+            from flows.promotion import rollback
+
+            try:
+                result = rollback(target)
+            except TuneryError as e:
+                st.error(str(e))
+            else:
+                st.success(f"{result['alias']}: {result['previous']} -> {result['version']}")
+                refresh()

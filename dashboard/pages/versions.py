@@ -1,0 +1,44 @@
+"""Every version with its key metrics and status, filtered in SQL (bound parameters) and sortable in the table."""
+from __future__ import annotations
+
+import datetime as dt
+
+import streamlit as st
+
+from dashboard.data import facets, version_table, version_url
+
+st.title("Versions")
+options = facets()
+with st.sidebar:
+    search = st.text_input("Search", placeholder="version, stage, base model, error ...", key="search")
+    names = st.multiselect("Name", options["names"], key="names")
+    stages = st.multiselect("Stage", options["stages"], key="stages")
+    base_models = st.multiselect("Base model", options["base_models"], key="base_models")
+    statuses = st.multiselect("Status", options["statuses"], key="statuses")
+    alias = st.selectbox("Tag (alias)", [None, *options["aliases"]], key="alias",
+                         format_func=lambda a: "any" if a is None else f"@{a}")
+    dates = st.date_input("Created between", value=(), key="dates")
+
+since = until = None
+if isinstance(dates, (tuple, list)) and len(dates) == 2:
+    since = dt.datetime.combine(dates[0], dt.time())
+    until = dt.datetime.combine(dates[1] + dt.timedelta(days=1), dt.time())
+table = version_table(names=names, stages=stages, base_models=base_models, statuses=statuses, alias=alias,
+                      search=search or None, since=since, until=until)
+failed = int((table["status"] == "failed").sum())
+st.caption(f"{len(table)} versions" + (f", {failed} failed" if failed else "")
+           + " · click a version to open it · sort by clicking a column header")
+table = table.assign(link=table["version"].map(version_url))
+st.dataframe(
+    table[["link", "stage", "status", "base_model", "aliases", "perplexity", "tokens_per_s", "ttft_ms",
+           "peak_rss_mb", "created_utc", "error"]],
+    hide_index=True, width="stretch", key="versions_table",
+    column_config={
+        "link": st.column_config.LinkColumn("version", display_text=r"v=(.*)$"),
+        "perplexity": st.column_config.NumberColumn(format="%.2f"),
+        "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="%.1f"),
+        "ttft_ms": st.column_config.NumberColumn("TTFT ms", format="%.0f"),
+        "peak_rss_mb": st.column_config.NumberColumn("peak RSS MB", format="%.0f"),
+        "created_utc": st.column_config.DatetimeColumn("created (UTC)", format="YYYY-MM-DD HH:mm"),
+    },
+)
