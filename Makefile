@@ -10,10 +10,12 @@ STAMP := $(VENV)/.installed
 BASE_MODEL := $(TUNERY_HOME)/base_models/SmolLM2-135M-Instruct/model.safetensors
 # Renders Ollama TEMPLATEs with Go's text/template (Ollama's own engine) to check exported chat templates.
 GOTEMPLATE := $(BIN)/tunery-gotemplate
+# Debian's Chromium and its driver, for the dashboard's browser tests.
+CHROMEDRIVER := /usr/bin/chromedriver
 
 .PHONY: setup demo test test-fast bench lock clean-venv
 
-setup: $(STAMP) $(BASE_MODEL) $(GOTEMPLATE)
+setup: $(STAMP) $(BASE_MODEL) $(GOTEMPLATE) $(CHROMEDRIVER)
 
 $(STAMP): requirements/torch.txt requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +29,10 @@ $(GOTEMPLATE): tools/gotemplate/main.go tools/gotemplate/go.mod | $(STAMP)
 	command -v go >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends golang-go) \
 		|| { echo "Go is needed to check Ollama templates: install golang-go"; exit 1; }
 	cd tools/gotemplate && GOFLAGS=-mod=mod go build -o $(CURDIR)/$(GOTEMPLATE) .
+
+$(CHROMEDRIVER):
+	(apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver) \
+		|| { echo "the dashboard's browser tests need Debian's chromium and chromium-driver"; exit 1; }
 
 $(BASE_MODEL): | $(STAMP)
 	$(BIN)/tunery setup

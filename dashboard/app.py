@@ -18,8 +18,9 @@ PAGES = Path(__file__).resolve().parent / "pages"
 
 st.set_page_config(page_title="tunery", layout="wide")
 with st.sidebar:
-    if st.button("Refresh", help="Read the registry again (results are otherwise reused for a few seconds)."):
-        refresh()
+    # A callback, not `if st.button(...)`: under st.navigation the button's return value is lost on the rerun.
+    st.button("Refresh", on_click=refresh, help="Read the registry again (results are otherwise reused for a few "
+                                                 "seconds).")
 page = st.navigation([
     st.Page(PAGES / "versions.py", title="Versions", url_path="versions", default=True),
     st.Page(PAGES / "version.py", title="Version", url_path="version"),
