@@ -50,6 +50,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/python bench/perplexity_speed.py
 	$(BIN)/python bench/export_speed.py
+	$(BIN)/python bench/dashboard_render.py --browser
 
 # Re-resolve the pins from requirements/base.in in a throwaway environment.
 lock:

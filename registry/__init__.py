@@ -13,6 +13,7 @@ from registry.store import (  # noqa: F401
     finish_version,
     get_history,
     get_version,
+    import_versions,
     lineage,
     list_versions,
     record_dataset,

@@ -352,3 +352,31 @@ def facets() -> dict[str, list[str]]:
                 "base_models": distinct("SELECT DISTINCT base_model FROM versions ORDER BY 1"),
                 "statuses": distinct("SELECT DISTINCT status FROM versions ORDER BY 1"),
                 "aliases": distinct("SELECT DISTINCT alias FROM aliases ORDER BY 1")}
+
+
+def import_versions(records: list[dict[str, Any]]) -> list[str]:
+    """Register many finished versions in one transaction (an import or a benchmark's registry): each record has
+    name, stage, status, and optionally base_model, parents, artifact_path, error and metrics. Numbers count up
+    per name as in create_version."""
+    now = utcnow()
+    out = []
+    with connect() as con:
+        for r in records:
+            check_name(r["name"], "model name")
+            if r["status"] not in STATUSES:
+                raise TuneryError(f"status must be one of {', '.join(STATUSES)}, got {r['status']!r}")
+            number = con.execute(
+                "INSERT INTO model_names VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET last_number = "
+                "model_names.last_number + 1 RETURNING last_number", [r["name"]]).fetchone()[0]
+            version = f"{r['name']}:{number}"
+            con.execute(
+                "INSERT INTO versions (version, name, number, stage, status, base_model, artifact_path, error, "
+                "created_utc, finished_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [version, r["name"], number, r["stage"], r["status"], r.get("base_model"), r.get("artifact_path"),
+                 r.get("error"), now, now])
+            for i, parent in enumerate(r.get("parents", [])):
+                con.execute("INSERT INTO version_parents VALUES (?, ?, ?)", [version, parent, i])
+            for key, value in r.get("metrics", {}).items():
+                con.execute("INSERT INTO metrics VALUES (?, ?, ?, NULL, ?)", [version, key, float(value), now])
+            out.append(version)
+    return out
