@@ -58,7 +58,7 @@ def apptest_render(home: Path) -> float:
     os.environ["TUNERY_HOME"] = str(home)
     st.cache_data.clear()
     began = time.perf_counter()
-    at = AppTest.from_file(str(REPO / "dashboard" / "pages" / "versions.py"), default_timeout=300).run()
+    at = AppTest.from_file(str(REPO / "dashboard" / "views" / "versions.py"), default_timeout=300).run()
     elapsed = time.perf_counter() - began
     assert not at.exception, at.exception
     return elapsed

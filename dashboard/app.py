@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit ru
 
 from dashboard.data import refresh  # noqa: E402
 
-PAGES = Path(__file__).resolve().parent / "pages"
+# Not "pages/": Streamlit would also list that folder's files as pages of their own.
+PAGES = Path(__file__).resolve().parent / "views"
 
 st.set_page_config(page_title="tunery", layout="wide")
 with st.sidebar:

@@ -16,7 +16,7 @@ import yaml
 import registry
 from conftest import REPO
 
-PAGES = REPO / "dashboard" / "pages"
+PAGES = REPO / "dashboard" / "views"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
@@ -172,6 +172,7 @@ def test_promote_and_rollback_from_the_version_page(tiny_model_dir, tmp_path, ga
     assert any("PROMOTED" in c.value for c in at.code)
     verdicts = at.dataframe[-1].value
     assert set(verdicts["name"]) >= {"check template", "mean_kl", "perplexity_vs_holder"} and verdicts["passed"].all()
+    assert set(verdicts["threshold"]) >= {"passed", "0.1"}  # mixed-type columns reach Arrow as text
     at = _app("version.py", v=base["version"])
     next(b for b in at.button if b.label.startswith("Roll back")).click().run()
     assert "has no earlier holder" in at.error[0].value

@@ -87,12 +87,13 @@ if v["status"] == "ready":
                 result = promote_from_config(v["version"], config, alias, None if quant == "config's" else quant,
                                              progress=st.write)
             except TuneryError as e:
-                status.update(label=f"error: {e}", state="error")
+                status.update(label=f"error: {e}", state="error", expanded=True)
             else:
                 status.update(label=("promoted" if result["promoted"] else "refused by the gate"),
-                              state="complete" if result["promoted"] else "error")
-                st.dataframe(pd.DataFrame(result["gate"]), hide_index=True, width="stretch")
+                              state="complete" if result["promoted"] else "error", expanded=True)
                 st.code(summary(result))
+                verdicts = pd.DataFrame(result["gate"]).astype({"value": str, "threshold": str})  # mixed types
+                st.dataframe(verdicts, hide_index=True, width="stretch")
                 refresh()
 
 held = [f"{a['name']}@{a['alias']}" for a in aliases(v["name"])]
