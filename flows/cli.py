@@ -85,9 +85,9 @@ def run(config: Path = typer.Argument(None, help="Pipeline YAML; default: config
         _print_json(result)
         return
     table = Table(title=f"{cfg.name}: every version of this run (held-out data {result['data_hash'][:12]})")
-    columns = ("version", "stage", "parents", *SUMMARY_METRICS)
+    columns = ("version", "stage", "parents", "this run", *SUMMARY_METRICS)
     for col in columns:
-        table.add_column(col, justify="left" if col in ("version", "stage", "parents") else "right")
+        table.add_column(col, justify="left" if col in ("version", "stage", "parents", "this run") else "right")
     for row in result["rows"]:
         table.add_row(*(_fmt(row[c]) for c in columns))
     out.print(table)

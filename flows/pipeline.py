@@ -5,12 +5,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+import registry
 from flows import promotion, steps
 from flows.config import BASE_REF, load_config
+from tasks.common import sha256_json
 
 SUMMARY_METRICS = ("perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb")
 
@@ -61,16 +63,36 @@ def _describe_stage(version: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@task(task_run_name="{kind} {cfg.name} stage {index}")
+def stage_cache_key(context, parameters: dict[str, Any]) -> str:
+    """Prefect's cache key for a stage: its fingerprint (settings, data hash, start and source versions, seed,
+    device, code version, registry). Results persist under TUNERY_HOME/prefect/storage, so the key outlives the
+    flow run: a later run with unchanged inputs finds it and skips the stage (state Cached)."""
+    p = parameters
+    data = steps.stage_data(p["cfg"], p["index"], p["done"], p["data"], p["config_dir"])
+    return "stage-" + steps.stage_fingerprint(p["cfg"], p["index"], p["done"], p["previous"], data)
+
+
+def eval_cache_key(context, parameters: dict[str, Any]) -> str:
+    """An evaluation is the same while the version, the held-out data, the eval settings and the code are."""
+    p = parameters
+    return "eval-" + sha256_json({"version": p["version"]["version"], "data": p["data"].info["data_hash"],
+                                  "eval": p["eval_cfg"].model_dump(mode="json"), "code": steps.code_version(),
+                                  "registry": registry.instance_id()})
+
+
+@task(task_run_name="{kind} {cfg.name} stage {index}", cache_key_fn=stage_cache_key, persist_result=True,
+      result_serializer="json")
 def stage_task(cfg, index: int, kind: str, done: dict[str, dict[str, Any]], previous: dict[str, Any], data,
                config_dir: Path) -> dict[str, Any]:
-    version = steps.run_stage(cfg, index, done, previous, data, config_dir, flow_run_id=str(flow_run.get_id() or ""))
+    version = steps.run_stage(cfg, index, done, previous, data, config_dir, flow_run_id=str(flow_run.get_id() or ""),
+                              reuse=True)
     create_markdown_artifact(key=_key(cfg.name, cfg.stage_id(index)), markdown=_describe_stage(version),
                              description=f"{kind} stage")
     return version
 
 
-@task(task_run_name="eval {version[version]}")
+@task(task_run_name="eval {version[version]}", cache_key_fn=eval_cache_key, persist_result=True,
+      result_serializer="json")
 def eval_task(version: dict[str, Any], data, eval_cfg) -> dict[str, float]:
     metrics = steps.run_eval(version, data, eval_cfg)
     create_markdown_artifact(
@@ -115,15 +137,23 @@ def pipeline(config_path: str) -> dict[str, Any]:
                                                               config_dir)
         results.append((version, eval_task(version, data, eval_cfg)))
         done[cfg.stage_id(index)] = previous = version
+    this_run = str(flow_run.get_id() or "")
+    logger = get_run_logger()
+    for v, _ in results[1:]:
+        if v.get("flow_run_id") != this_run:
+            logger.info(f"{v['version']} reused: its inputs are unchanged since flow run {v.get('flow_run_id')}")
     rows = [{"version": v["version"], "stage": v["stage"], "parents": ", ".join(v["parents"]),
-             **{k: round(m.get(k, float("nan")), 3) for k in SUMMARY_METRICS}} for v, m in results]
+             "this run": "reused" if i and v.get("flow_run_id") != this_run else ("base" if not i else "trained"),
+             **{k: round(m.get(k, float("nan")), 3) for k in SUMMARY_METRICS}} for i, (v, m) in enumerate(results)]
     create_table_artifact(key=_key(cfg.name, "summary"), table=rows, description="every version of this run")
     promoted = None
     if cfg.promote is not None:
-        import registry
-
         best = promotion.best_version([registry.get_version(v["version"]) for v, _ in results[1:]])
-        promoted = promote_task.with_options(task_run_name=f"promote {best['version']} to "
-                                                           f"{cfg.name}@{cfg.promote.alias}")(best, data, cfg)
+        holder = registry.exports.get_alias(cfg.name, cfg.promote.alias)
+        if holder and holder["version"] == best["version"] and holder["export_id"].endswith(f"-{cfg.export.quant}"):
+            logger.info(f"{cfg.name}@{cfg.promote.alias} already holds {best['version']}: nothing to promote")
+        else:
+            promoted = promote_task.with_options(task_run_name=f"promote {best['version']} to "
+                                                               f"{cfg.name}@{cfg.promote.alias}")(best, data, cfg)
     return {"data_hash": data.info["data_hash"], "base": base["version"], "tuned": previous["version"],
             "versions": [v["version"] for v, _ in results], "rows": rows, "promotion": promoted}

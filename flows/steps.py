@@ -5,6 +5,8 @@ then moved into place and marked `ready`; any error marks it `failed` with the r
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
 import traceback
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 
 import registry
 from flows.config import BASE_REF, MergeStage, PipelineConfig, Stage, StageFields
-from tasks.common import StageResult, TuneryError, artifacts_dir, atomic_dir, home
+from tasks.common import StageResult, TuneryError, artifacts_dir, atomic_dir, home, sha256_json
 from tasks.cpt import train_cpt
 from tasks.dpo import train_dpo
 from tasks.evaluation import EvalConfig, evaluate
@@ -113,7 +115,8 @@ def _record(version: str, run) -> dict[str, Any]:
 
 
 def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], data: StageResult,
-              stage_id: str | None = None, flow_run_id: str | None = None) -> dict[str, Any]:
+              stage_id: str | None = None, flow_run_id: str | None = None,
+              fingerprint: str | None = None) -> dict[str, Any]:
     """Train `start` with a cpt, sft or dpo stage on `data` as a new version of `cfg.name`; return the version."""
     # The trainer checks this too; checking here first means a mismatch leaves no failed version behind.
     kind = STAGE_DATA[stage.stage][0]
@@ -129,7 +132,7 @@ def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], da
     def train(tmp: Path) -> StageResult:
         start_folder = model_folder(start)
         result = TRAINERS[stage.stage](stage, start_folder, data.artifact_path, tmp, cfg.device, cfg.seed)
-        result.info.update(stage_id=stage_id or stage.stage, start_folder=start_folder)
+        result.info.update(stage_id=stage_id or stage.stage, start_folder=start_folder, fingerprint=fingerprint)
         return result
 
     return _record(version, train)
@@ -137,7 +140,8 @@ def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], da
 
 def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | None,
               sources: list[dict[str, Any]], merge_base: dict[str, Any] | None,
-              stage_id: str | None = None, flow_run_id: str | None = None) -> dict[str, Any]:
+              stage_id: str | None = None, flow_run_id: str | None = None,
+              fingerprint: str | None = None) -> dict[str, Any]:
     """Merge `start`'s adapter into its base (method lora) or the `sources` with mergekit; register the result.
 
     Every source (and, for ties / dare_ties / task_arithmetic, the base they are measured from) is a parent.
@@ -169,32 +173,75 @@ def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | No
             info = fold_adapter(start, tmp, stage.qlora_base)
         else:
             info = merge_models(stage, folders, tmp, base=base, seed=cfg.seed)
-        info["stage_id"] = stage_id or "merge"
+        info.update(stage_id=stage_id or "merge", fingerprint=fingerprint)
         metrics = {"merge_runtime_s": time.perf_counter() - began}
         return StageResult(stage="merge", artifact_path=str(tmp), metrics=metrics, history=[], info=info)
 
     return _record(version, merge)
 
 
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """A hash of the code that trains, merges and measures (tasks/ and this file): a change retrains."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "tasks").glob("*.py"), root / "flows" / "steps.py"]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def stage_data(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], data: StageResult | None,
+               config_dir: Path) -> StageResult | None:
+    """The prepared data stage `index` trains on: its own `data`, else the config's (a merge takes none)."""
+    stage = cfg.stages[index]
+    if isinstance(stage, MergeStage):
+        return None
+    if stage.data is not None:
+        return run_prep(cfg, config_dir, done[BASE_REF]["artifact_path"], stage.data)
+    return data
+
+
+def stage_fingerprint(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], previous: dict[str, Any],
+                      data: StageResult | None) -> str:
+    """What a stage's result depends on: its settings, the data it trains on, the versions it starts from or
+    merges, the seed and device, the code, and the registry. Equal fingerprints mean the stage need not run again."""
+    stage = cfg.stages[index]
+    start = resolve_ref(stage.from_, done) if stage.from_ else previous
+    inputs: dict[str, Any] = {
+        "name": cfg.name, "stage": stage.model_dump(mode="json", exclude={"data", "id", "from_"}),
+        "data": data.info["data_hash"] if data is not None else None, "start": start["version"],
+        "seed": cfg.seed, "device": cfg.device, "code": code_version(), "registry": registry.instance_id(),
+    }
+    if isinstance(stage, MergeStage):
+        inputs["sources"] = [resolve_ref(ref, done)["version"] for ref in stage.sources]
+        if stage.method in NEEDS_BASE:
+            inputs["base"] = resolve_ref(stage.base or BASE_REF, done)["version"]
+    return sha256_json(inputs)
+
+
 def run_stage(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], previous: dict[str, Any],
-              data: StageResult | None, config_dir: Path, flow_run_id: str | None = None) -> dict[str, Any]:
+              data: StageResult | None, config_dir: Path, flow_run_id: str | None = None,
+              reuse: bool = False) -> dict[str, Any]:
     """Run stage `index` of the config: resolve what it starts from, prepare its own data, train or merge.
 
     `data` is the config's prepared top-level data, which a training stage without its own `data` trains on; a
-    merge takes none.
+    merge takes none. With `reuse`, a ready version made from the same inputs (stage_fingerprint) is returned
+    instead of training again; either way the version records its fingerprint.
     """
     stage: Stage = cfg.stages[index]
     stage_id = cfg.stage_id(index)
+    data = stage_data(cfg, index, done, data, config_dir)
+    fingerprint = stage_fingerprint(cfg, index, done, previous, data)
+    if reuse and (found := registry.find_fingerprint(cfg.name, fingerprint)):
+        return {**registry.get_version(found), "reused": True}
     start = resolve_ref(stage.from_, done) if stage.from_ else previous
     if isinstance(stage, MergeStage):
         sources = [resolve_ref(ref, done) for ref in stage.sources]
         merge_base = None
         if stage.method in NEEDS_BASE:
             merge_base = resolve_ref(stage.base or BASE_REF, done)
-        return run_merge(cfg, stage, start, sources, merge_base, stage_id, flow_run_id)
-    if stage.data is not None:
-        data = run_prep(cfg, config_dir, done[BASE_REF]["artifact_path"], stage.data)
-    return run_train(cfg, stage, start, data, stage_id, flow_run_id)
+        return run_merge(cfg, stage, start, sources, merge_base, stage_id, flow_run_id, fingerprint)
+    return run_train(cfg, stage, start, data, stage_id, flow_run_id, fingerprint)
 
 
 def run_eval(version: dict[str, Any], data: StageResult, eval_cfg: EvalConfig) -> dict[str, float]:

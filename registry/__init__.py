@@ -14,6 +14,8 @@ from registry.store import (  # noqa: F401
     get_history,
     get_version,
     import_versions,
+    instance_id,
+    find_fingerprint,
     lineage,
     list_versions,
     record_dataset,

@@ -380,3 +380,18 @@ def import_versions(records: list[dict[str, Any]]) -> list[str]:
                 con.execute("INSERT INTO metrics VALUES (?, ?, ?, NULL, ?)", [version, key, float(value), now])
             out.append(version)
     return out
+
+
+def instance_id() -> str:
+    """The id this registry file got when it was created (migration 004)."""
+    with connect(read_only=True) as con:
+        return con.execute("SELECT id FROM registry_instance").fetchone()[0]
+
+
+def find_fingerprint(name: str, fingerprint: str) -> str | None:
+    """The newest ready version of `name` whose stage inputs had this fingerprint, if any."""
+    with connect(read_only=True) as con:
+        row = con.execute("SELECT version FROM versions WHERE name = ? AND status = 'ready' AND "
+                          "json_extract_string(info_json, '$.fingerprint') = ? ORDER BY number DESC LIMIT 1",
+                          [name, fingerprint]).fetchone()
+    return row[0] if row else None

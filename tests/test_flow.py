@@ -54,9 +54,39 @@ def test_pipeline_flow_registers_base_and_tuned_with_metrics_and_artifacts(
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     assert {a.key for a in found} == set(keys)
 
-    # A second run adds a new version of the fine-tune and reuses the registered base.
-    pipeline(tiny_config(tmp_path, tiny_model_dir, garden_rows))
-    assert [v["version"] for v in registry.list_versions()] == ["tiny-base:1", "tiny-fern:1", "tiny-fern:2"]
+
+
+def _task_states(flow_run_id: str) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+def test_unchanged_inputs_skip_training_and_changed_data_retrains(prefect_harness, tmp_path, tiny_model_dir,
+                                                                 garden_rows, tunery_home):
+    from flows.pipeline import pipeline
+
+    config = tiny_config(tmp_path, tiny_model_dir, garden_rows)
+    first = pipeline(config)
+    assert first["tuned"] == "tiny-fern:1"
+    fingerprint = registry.get_version("tiny-fern:1")["info"]["fingerprint"]
+    # The same config and data again: the stage and both evaluations come from Prefect's cache, no new version.
+    state = pipeline(config, return_state=True)
+    second = state.result()
+    assert second["tuned"] == "tiny-fern:1" and [r["this run"] for r in second["rows"]] == ["base", "reused"]
+    assert [v["version"] for v in registry.list_versions()] == ["tiny-base:1", "tiny-fern:1"]
+    states = _task_states(str(state.state_details.flow_run_id))
+    assert states["sft tiny-fern from tiny-base:1"] == "Cached", states
+    assert states["eval tiny-fern:1"] == "Cached" and states["eval tiny-base:1"] == "Cached", states
+    # Changed data: a new hash, a new fingerprint, a new version trained from the same base.
+    tiny_config(tmp_path, tiny_model_dir, garden_rows + [chat("What is compost?", "Rotted plant matter.")])
+    third = pipeline(config)
+    assert third["tuned"] == "tiny-fern:2" and third["data_hash"] != first["data_hash"]
+    v2 = registry.get_version("tiny-fern:2")
+    assert v2["parents"] == ["tiny-base:1"] and v2["info"]["fingerprint"] != fingerprint
 
 
 def test_failed_training_is_recorded_as_failed_and_leaves_no_artifact(tmp_path, tiny_model_dir, garden_rows,
@@ -151,3 +181,26 @@ def test_stage_given_the_wrong_kind_of_data_registers_nothing(tmp_path, tiny_mod
     with pytest.raises(TuneryError, match=r"stage dpo \(dpo\) needs preference data, but its data holds chat"):
         steps.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
     assert registry.list_versions(name="tiny-fern") == []
+
+
+def test_a_flow_that_failed_at_a_stage_resumes_there(prefect_harness, tmp_path, tiny_model_dir, garden_rows):
+    from flows.pipeline import pipeline
+
+    config = tiny_config(tmp_path, tiny_model_dir, garden_rows)
+    doc = yaml.safe_load(open(config))
+    first_stage = {**doc["stages"][0], "id": "a"}
+    doc["stages"] = [first_stage, {**first_stage, "id": "b", "from": "a", "max_length": 16}]  # b cuts every answer
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(Exception, match="cuts off every answer"):
+        pipeline(config)
+    assert [(v["version"], v["status"]) for v in registry.list_versions(name="tiny-fern")] == [
+        ("tiny-fern:1", "ready"), ("tiny-fern:2", "failed")]
+    doc["stages"][1]["max_length"] = 128  # the fix
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(doc))
+    state = pipeline(config, return_state=True)
+    result = state.result()
+    states = _task_states(str(state.state_details.flow_run_id))
+    assert states["sft tiny-fern from tiny-base:1"] == "Cached", states   # stage a is not trained again
+    assert result["versions"] == ["tiny-base:1", "tiny-fern:1", "tiny-fern:3"]
+    assert registry.get_version("tiny-fern:3")["parents"] == ["tiny-fern:1"]
+    assert [r["this run"] for r in result["rows"]] == ["base", "reused", "trained"]
