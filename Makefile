@@ -13,7 +13,7 @@ GOTEMPLATE := $(BIN)/tunery-gotemplate
 # Debian's Chromium and its driver, for the dashboard's browser tests.
 CHROMEDRIVER := /usr/bin/chromedriver
 
-.PHONY: setup demo test test-fast bench lock clean-venv
+.PHONY: setup demo test test-fast bench ui lock clean-venv
 
 setup: $(STAMP) $(BASE_MODEL) $(GOTEMPLATE) $(CHROMEDRIVER)
 
@@ -45,6 +45,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not e2e"
+
+# A local Prefect server and its UI on http://127.0.0.1:4200, keeping its state under TUNERY_HOME. Point runs at it
+# with PREFECT_API_URL=http://127.0.0.1:4200/api (tunery run, tunery serve).
+ui: setup
+	PREFECT_HOME=$(TUNERY_HOME)/prefect $(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
 # Speed benchmarks against a baseline measured in the same run, reported as ratios.
 bench: setup

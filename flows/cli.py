@@ -305,6 +305,20 @@ def dashboard(host: str = typer.Option("127.0.0.1", help="Address to listen on; 
         "--client.toolbarMode", "viewer"]))
 
 
+@command
+def serve(prefect_yaml: Path = typer.Option(None, "--prefect-file", help="Default: deployments/prefect.yaml.")) -> None:
+    """Serve the scheduled retraining deployments on this machine (runs start at each cron tick)."""
+    from flows import serve as serving
+
+    path = prefect_yaml or serving.PREFECT_YAML
+    deployments = serving.read_deployments(path)
+    _prefect_env()
+    for d in deployments:
+        crons = ", ".join(f"{s.cron} {s.timezone}" for s in d["schedules"]) or "no schedule"
+        err.print(f"serving {d['name']}: {d['config_path']} ({crons})")
+    serving.serve(path)
+
+
 # ---------------------------------------------------------------- registry views
 
 

@@ -1,0 +1,62 @@
+"""`tunery serve`: the deployments of deployments/prefect.yaml, served with their schedules from this process.
+
+Each deployment runs the pipeline flow with its config; Prefect starts a run at every cron tick. Stages whose
+inputs did not change since the last successful run are skipped (see flows/pipeline.py: stage_cache_key).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.common import TuneryError
+
+REPO = Path(__file__).resolve().parent.parent
+PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
+
+
+def read_deployments(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
+    """The deployments of a prefect.yaml, checked: entrypoint is the pipeline flow, the config exists, cron parses."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from flows.config import load_config
+
+    if not path.exists():
+        raise TuneryError(f"{path}: not found")
+    doc = yaml.safe_load(path.read_text()) or {}
+    found = []
+    for i, d in enumerate(doc.get("deployments") or []):
+        where = f"{path.name}: deployments[{i}] ({d.get('name', '?')})"
+        if d.get("entrypoint") != "flows/pipeline.py:pipeline":
+            raise TuneryError(f"{where}: entrypoint must be flows/pipeline.py:pipeline")
+        config = (d.get("parameters") or {}).get("config_path")
+        if not config:
+            raise TuneryError(f"{where}: parameters.config_path is missing")
+        load_config(REPO / config)  # a bad config is named now, not at 3 am
+        schedules = []
+        for s in d.get("schedules") or []:
+            try:
+                schedules.append(CronSchedule(cron=s["cron"], timezone=s.get("timezone", "UTC")))
+            except (KeyError, ValueError) as e:
+                raise TuneryError(f"{where}: bad schedule {s!r}: {e}") from None
+        found.append({"name": d["name"], "description": d.get("description", ""), "config_path": str(REPO / config),
+                      "schedules": schedules})
+    if not found:
+        raise TuneryError(f"{path}: no deployments")
+    return found
+
+
+def runner_deployments(path: Path = PREFECT_YAML) -> list:
+    """Prefect RunnerDeployments of the pipeline flow, one per deployment, with its schedules and parameters."""
+    from flows.pipeline import pipeline
+
+    return [pipeline.to_deployment(name=d["name"], description=d["description"], schedules=d["schedules"],
+                                   parameters={"config_path": d["config_path"]})
+            for d in read_deployments(path)]
+
+
+def serve(path: Path = PREFECT_YAML) -> None:
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*runner_deployments(path), limit=1)  # one pipeline at a time: they share the machine

@@ -1,0 +1,88 @@
+"""Scheduled retraining (issue 7): the deployments of deployments/prefect.yaml load with their schedules, and
+`tunery serve` registers them with a Prefect server."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from flows import serve
+from tasks.common import TuneryError
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def _schedules(client, name: str) -> list[tuple[str, str]]:
+    deployment = client.read_deployment_by_name(f"tunery-pipeline/{name}")
+    return [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules]
+
+
+def test_shipped_deployments_load_with_their_schedules(prefect_server):
+    from prefect.client.orchestration import get_client
+
+    found = {d["name"]: d for d in serve.read_deployments()}
+    assert set(found) == {"fern-nightly", "fern-chain-weekly"}
+    assert found["fern-nightly"]["config_path"].endswith("configs/demo.yaml")
+    for deployment in serve.runner_deployments():
+        deployment.apply()
+    with get_client(sync_client=True) as client:
+        assert _schedules(client, "fern-nightly") == [("0 3 * * *", "UTC")]
+        assert _schedules(client, "fern-chain-weekly") == [("0 4 * * 0", "UTC")]
+        d = client.read_deployment_by_name("tunery-pipeline/fern-nightly")
+        assert d.parameters["config_path"].endswith("configs/demo.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("deployments:\n  - name: x\n    entrypoint: other.py:flow\n", "entrypoint must be flows/pipeline.py:pipeline"),
+    ("deployments:\n  - name: x\n    entrypoint: flows/pipeline.py:pipeline\n    parameters: {config_path: "
+     "configs/demo.yaml}\n    schedules: [{cron: 'not a cron'}]\n", "bad schedule"),
+    ("deployments:\n  - name: x\n    entrypoint: flows/pipeline.py:pipeline\n    parameters: {config_path: "
+     "nope.yaml}\n", "config file not found"),
+    ("deployments: []\n", "no deployments"),
+])
+def test_bad_deployments_are_named(tmp_path, text, message):
+    (tmp_path / "prefect.yaml").write_text(text)
+    with pytest.raises(TuneryError, match=message):
+        serve.read_deployments(tmp_path / "prefect.yaml")
+
+
+def test_tunery_serve_registers_the_scheduled_deployments(prefect_server, tmp_path, tunery_home):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for name in ("fern-nightly", "fern-chain-weekly"):
+            try:
+                client.delete_deployment(client.read_deployment_by_name(f"tunery-pipeline/{name}").id)
+            except Exception:
+                pass
+    env = {**os.environ, "TUNERY_HOME": str(tunery_home), "PREFECT_API_URL": prefect_server}
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([str(Path(os.sys.executable).parent / "tunery"), "serve"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            with get_client(sync_client=True) as client:
+                try:
+                    if _schedules(client, "fern-nightly") and _schedules(client, "fern-chain-weekly"):
+                        break
+                except Exception:
+                    pass
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            assert time.time() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+            time.sleep(1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    assert "serving fern-nightly" in (tmp_path / "serve.log").read_text()
