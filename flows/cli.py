@@ -80,7 +80,7 @@ def run(config: Path = typer.Argument(None, help="Pipeline YAML; default: config
     _prefect_env()
     from flows.pipeline import SUMMARY_METRICS, pipeline
 
-    result = pipeline.with_options(flow_run_name=f"{cfg.name}")(str(config))
+    result = pipeline(str(config))
     if as_json:
         _print_json(result)
         return

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 import registry
@@ -120,7 +120,32 @@ def promote_task(version: dict[str, Any], data, cfg) -> dict[str, Any]:
     return result
 
 
-@flow(name="tunery-pipeline")
+def _run_name() -> str:
+    """A flow run is named after the model it trains (and, once it is done, the version it left: see _rename)."""
+    path = Path(flow_run.parameters.get("config_path", "pipeline"))
+    try:
+        return load_config(path)[0].name
+    except Exception:  # a bad config fails the run itself, with its message; the name is only a label
+        return path.stem
+
+
+def _rename(name: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    run_id = flow_run.get_id()
+    if run_id:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(run_id, name=name)
+
+
+def dashboard_url(version: str) -> str:
+    """Where the dashboard shows a version (TUNERY_DASHBOARD_URL, default the local `tunery dashboard`)."""
+    import os
+
+    return f"{os.environ.get('TUNERY_DASHBOARD_URL', 'http://127.0.0.1:8501').rstrip('/')}/version?v={version}"
+
+
+@flow(name="tunery-pipeline", flow_run_name=_run_name)
 def pipeline(config_path: str) -> dict[str, Any]:
     """base -> prep -> eval(base) -> each stage in order, each followed by its eval -> (with `promote:`) export and
     promote the run's best version; returns versions, metrics and the gate's decision."""
@@ -146,6 +171,11 @@ def pipeline(config_path: str) -> dict[str, Any]:
              "this run": "reused" if i and v.get("flow_run_id") != this_run else ("base" if not i else "trained"),
              **{k: round(m.get(k, float("nan")), 3) for k in SUMMARY_METRICS}} for i, (v, m) in enumerate(results)]
     create_table_artifact(key=_key(cfg.name, "summary"), table=rows, description="every version of this run")
+    create_link_artifact(key=_key(cfg.name, "dashboard"), link=dashboard_url(previous["version"]),
+                         link_text=f"{previous['version']} in the tunery dashboard",
+                         description="the run's last version in the dashboard (`tunery dashboard`)")
+    reused = previous.get("flow_run_id") != this_run
+    _rename(f"{cfg.name} -> {previous['version']}" + (" (nothing changed)" if reused else ""))
     promoted = None
     if cfg.promote is not None:
         best = promotion.best_version([registry.get_version(v["version"]) for v, _ in results[1:]])

@@ -49,10 +49,15 @@ def test_pipeline_flow_registers_base_and_tuned_with_metrics_and_artifacts(
         assert {"perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb"} <= set(v["metrics"]), v["version"]
     assert len(registry.get_history("tiny-fern:1")) >= 4
     assert (tunery_home / "artifacts" / "tiny-fern" / "1" / "adapter_model.safetensors").exists()
-    keys = ["tiny-fern-prep", "tiny-fern-sft", "tiny-fern-eval", "tiny-base-eval", "tiny-fern-summary"]
+    keys = ["tiny-fern-prep", "tiny-fern-sft", "tiny-fern-eval", "tiny-base-eval", "tiny-fern-summary",
+            "tiny-fern-dashboard"]
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
-    assert {a.key for a in found} == set(keys)
+        assert {a.key for a in found} == set(keys)
+        link = next(a for a in found if a.key == "tiny-fern-dashboard")
+        assert "http://127.0.0.1:8501/version?v=tiny-fern:1" in link.data
+        run = client.read_flow_run(next(a for a in found if a.key == "tiny-fern-summary").flow_run_id)
+        assert run.name == "tiny-fern -> tiny-fern:1"
 
 
 
@@ -81,6 +86,10 @@ def test_unchanged_inputs_skip_training_and_changed_data_retrains(prefect_harnes
     states = _task_states(str(state.state_details.flow_run_id))
     assert states["sft tiny-fern from tiny-base:1"] == "Cached", states
     assert states["eval tiny-fern:1"] == "Cached" and states["eval tiny-base:1"] == "Cached", states
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(state.state_details.flow_run_id).name == "tiny-fern -> tiny-fern:1 (nothing changed)"
     # Changed data: a new hash, a new fingerprint, a new version trained from the same base.
     tiny_config(tmp_path, tiny_model_dir, garden_rows + [chat("What is compost?", "Rotted plant matter.")])
     third = pipeline(config)
