@@ -56,6 +56,7 @@ bench: setup
 	$(BIN)/python bench/perplexity_speed.py
 	$(BIN)/python bench/export_speed.py
 	$(BIN)/python bench/dashboard_render.py --browser
+	$(BIN)/python bench/prefect_overhead.py
 
 # Re-resolve the pins from requirements/base.in in a throwaway environment.
 lock:

@@ -12,7 +12,30 @@ from prefect.runtime import flow_run
 import registry
 from flows import promotion, steps
 from flows.config import BASE_REF, load_config
-from tasks.common import sha256_json
+from tasks.common import RegistryBusy, TuneryError, sha256_json
+
+# Tasks that use the accelerator carry this tag; `tunery serve` sets a concurrency limit of 1 on it, so two
+# trainings or evaluations never share one machine's GPU (or CPU) at once.
+ACCELERATOR_TAG = "tunery-accelerator"
+
+
+def transient_only(task, task_run, state) -> bool:
+    """Retry where trying again can help: I/O errors and a registry held busy by another process. Never bad data,
+    a bad config or running out of memory, which fail the same way every time."""
+    try:
+        state.result()
+    except RegistryBusy:
+        return True
+    except (TuneryError, MemoryError):
+        return False
+    except (OSError, TimeoutError) as e:
+        return "out of memory" not in str(e).lower()
+    except Exception:
+        return False
+    return False
+
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": transient_only}
 
 SUMMARY_METRICS = ("perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb")
 
@@ -22,7 +45,7 @@ def _key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
-@task(task_run_name="prep {cfg.name}")
+@task(task_run_name="prep {cfg.name}", **IO_RETRIES)
 def prep_task(cfg, config_dir: Path, base: dict[str, Any]):
     result = steps.run_prep(cfg, config_dir, base["artifact_path"])
     info = result.info
@@ -37,7 +60,7 @@ def prep_task(cfg, config_dir: Path, base: dict[str, Any]):
     return result
 
 
-@task(task_run_name="base {cfg.base_model}")
+@task(task_run_name="base {cfg.base_model}", **IO_RETRIES)
 def base_task(cfg, config_dir: Path) -> dict[str, Any]:
     return steps.run_base(cfg, config_dir)
 
@@ -81,7 +104,7 @@ def eval_cache_key(context, parameters: dict[str, Any]) -> str:
 
 
 @task(task_run_name="{kind} {cfg.name} stage {index}", cache_key_fn=stage_cache_key, persist_result=True,
-      result_serializer="json")
+      result_serializer="json", tags=[ACCELERATOR_TAG])
 def stage_task(cfg, index: int, kind: str, done: dict[str, dict[str, Any]], previous: dict[str, Any], data,
                config_dir: Path) -> dict[str, Any]:
     version = steps.run_stage(cfg, index, done, previous, data, config_dir, flow_run_id=str(flow_run.get_id() or ""),
@@ -92,7 +115,7 @@ def stage_task(cfg, index: int, kind: str, done: dict[str, dict[str, Any]], prev
 
 
 @task(task_run_name="eval {version[version]}", cache_key_fn=eval_cache_key, persist_result=True,
-      result_serializer="json")
+      result_serializer="json", tags=[ACCELERATOR_TAG])
 def eval_task(version: dict[str, Any], data, eval_cfg) -> dict[str, float]:
     metrics = steps.run_eval(version, data, eval_cfg)
     create_markdown_artifact(

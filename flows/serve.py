@@ -56,7 +56,19 @@ def runner_deployments(path: Path = PREFECT_YAML) -> list:
             for d in read_deployments(path)]
 
 
+def ensure_accelerator_limit() -> None:
+    """A concurrency limit of 1 on the tag of the tasks that train or evaluate, on the server runs report to."""
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import ACCELERATOR_TAG
+
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=ACCELERATOR_TAG, concurrency_limit=1)
+
+
 def serve(path: Path = PREFECT_YAML) -> None:
     from prefect import serve as prefect_serve
 
-    prefect_serve(*runner_deployments(path), limit=1)  # one pipeline at a time: they share the machine
+    deployments = runner_deployments(path)
+    ensure_accelerator_limit()
+    prefect_serve(*deployments, limit=1)  # one pipeline at a time from this process, too

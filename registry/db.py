@@ -15,7 +15,7 @@ from typing import Iterator
 
 import duckdb
 
-from tasks.common import TuneryError, registry_path
+from tasks.common import RegistryBusy, TuneryError, registry_path
 
 LOCK_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0)  # ~21 s in all: a flow's write is short
 
@@ -44,7 +44,7 @@ def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
             if not _is_lock_error(e):
                 raise
             if delay is None:
-                raise TuneryError(f"{path}: the registry is locked by another process; try again") from None
+                raise RegistryBusy(f"{path}: the registry is locked by another process; try again") from None
             time.sleep(delay)
     raise AssertionError("unreachable: the last attempt returns or raises")
 

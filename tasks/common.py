@@ -16,6 +16,10 @@ class TuneryError(Exception):
     """A problem the user can fix (bad data, bad config, unknown version). The CLI prints it without a traceback."""
 
 
+class RegistryBusy(TuneryError):
+    """The registry stayed locked by another process for longer than the retries wait: trying later can help."""
+
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 

@@ -118,3 +118,25 @@ def test_a_process_worker_picks_up_and_completes_a_run(prefect_server, tmp_path,
     assert final.state.is_completed(), worker.stdout[-3000:] + worker.stderr[-3000:]
     assert final.name == "tiny-fern -> tiny-fern:1"
     assert registry.get_version("tiny-fern:1")["status"] == "ready"
+
+
+def test_training_tasks_share_one_accelerator_slot_and_retry_only_transient_errors(prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed
+
+    from flows.pipeline import ACCELERATOR_TAG, eval_task, prep_task, stage_task, transient_only
+    from tasks.common import RegistryBusy
+
+    serve.ensure_accelerator_limit()
+    with get_client(sync_client=True) as client:
+        assert client.read_concurrency_limit_by_tag(ACCELERATOR_TAG).concurrency_limit == 1
+    assert ACCELERATOR_TAG in stage_task.tags and ACCELERATOR_TAG in eval_task.tags
+    assert stage_task.retries == 0 and prep_task.retries == 2
+
+    def verdict(error: BaseException) -> bool:
+        return transient_only(None, None, Failed(data=error))
+
+    assert verdict(OSError("stale NFS file handle")) and verdict(RegistryBusy("locked"))
+    assert not verdict(TuneryError("garden.jsonl, line 3: missing 'messages'"))
+    assert not verdict(MemoryError()) and not verdict(RuntimeError("CUDA out of memory"))
+    assert not verdict(OSError("[Errno 12] Cannot allocate memory: out of memory"))
