@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -22,7 +23,7 @@ from tasks.merge import NEEDS_BASE, check_sources, merge_adapter, merge_models
 from tasks.models import DEFAULT_BASE, DEFAULT_NAME, resolve_base_model
 from tasks.prep import PrepConfig, prepare
 from tasks.sft import train_sft
-from tasks.training import STAGE_DATA, QuantizationConfig
+from tasks.training import CHECKPOINTS, STAGE_DATA, QuantizationConfig
 
 TRAINERS = {"cpt": train_cpt, "sft": train_sft, "dpo": train_dpo}
 
@@ -129,13 +130,24 @@ def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], da
         hyperparameters=hyperparameters, data_hash=data.info["data_hash"], flow_run_id=flow_run_id,
     )
 
+    # Checkpoints live outside the version's temporary folder, keyed by the stage's inputs: a failed attempt leaves
+    # them for the next attempt at the same stage, and a success removes them.
+    checkpoints = home() / "checkpoints" / fingerprint if fingerprint else None
+
     def train(tmp: Path) -> StageResult:
         start_folder = model_folder(start)
-        result = TRAINERS[stage.stage](stage, start_folder, data.artifact_path, tmp, cfg.device, cfg.seed)
+        token = CHECKPOINTS.set(checkpoints)
+        try:
+            result = TRAINERS[stage.stage](stage, start_folder, data.artifact_path, tmp, cfg.device, cfg.seed)
+        finally:
+            CHECKPOINTS.reset(token)
         result.info.update(stage_id=stage_id or stage.stage, start_folder=start_folder, fingerprint=fingerprint)
         return result
 
-    return _record(version, train)
+    done = _record(version, train)
+    if checkpoints is not None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return done
 
 
 def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | None,

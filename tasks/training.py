@@ -6,6 +6,8 @@ already merged into its parent) and writes either a LoRA adapter on top of that 
 """
 from __future__ import annotations
 
+import contextvars
+
 import math
 import shutil
 import sys
@@ -93,6 +95,9 @@ class TrainingConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate the validation loss every N steps.")
     logging_steps: int = Field(1, ge=1, description="Record loss, learning rate, grad norm and memory every N steps.")
+    save_steps: int | None = Field(None, ge=1, description="Keep a checkpoint every N steps under "
+                                   "TUNERY_HOME/checkpoints; a run that stops is resumed from it by the next run "
+                                   "of the same stage with the same inputs. Default: no checkpoints.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on capable CUDA GPUs, fp16 on older ones, fp32 on CPU and MPS."
     )
@@ -181,11 +186,28 @@ def trainable_model(config: TrainingConfig, model_path: str, device: str):
     return model, peft_config, info
 
 
+# Where the running stage keeps its checkpoints (set by flows.steps.run_train for the stage's fingerprint, so a
+# rerun of the same stage with the same inputs finds them); None: no checkpoints.
+CHECKPOINTS: contextvars.ContextVar[Path | None] = contextvars.ContextVar("tunery_checkpoints", default=None)
+
+
+def last_checkpoint() -> str | None:
+    """The newest checkpoint of the running stage, if an earlier attempt left one."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = CHECKPOINTS.get()
+    return get_last_checkpoint(str(folder)) if folder is not None and folder.is_dir() else None
+
+
 def trainer_arguments(config: TrainingConfig, out_dir: Path, device: str, precision: str, seed: int,
                       has_eval: bool) -> dict[str, Any]:
     """The transformers TrainingArguments every stage passes to its trl config."""
+    checkpoints = CHECKPOINTS.get() if config.save_steps else None
+    saving = dict(save_strategy="steps", save_steps=config.save_steps, save_total_limit=1) if checkpoints else dict(
+        save_strategy="no")
     return dict(
-        output_dir=str(out_dir / "trainer"),
+        output_dir=str(checkpoints or out_dir / "trainer"),
+        **saving,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
@@ -200,7 +222,6 @@ def trainer_arguments(config: TrainingConfig, out_dir: Path, device: str, precis
         logging_nan_inf_filter=False,  # log a NaN loss as NaN (the default hides it), so the guard can stop the run
         eval_strategy="steps" if config.eval_steps and has_eval else "no",
         eval_steps=config.eval_steps,
-        save_strategy="no",
         report_to="none",
         seed=seed,
         bf16=precision == "bf16",
@@ -304,7 +325,11 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    output = trainer.train()
+    resume = last_checkpoint() if config.save_steps else None
+    if resume:
+        info["resumed_from"] = Path(resume).name
+        print(f"{stage}: resuming from {resume}", file=sys.stderr)
+    output = trainer.train(resume_from_checkpoint=resume)
     runtime = time.perf_counter() - start
     if guard.bad is not None:
         step, key, value = guard.bad

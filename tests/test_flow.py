@@ -213,3 +213,36 @@ def test_a_flow_that_failed_at_a_stage_resumes_there(prefect_harness, tmp_path, 
     assert result["versions"] == ["tiny-base:1", "tiny-fern:1", "tiny-fern:3"]
     assert registry.get_version("tiny-fern:3")["parents"] == ["tiny-fern:1"]
     assert [r["this run"] for r in result["rows"]] == ["base", "reused", "trained"]
+
+
+def test_a_stopped_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, garden_rows, tunery_home,
+                                                             monkeypatch):
+    import tasks.training as training
+
+    cfg, config_dir = load_config(tiny_config(tmp_path, tiny_model_dir, garden_rows, max_steps=6, save_steps=2))
+    base = steps.run_base(cfg, config_dir)
+    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    real_guard = training.nan_guard
+
+    def crashing_guard():  # fault injection: the process "dies" after step 5
+        guard = real_guard()
+
+        def on_step_end(args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise RuntimeError("simulated crash after step 5")
+
+        guard.on_step_end = on_step_end
+        return guard
+
+    monkeypatch.setattr(training, "nan_guard", crashing_guard)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        steps.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
+    assert [p.name for p in (tunery_home / "checkpoints").glob("*/checkpoint-*")] == ["checkpoint-4"]
+    assert registry.get_version("tiny-fern:1")["status"] == "failed"
+
+    monkeypatch.setattr(training, "nan_guard", real_guard)
+    version = steps.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
+    assert version["version"] == "tiny-fern:2" and version["info"]["resumed_from"] == "checkpoint-4"
+    assert version["metrics"]["train_steps"] == 6
+    assert [h["step"] for h in registry.get_history("tiny-fern:2")] == [5, 6]  # steps 1-4 were not run again
+    assert not list((tunery_home / "checkpoints").iterdir())  # removed once the stage succeeded
