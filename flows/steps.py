@@ -19,6 +19,7 @@ from tasks.common import StageResult, TuneryError, artifacts_dir, atomic_dir, ho
 from tasks.cpt import train_cpt
 from tasks.dpo import train_dpo
 from tasks.evaluation import EvalConfig, evaluate
+from tasks.launched import launch
 from tasks.merge import NEEDS_BASE, check_sources, merge_adapter, merge_models
 from tasks.models import DEFAULT_BASE, DEFAULT_NAME, resolve_base_model
 from tasks.prep import PrepConfig, prepare
@@ -138,7 +139,10 @@ def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], da
         start_folder = model_folder(start)
         token = CHECKPOINTS.set(checkpoints)
         try:
-            result = TRAINERS[stage.stage](stage, start_folder, data.artifact_path, tmp, cfg.device, cfg.seed)
+            if stage.processes > 1:  # data-parallel, under `accelerate launch`
+                result = launch(stage.stage, stage, start_folder, data.artifact_path, tmp, cfg.device, cfg.seed)
+            else:
+                result = TRAINERS[stage.stage](stage, start_folder, data.artifact_path, tmp, cfg.device, cfg.seed)
         finally:
             CHECKPOINTS.reset(token)
         result.info.update(stage_id=stage_id or stage.stage, start_folder=start_folder, fingerprint=fingerprint)

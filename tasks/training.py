@@ -95,6 +95,9 @@ class TrainingConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate the validation loss every N steps.")
     logging_steps: int = Field(1, ge=1, description="Record loss, learning rate, grad norm and memory every N steps.")
+    processes: int = Field(1, ge=1, le=64, description="Data-parallel training processes, one per GPU: above 1 the "
+                           "stage runs under `accelerate launch --num_processes N` (on a CPU-only machine, with "
+                           "gloo). The batch size is per process.")
     save_steps: int | None = Field(None, ge=1, description="Keep a checkpoint every N steps under "
                                    "TUNERY_HOME/checkpoints; a run that stops is resumed from it by the next run "
                                    "of the same stage with the same inputs. Default: no checkpoints.")
@@ -343,8 +346,11 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
                               int(trainer.state.max_steps))
 
     trained = trainer.model
-    trained.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    info["world_size"] = int(trainer.args.world_size)
+    main = trainer.is_world_process_zero()  # under `accelerate launch`, only one process writes the result
+    if main:
+        trained.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
     tokens_seen = float(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
     metrics = {
         **(start_metrics or {}),
@@ -367,11 +373,12 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
         metrics.update(after_train())
     if torch.cuda.is_available():
         metrics["train_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    write_json(out_dir / "tunery_stage.json", {"stage": stage, "metrics": metrics, "info": info,
-                                               "start_model": model_path, "data_hash": data_hash})
-    shutil.rmtree(out_dir / "trainer", ignore_errors=True)
-    title = f"{stage} ({config.method}) on {Path(model_path).name}"
-    plot_history(history, out_dir / "training_curves.png", title=title)
+    if main:
+        write_json(out_dir / "tunery_stage.json", {"stage": stage, "metrics": metrics, "info": info,
+                                                   "start_model": model_path, "data_hash": data_hash})
+        shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+        plot_history(history, out_dir / "training_curves.png", title=f"{stage} ({config.method}) on "
+                                                                      f"{Path(model_path).name}")
     return StageResult(stage=stage, artifact_path=str(out_dir), metrics=metrics, history=history, info=info)
 
 

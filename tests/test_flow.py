@@ -1,6 +1,8 @@
 """The Prefect pipeline flow and the registry bookkeeping around stages, on the tiny model."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -246,3 +248,19 @@ def test_a_stopped_training_resumes_from_its_last_checkpoint(tmp_path, tiny_mode
     assert version["metrics"]["train_steps"] == 6
     assert [h["step"] for h in registry.get_history("tiny-fern:2")] == [5, 6]  # steps 1-4 were not run again
     assert not list((tunery_home / "checkpoints").iterdir())  # removed once the stage succeeded
+
+
+def test_a_stage_with_two_processes_trains_under_accelerate_launch(tmp_path, tiny_model_dir, garden_rows):
+    """Data-parallel training as on several GPUs, here with 2 CPU processes (gloo): one version, trained weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    cfg, config_dir = load_config(tiny_config(tmp_path, tiny_model_dir, garden_rows, processes=2, max_steps=3))
+    base = steps.run_base(cfg, config_dir)
+    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    version = steps.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
+    assert version["status"] == "ready" and version["info"]["processes"] == version["info"]["world_size"] == 2
+    assert version["metrics"]["train_steps"] == 3 and len(registry.get_history(version["version"])) == 3
+    adapter = load_file(str(Path(version["artifact_path"]) / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and torch.count_nonzero(v) for k, v in adapter.items())  # B moved off 0
+    assert not list(Path(version["artifact_path"]).glob("launch.json"))
