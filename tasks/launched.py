@@ -1,4 +1,5 @@
-"""A training stage on several processes: `launch` runs this module under `accelerate launch --num_processes N`;
+"""A training stage on several processes: `launch` runs this module under `accelerate launch --multi_gpu
+--num_processes N` (on a CPU-only machine: torchrun with accelerate's multi-CPU mode);
 every process trains on its share of each batch (DDP), and the main process saves the result and writes
 `stage_result.json`, which `launch` reads back as the stage's StageResult.
 """
@@ -38,14 +39,21 @@ def launch(kind: str, config, model_path: str, data_dir: str, out_dir: Path, dev
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(config.processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), *(["--cpu"] if resolve_device(device) == "cpu" else []),
-               "-m", "tasks.launched", str(spec_path)]
-    proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if resolve_device(device) == "cpu":
+        # accelerate launch --cpu starts one process; torchrun with ACCELERATE_USE_CPU gives accelerate's MULTI_CPU
+        # (gloo), which is what several GPUs get from `accelerate launch --multi_gpu`.
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(config.processes),
+                   "--master_port", str(port), "-m", "tasks.launched", str(spec_path)]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   str(config.processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(port), "-m", "tasks.launched", str(spec_path)]
+        env = dict(os.environ)
+    proc = subprocess.run(command, env=env)
     spec_path.unlink(missing_ok=True)
     if proc.returncode != 0 or not (out_dir / RESULT).exists():
-        raise TuneryError(f"{kind} under accelerate launch ({config.processes} processes) failed with exit code "
+        raise TuneryError(f"{kind} on {config.processes} processes failed with exit code "
                           f"{proc.returncode}; its output is above")
     done = json.loads((out_dir / RESULT).read_text())
     (out_dir / RESULT).unlink()
