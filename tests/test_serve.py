@@ -40,6 +40,16 @@ def test_shipped_deployments_load_with_their_schedules(prefect_server):
         assert _schedules(client, "fern-chain-weekly") == [("0 4 * * 0", "UTC")]
         d = client.read_deployment_by_name("tunery-pipeline/fern-nightly")
         assert d.parameters["config_path"].endswith("configs/demo.yaml")
+    # The server's scheduler turns the cron into scheduled runs (it cannot with SQLAlchemy 2.1; see base.in).
+    import asyncio
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.server.services.scheduler import schedule_deployments
+
+    asyncio.run(schedule_deployments())
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[d.id])))
+    assert runs and all(r.state.name == "Scheduled" and r.expected_start_time.hour == 3 for r in runs)
 
 
 @pytest.mark.parametrize("text, message", [
