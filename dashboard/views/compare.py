@@ -28,7 +28,8 @@ for other in others:
         row[f"better {other}"] = m["better"]
     for h in result["hyperparameters"]:
         if h["changed"]:
-            hp_rows.setdefault(h["hyperparameter"], {"hyperparameter": h["hyperparameter"], base: h["a"]})[other] = h["b"]
+            row = hp_rows.setdefault(h["hyperparameter"], {"hyperparameter": h["hyperparameter"], base: h["a"]})
+            row[other] = h["b"]
 
 KEY = ("perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb", "cost_per_mtok_usd")
 full = pd.DataFrame(sorted(rows.values(), key=lambda r: (r["metric"] not in KEY, r["metric"])))
