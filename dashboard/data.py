@@ -36,11 +36,7 @@ def facets() -> dict[str, list[str]]:
 def version(ref: str) -> dict[str, Any]:
     v = registry.get_version(ref)
     v["children"] = registry.children(ref)
-    v["exports"] = export_store.list_exports(v["version"])
-    v["aliases"] = [f"{a['name']}@{a['alias']}" for a in export_store.list_aliases(v["name"])
-                    if a["version"] == v["version"]]
-    v["promotions"] = [p for p in export_store.promotion_history(v["name"])
-                       if v["version"] in (p["version"], p["previous_version"])]
+    v.update(export_store.of_version(v))
     return v
 
 

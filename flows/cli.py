@@ -96,6 +96,7 @@ def run(config: Path = typer.Argument(None, help="Pipeline YAML; default: config
     out.print(f"held-out perplexity {base['version']} {base['perplexity']:.2f} -> {last['version']} "
               f"{last['perplexity']:.2f} ({change:+.1%})")
     if result.get("promotion"):
+        _print_answers(result["promotion"]["export"])
         _print_promotion(result["promotion"])
 
 
@@ -231,16 +232,18 @@ def _print_checks(export: dict[str, Any]) -> None:
         passed = "-" if c["passed"] is None else ("yes" if c["passed"] else "NO")
         table.add_row(c["name"], c["file"], passed, _fmt(c["value"]), c["detail"])
     out.print(table)
+    _print_answers(export)
+
+
+def _print_answers(export: dict[str, Any]) -> None:
     for sample in export["info"].get("answers", []):
-        out.print(f"[bold]{sample['prompt']}[/bold]\n  {sample['answer']}")
+        out.print(f"  llama.cpp, through the Modelfile: [bold]{sample['prompt']}[/bold] {sample['answer']}")
 
 
 def _print_promotion(result: dict[str, Any]) -> None:
     from flows.promotion import summary
 
     out.print(summary(result))
-    for sample in result["export"]["info"].get("answers", []):
-        out.print(f"  llama.cpp, through the Modelfile: [bold]{sample['prompt']}[/bold] {sample['answer']}")
     if result["promoted"]:
         out.print(f"{result['alias']} -> {result['version']}: {result['path']} ({result['ollama']})")
 
@@ -310,13 +313,8 @@ def serve(prefect_yaml: Path = typer.Option(None, "--prefect-file", help="Defaul
     """Serve the scheduled retraining deployments on this machine (runs start at each cron tick)."""
     from flows import serve as serving
 
-    path = prefect_yaml or serving.PREFECT_YAML
-    deployments = serving.read_deployments(path)
     _prefect_env()
-    for d in deployments:
-        crons = ", ".join(f"{s.cron} {s.timezone}" for s in d["schedules"]) or "no schedule"
-        err.print(f"serving {d['name']}: {d['config_path']} ({crons})")
-    serving.serve(path)
+    serving.serve(prefect_yaml or serving.PREFECT_YAML)
 
 
 # ---------------------------------------------------------------- registry views
@@ -351,14 +349,12 @@ def show(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bo
     from registry import exports as export_store
 
     v = registry.get_version(version)
+    found = export_store.of_version(v)
     v["exports"] = [{k: e[k] for k in ("export_id", "quant", "path", "gguf_file", "size_bytes", "passed", "checks")}
-                    for e in export_store.list_exports(v["version"])]
-    v["aliases"] = [f"{a['name']}@{a['alias']}" for a in export_store.list_aliases(v["name"])
-                    if a["version"] == v["version"]]
+                    for e in found["exports"]]
+    v["aliases"] = found["aliases"]
     v["promotions"] = [{k: p[k] for k in ("action", "alias", "version", "previous_version", "export_id", "gate",
-                                          "ollama", "recorded_at")}
-                       for p in export_store.promotion_history(v["name"])
-                       if v["version"] in (p["version"], p["previous_version"])]
+                                          "ollama", "recorded_at")} for p in found["promotions"]]
     if as_json:
         _print_json(v)
         return

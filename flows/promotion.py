@@ -52,7 +52,7 @@ def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list
                    progress: Progress = print) -> dict[str, Any]:
     """Write exports/NAME/vN-QUANT (GGUF + Modelfile), run every check on it, record export and checks."""
     from tasks import verify
-    from tasks.models import load_model, load_tokenizer, prompt_ids
+    from tasks.models import conversation, load_model, load_tokenizer, prompt_ids
 
     version = registry.get_version(ref)
     if version["status"] != "ready":
@@ -112,8 +112,7 @@ def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list
             add(gguf, answered, speed)
         finally:
             llm.close()
-        system = [{"role": "system", "content": cfg.system}] if cfg.system else []
-        ids = [prompt_ids(tokenizer, system + [{"role": "user", "content": p}]) for p in prompts]
+        ids = [prompt_ids(tokenizer, conversation(cfg.system, p)) for p in prompts]
         stop_ids = set(tokenizer.convert_tokens_to_ids(stops))
         full_llm = verify.open_gguf(full_path, threads=cfg.threads)
         try:
@@ -145,7 +144,7 @@ def _value(export: dict[str, Any], name: str) -> float | None:
 
 
 def gate(candidate: dict[str, Any], holder: dict[str, Any] | None, data: StageResult, cfg: GateConfig,
-         window: int, threads: int | None = None) -> list[dict[str, Any]]:
+         threads: int | None = None) -> list[dict[str, Any]]:
     """The gate's verdicts: {name, passed, value, threshold, detail}, one per threshold."""
     from tasks import verify
     from tasks.models import load_tokenizer
@@ -174,11 +173,13 @@ def gate(candidate: dict[str, Any], holder: dict[str, Any] | None, data: StageRe
                                    f"{ours_base}: perplexities over different tokenizers are not comparable; "
                                    "promote to another alias"})
         return verdicts
-    # Both exports measured now, on the same held-out tokens (the candidate's tokenizer; the family shares it).
+    # The holder's GGUF is measured now on the tokens the candidate's `perplexity` check used: the same held-out
+    # rows and window, through the candidate's tokenizer (the family shares it).
     tokenizer = load_tokenizer(candidate["info"]["model_folder"])
     examples = heldout_examples(tokenizer, data, candidate["info"]["config"]["heldout_rows"])
-    ours = verify.gguf_perplexity(Path(candidate["path"]) / candidate["gguf_file"], examples, window, threads)
-    theirs = verify.gguf_perplexity(Path(holder["path"]) / holder["gguf_file"], examples, window, threads)
+    ours = _value(candidate, "perplexity")
+    theirs = verify.gguf_perplexity(Path(holder["path"]) / holder["gguf_file"], examples,
+                                    candidate["info"]["config"]["window"], threads)
     limit = theirs * (1 + cfg.max_perplexity_increase_pct / 100)
     verdicts.append({"name": "perplexity_vs_holder", "passed": ours <= limit, "value": ours, "threshold": limit,
                      "detail": f"{ours:.3f} vs {holder['version']}'s {theirs:.3f} "
@@ -219,13 +220,12 @@ def promote(ref: str, data: StageResult, export_cfg: ExportConfig, gate_cfg: Gat
             progress: Progress = print) -> dict[str, Any]:
     """Export `ref`, gate it against the alias's holder, and move the alias on a pass. Either way, a row."""
     version = registry.get_version(ref)
-    name, alias = version["name"], gate_cfg.alias
-    check_name(alias, "alias")
+    name, alias = version["name"], gate_cfg.alias  # GateConfig validated the alias
     candidate = export_version(version["version"], data, export_cfg, prompts, progress)
     current = export_store.get_alias(name, alias)
     holder = export_store.get_export(current["export_id"]) if current else None
     progress(f"gate for {name}@{alias}" + (f" (held by {holder['version']})" if holder else ""))
-    verdicts = gate(candidate, holder, data, gate_cfg, export_cfg.window, export_cfg.threads)
+    verdicts = gate(candidate, holder, data, gate_cfg, export_cfg.threads)
     record = {"thresholds": gate_cfg.model_dump(), "verdicts": verdicts}
     if not all(v["passed"] for v in verdicts):
         export_store.record_promotion(name, alias, "refused", version["version"], candidate["export_id"], record)
@@ -283,16 +283,11 @@ def _setup(ref: str, config: str | Path | None, quant: str | None, alias: str | 
     from flows.steps import load_with_data
 
     registry.get_version(ref)
-    export_cfg, gate_cfg = ExportConfig(), GateConfig()
-    if quant:
-        override(export_cfg, "--quant", quant=quant)
-    if alias:
-        override(gate_cfg, "--alias", alias=alias)
-    load_config(config or DEMO_CONFIG)
-    cfg, _, _, data = load_with_data(config or DEMO_CONFIG)
+    cfg, _ = load_config(config or DEMO_CONFIG)  # reading the YAML is cheap; registering and preparing is not
     export_cfg = override(cfg.export, "--quant", quant=quant) if quant else cfg.export
-    gate_cfg = cfg.promote or gate_cfg
+    gate_cfg = cfg.promote or GateConfig()
     gate_cfg = override(gate_cfg, "--alias", alias=alias) if alias else gate_cfg
+    _, _, _, data = load_with_data(config or DEMO_CONFIG)
     return cfg, data, export_cfg, gate_cfg
 
 

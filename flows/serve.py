@@ -5,6 +5,7 @@ inputs did not change since the last successful run are skipped (see flows/pipel
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,12 @@ def ensure_accelerator_limit() -> None:
 
 
 def serve(path: Path = PREFECT_YAML) -> None:
+    """Serve the deployments of `path` with their schedules, one run at a time (what `tunery serve` runs)."""
     from prefect import serve as prefect_serve
 
     deployments = runner_deployments(path)
+    for d in deployments:
+        crons = ", ".join(f"{s.schedule.cron} {s.schedule.timezone}" for s in d.schedules) or "no schedule"
+        print(f"serving {d.name}: {d.parameters['config_path']} ({crons})", file=sys.stderr)
     ensure_accelerator_limit()
     prefect_serve(*deployments, limit=1)  # one pipeline at a time from this process, too

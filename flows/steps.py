@@ -217,21 +217,33 @@ def stage_data(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]],
     return data
 
 
+def stage_versions(stage: Stage, done: dict[str, dict[str, Any]], previous: dict[str, Any]
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
+    """The versions a stage reads: what it starts from, and for a merge its sources and (ties, dare_ties,
+    task_arithmetic) the base they are measured from."""
+    start = resolve_ref(stage.from_, done) if stage.from_ else previous
+    if not isinstance(stage, MergeStage):
+        return start, [], None
+    sources = [resolve_ref(ref, done) for ref in stage.sources]
+    merge_base = resolve_ref(stage.base or BASE_REF, done) if stage.method in NEEDS_BASE else None
+    return start, sources, merge_base
+
+
 def stage_fingerprint(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], previous: dict[str, Any],
                       data: StageResult | None) -> str:
     """What a stage's result depends on: its settings, the data it trains on, the versions it starts from or
     merges, the seed and device, the code, and the registry. Equal fingerprints mean the stage need not run again."""
     stage = cfg.stages[index]
-    start = resolve_ref(stage.from_, done) if stage.from_ else previous
+    start, sources, merge_base = stage_versions(stage, done, previous)
     inputs: dict[str, Any] = {
         "name": cfg.name, "stage": stage.model_dump(mode="json", exclude={"data", "id", "from_"}),
         "data": data.info["data_hash"] if data is not None else None, "start": start["version"],
         "seed": cfg.seed, "device": cfg.device, "code": code_version(), "registry": registry.instance_id(),
     }
     if isinstance(stage, MergeStage):
-        inputs["sources"] = [resolve_ref(ref, done)["version"] for ref in stage.sources]
-        if stage.method in NEEDS_BASE:
-            inputs["base"] = resolve_ref(stage.base or BASE_REF, done)["version"]
+        inputs["sources"] = [s["version"] for s in sources]
+        if merge_base is not None:
+            inputs["base"] = merge_base["version"]
     return sha256_json(inputs)
 
 
@@ -250,12 +262,8 @@ def run_stage(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], 
     fingerprint = stage_fingerprint(cfg, index, done, previous, data)
     if reuse and (found := registry.find_fingerprint(cfg.name, fingerprint)):
         return {**registry.get_version(found), "reused": True}
-    start = resolve_ref(stage.from_, done) if stage.from_ else previous
+    start, sources, merge_base = stage_versions(stage, done, previous)
     if isinstance(stage, MergeStage):
-        sources = [resolve_ref(ref, done) for ref in stage.sources]
-        merge_base = None
-        if stage.method in NEEDS_BASE:
-            merge_base = resolve_ref(stage.base or BASE_REF, done)
         return run_merge(cfg, stage, start, sources, merge_base, stage_id, flow_run_id, fingerprint)
     return run_train(cfg, stage, start, data, stage_id, flow_run_id, fingerprint)
 

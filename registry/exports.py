@@ -77,6 +77,15 @@ def list_aliases(name: str | None = None) -> list[dict[str, Any]]:
             for n, a, v, e, u in rows]
 
 
+def of_version(version: dict[str, Any]) -> dict[str, list]:
+    """A version's exports, the aliases that point at it (NAME@ALIAS), and the promotions it took part in."""
+    return {"exports": list_exports(version["version"]),
+            "aliases": [f"{a['name']}@{a['alias']}" for a in list_aliases(version["name"])
+                        if a["version"] == version["version"]],
+            "promotions": [p for p in promotion_history(version["name"])
+                           if version["version"] in (p["version"], p["previous_version"])]}
+
+
 def record_promotion(name: str, alias: str, action: str, version: str, export_id: str | None,
                      gate: dict[str, Any], ollama: str | None = None) -> dict[str, Any]:
     """Add a promotions row; for promote and rollback also move the alias, in the same transaction."""

@@ -27,10 +27,7 @@ def create_version(name: str, stage: str, *, base_model: str | None = None, pare
         for parent in parents:
             if not con.execute("SELECT 1 FROM versions WHERE version = ?", [parent]).fetchone():
                 raise TuneryError(f"parent version {parent!r} is not registered")
-        number = con.execute(
-            "INSERT INTO model_names VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET last_number = "
-            "model_names.last_number + 1 RETURNING last_number", [name]
-        ).fetchone()[0]
+        number = _next_number(con, name)
         version = f"{name}:{number}"
         con.execute(
             "INSERT INTO versions (version, name, number, stage, status, base_model, hyperparameters_json, "
@@ -41,6 +38,12 @@ def create_version(name: str, stage: str, *, base_model: str | None = None, pare
         for position, parent in enumerate(parents):
             con.execute("INSERT INTO version_parents VALUES (?, ?, ?)", [version, parent, position])
     return version
+
+
+def _next_number(con, name: str) -> int:
+    """Claim the next version number of `name` (numbers count up per name and are never reused)."""
+    return con.execute("INSERT INTO model_names VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET last_number = "
+                       "model_names.last_number + 1 RETURNING last_number", [name]).fetchone()[0]
 
 
 def finish_version(version: str, artifact_path: str | None, info: dict | None = None) -> None:
@@ -365,9 +368,7 @@ def import_versions(records: list[dict[str, Any]]) -> list[str]:
             check_name(r["name"], "model name")
             if r["status"] not in STATUSES:
                 raise TuneryError(f"status must be one of {', '.join(STATUSES)}, got {r['status']!r}")
-            number = con.execute(
-                "INSERT INTO model_names VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET last_number = "
-                "model_names.last_number + 1 RETURNING last_number", [r["name"]]).fetchone()[0]
+            number = _next_number(con, r["name"])
             version = f"{r['name']}:{number}"
             con.execute(
                 "INSERT INTO versions (version, name, number, stage, status, base_model, artifact_path, error, "

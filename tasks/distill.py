@@ -11,11 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.common import TuneryError
-from tasks.models import prompt_ids
-
-
-def conversation(system: str | None, user: str) -> list[dict[str, str]]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+from tasks.models import answer_length, conversation, prompt_ids, turn_end_ids
 
 
 def teacher_answers(model, tokenizer, system: str | None, prompts: list[str], max_new_tokens: int = 256,
@@ -27,7 +23,7 @@ def teacher_answers(model, tokenizer, system: str | None, prompts: list[str], ma
     if not prompts:
         raise TuneryError("no prompts to ask the teacher")
     device = next(model.parameters()).device
-    stop = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(tokenizer.all_special_tokens)}
+    stop = turn_end_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -39,8 +35,8 @@ def teacher_answers(model, tokenizer, system: str | None, prompts: list[str], ma
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad)[:, width:].tolist()
         for generated in out:
-            end = next((i for i, t in enumerate(generated) if t in stop), len(generated))
-            answers.append(tokenizer.decode(generated[:end], skip_special_tokens=True).strip())
+            answers.append(tokenizer.decode(generated[:answer_length(generated, stop)], skip_special_tokens=True)
+                           .strip())
     return answers
 
 

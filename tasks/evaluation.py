@@ -20,7 +20,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import StageResult, TuneryError, peak_rss_mb, resolve_device
-from tasks.models import check_model_folder, encode_chat, load_model, load_tokenizer, prompt_ids
+from tasks.models import (answer_length, check_model_folder, encode_chat, load_model, load_tokenizer, prompt_ids,
+                          turn_end_ids)
 from tasks.prep import load_prepared
 
 METRIC_DIR = Path(__file__).resolve().parent.parent / "metrics" / "perplexity"
@@ -190,15 +191,14 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     import torch
 
     device = next(model.parameters()).device
-    stop = {tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens)}
+    stop = turn_end_ids(tokenizer)
     out = []
     for messages in conversations:
         ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
         with torch.no_grad():
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
-        length = next((i for i, t in enumerate(gen) if t in stop), len(gen))
-        out.append((strip_answer(tokenizer, gen), length))
+        out.append((strip_answer(tokenizer, gen), answer_length(gen, stop)))
     return out
 
 

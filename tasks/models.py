@@ -161,6 +161,21 @@ def encode_chat(tokenizer, messages: list[dict[str, str]], max_length: int) -> d
     return {"input_ids": ids, "completion_mask": mask}
 
 
+def conversation(system: str | None, user: str) -> list[dict[str, str]]:
+    """One user turn, after a system turn when `system` is given."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+
+def turn_end_ids(tokenizer) -> set[int]:
+    """Token ids that end a generated answer: EOS and every special token (end-of-turn markers among them)."""
+    return {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(tokenizer.all_special_tokens)}
+
+
+def answer_length(token_ids: list[int], stop: set[int]) -> int:
+    """How many generated tokens come before the first one in `stop`."""
+    return next((i for i, t in enumerate(token_ids) if t in stop), len(token_ids))
+
+
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation up to and including the assistant's generation prompt."""
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,

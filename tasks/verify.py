@@ -26,6 +26,7 @@ import numpy as np
 
 from tasks.common import TuneryError
 from tasks.modelfile import SAMPLE_CONVERSATIONS, ChatFrames, hf_render, render_go
+from tasks.models import answer_length, conversation
 
 TOKENIZER_CORPUS = [
     "Water tomatoes deeply, twice a week.",
@@ -163,18 +164,18 @@ def check_greedy(llm, model, tokenizer, prompts: list[list[int]], max_new_tokens
 
     same = 0
     first_bad = ""
-    for prompt in prompts:
+    for number, prompt in enumerate(prompts, 1):
         ids = torch.tensor([prompt])
         with torch.no_grad():
             hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
-        hf = hf[:next((i + 1 for i, t in enumerate(hf) if t in stop), len(hf))]
+        hf = hf[:min(answer_length(hf, stop) + 1, len(hf))]  # up to and including the stop token
         ours, _, _ = greedy_ids(llm, prompt, len(hf), stop)
         if ours == hf:
             same += 1
         elif not first_bad:
             at = next((i for i, (a, b) in enumerate(zip(ours, hf)) if a != b), min(len(ours), len(hf)))
-            first_bad = f"; prompt {prompts.index(prompt) + 1} differs at generated token {at + 1}"
+            first_bad = f"; prompt {number} differs at generated token {at + 1}"
     return check("greedy", same == len(prompts), same,
                  f"{same}/{len(prompts)} prompts give HF's greedy tokens ({max_new_tokens} tokens){first_bad}")
 
@@ -259,9 +260,7 @@ def check_answers(llm, template: str, stops: list[str], prompts: list[str], syst
                   max_new_tokens: int) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, str]]]:
     """Answer each prompt the way Ollama would: the Go template renders it, llama.cpp tokenizes and decodes greedily
     until a stop string. Returns (answers check, decode speed, samples)."""
-    conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-                     for p in prompts]
-    rendered = render_go(template, conversations)
+    rendered = render_go(template, [conversation(system, p) for p in prompts])
     stop_ids = {t for s in stops for t in llm.tokenize(s.encode(), add_bos=False, special=True)[:1]}
     samples, stopped, speeds = [], 0, []
     for prompt, text in zip(prompts, rendered):
