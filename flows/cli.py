@@ -197,6 +197,20 @@ def merge(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optio
     _single_stage("merge", config, start, stage, source, as_json)
 
 
+@command(name="distill-prompt")
+def distill_prompt(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optional[str] = StageOpt,
+                   as_json: bool = JsonOpt) -> None:
+    """Bake a long system prompt into the weights: the teacher answers with it, the student learns without it."""
+    _single_stage("distill-prompt", config, start, stage, [], as_json)
+
+
+@command(name="distill-model")
+def distill_model(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optional[str] = StageOpt,
+                  as_json: bool = JsonOpt) -> None:
+    """Teach a smaller student (the stage's start) to answer the data's prompts like a bigger teacher."""
+    _single_stage("distill-model", config, start, stage, [], as_json)
+
+
 @command(name="eval")
 def eval_command(version: str = typer.Argument(..., help="NAME:N or NAME (its newest ready version)."),
                  config: Path = typer.Option(..., "--config", "-c", help="Pipeline YAML whose data and eval "

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tasks.common import TuneryError, check_name
 from tasks.cpt import CptConfig
+from tasks.distill import DistillModelConfig, DistillPromptConfig
 from tasks.dpo import DpoConfig
 from tasks.evaluation import EvalConfig
 from tasks.export import ExportConfig, GateConfig
@@ -52,6 +53,36 @@ class SftStage(StageFields, SftConfig):
 
 class DpoStage(StageFields, DpoConfig):
     stage: Literal["dpo"]
+    pairs_from: str | None = Field(None, description="Train on the preference pairs an earlier distill-model stage "
+                                                     "(its id) wrote with `preference_pairs: true`.")
+
+    def references(self) -> list[str]:
+        return super().references() + ([self.pairs_from] if self.pairs_from else [])
+
+    @model_validator(mode="after")
+    def _one_source_of_pairs(self) -> "DpoStage":
+        if self.pairs_from and self.data is not None:
+            raise ValueError("give a dpo stage `data` or `pairs_from`, not both")
+        return self
+
+
+def is_path(ref: str) -> bool:
+    """A teacher given as a local model folder rather than a stage id or a registered version."""
+    return "/" in ref or ref.startswith(".")
+
+
+class DistillFields(StageFields):
+    def references(self) -> list[str]:
+        teacher = getattr(self, "teacher", None)
+        return super().references() + ([teacher] if teacher and not is_path(teacher) else [])
+
+
+class DistillPromptStage(DistillFields, DistillPromptConfig):
+    stage: Literal["distill-prompt"]
+
+
+class DistillModelStage(DistillFields, DistillModelConfig):
+    stage: Literal["distill-model"]
 
 
 class MergeStage(StageFields, MergeConfig):
@@ -67,9 +98,12 @@ class MergeStage(StageFields, MergeConfig):
         return self
 
 
-STAGES = {"cpt": CptStage, "sft": SftStage, "dpo": DpoStage, "merge": MergeStage}
-Stage = Annotated[Union[CptStage, SftStage, DpoStage, MergeStage], Field(discriminator="stage")]
-TRAINING = ("cpt", "sft", "dpo")
+STAGES = {"cpt": CptStage, "sft": SftStage, "dpo": DpoStage, "merge": MergeStage,
+          "distill-prompt": DistillPromptStage, "distill-model": DistillModelStage}
+Stage = Annotated[Union[CptStage, SftStage, DpoStage, MergeStage, DistillPromptStage, DistillModelStage],
+                  Field(discriminator="stage")]
+TRAINING = ("cpt", "sft", "dpo", "distill-prompt", "distill-model")
+DISTILL = ("distill-prompt", "distill-model")
 
 
 class PipelineConfig(BaseModel):
@@ -86,7 +120,8 @@ class PipelineConfig(BaseModel):
     data: PrepConfig = Field(description="The data stages train on unless they name their own, and the held-out "
                                          "split every version is evaluated on.")
     stages: list[Stage] = Field(default_factory=lambda: [SftStage(stage="sft")], min_length=1,
-                                description="cpt, sft, dpo and merge stages, run in order.")
+                                description="cpt, sft, dpo, merge, distill-prompt and distill-model "
+                                            "stages, run in order.")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig, description="GGUF + Modelfile settings for "
                                                                          "`tunery export` and `tunery promote`.")

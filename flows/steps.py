@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import registry
-from flows.config import BASE_REF, MergeStage, PipelineConfig, Stage, StageFields
+from flows.config import BASE_REF, DISTILL, DpoStage, MergeStage, PipelineConfig, Stage, StageFields, is_path
 from tasks.common import StageResult, TuneryError, artifacts_dir, atomic_dir, home, sha256_json
 from tasks.cpt import train_cpt
+from tasks.distill import make_dataset, preference_pairs, prompt_contexts, train_student
 from tasks.dpo import train_dpo
 from tasks.evaluation import EvalConfig, evaluate
 from tasks.launched import launch
 from tasks.merge import NEEDS_BASE, check_sources, merge_adapter, merge_models
-from tasks.models import DEFAULT_BASE, DEFAULT_NAME, resolve_base_model
-from tasks.prep import PrepConfig, prepare
+from tasks.models import DEFAULT_BASE, DEFAULT_NAME, check_model_folder, resolve_base_model
+from tasks.prep import PrepConfig, load_prepared, prepare
 from tasks.sft import train_sft
 from tasks.training import CHECKPOINTS, STAGE_DATA, QuantizationConfig
 
@@ -58,13 +59,17 @@ def base_name(cfg: PipelineConfig, base_path: str) -> str:
 def run_base(cfg: PipelineConfig, config_dir: Path) -> dict[str, Any]:
     """Resolve the base model and return its registry version, registering it the first time it is used."""
     path = resolve_base_model(cfg.base_model, config_dir)
-    name = base_name(cfg, path)
+    # base_model names the foundation model the same way on the base version and on everything trained from it.
+    identity = DEFAULT_NAME if cfg.base_model == DEFAULT_BASE else path
+    return register_model(base_name(cfg, path), path, identity, cfg.base_model)
+
+
+def register_model(name: str, path: str, identity: str, source: str) -> dict[str, Any]:
+    """The registry version of a model folder used as it is (a base, a teacher), registered the first time."""
     for v in registry.list_versions(name=name, status="ready"):
         if v["stage"] == "base" and v["artifact_path"] == path:
             return v
-    # base_model names the foundation model the same way on the base version and on everything trained from it.
-    identity = DEFAULT_NAME if cfg.base_model == DEFAULT_BASE else path
-    version = registry.create_version(name, "base", base_model=identity, info={"source": cfg.base_model})
+    version = registry.create_version(name, "base", base_model=identity, info={"source": source})
     registry.finish_version(version, path)
     return registry.get_version(version)
 
@@ -117,17 +122,24 @@ def _record(version: str, run) -> dict[str, Any]:
 
 
 def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], data: StageResult,
-              stage_id: str | None = None, flow_run_id: str | None = None,
-              fingerprint: str | None = None) -> dict[str, Any]:
-    """Train `start` with a cpt, sft or dpo stage on `data` as a new version of `cfg.name`; return the version."""
+              stage_id: str | None = None, flow_run_id: str | None = None, fingerprint: str | None = None,
+              teacher: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train `start` with a cpt, sft or dpo stage on `data` as a new version of `cfg.name`; return the version.
+    A distill stage trains its student with sft on the teacher's answers (`data`) and measures it against the
+    `teacher`, a parent of the new version next to `start`."""
     # The trainer checks this too; checking here first means a mismatch leaves no failed version behind.
-    kind = STAGE_DATA[stage.stage][0]
+    trains_with = "sft" if stage.stage in DISTILL else stage.stage
+    kind = STAGE_DATA[trains_with][0]
     if data.info["kind"] != kind:
         raise TuneryError(f"stage {stage_id or stage.stage} ({stage.stage}) needs {kind} data, but its data holds "
                           f"{data.info['kind']} examples; give the stage its own `data:`")
     hyperparameters = {stage.stage: stage.hyperparameters(), "seed": cfg.seed, "device": cfg.device}
+    parents = [start["version"]]
+    if teacher is not None:
+        hyperparameters["teacher"] = teacher["version"]
+        parents = list(dict.fromkeys(parents + [teacher["version"]]))
     version = registry.create_version(
-        cfg.name, stage.stage, base_model=start["base_model"], parents=[start["version"]],
+        cfg.name, stage.stage, base_model=start["base_model"], parents=parents,
         hyperparameters=hyperparameters, data_hash=data.info["data_hash"], flow_run_id=flow_run_id,
     )
 
@@ -139,19 +151,91 @@ def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], da
         start_folder = model_folder(start)
         token = CHECKPOINTS.set(checkpoints)
         try:
-            if stage.processes > 1:  # data-parallel, under `accelerate launch`
+            if teacher is not None:
+                result = train_student(stage, start_folder, data.artifact_path, tmp, model_folder(teacher),
+                                       cfg.device, cfg.seed, launch=launch if stage.processes > 1 else None)
+            elif stage.processes > 1:  # data-parallel, under `accelerate launch`
                 result = launch(stage.stage, stage, start_folder, data.artifact_path, tmp, cfg.device, cfg.seed)
             else:
                 result = TRAINERS[stage.stage](stage, start_folder, data.artifact_path, tmp, cfg.device, cfg.seed)
         finally:
             CHECKPOINTS.reset(token)
-        result.info.update(stage_id=stage_id or stage.stage, start_folder=start_folder, fingerprint=fingerprint)
+        result.info.update(stage_id=stage_id or stage.stage, start_folder=start_folder, fingerprint=fingerprint,
+                           **(info or {}))
         return result
 
     done = _record(version, train)
     if checkpoints is not None:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return done
+
+
+# Export precisions, best first: the teacher answers through the most faithful GGUF it has.
+GGUF_ORDER = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q4_k_m", "q4_k_s", "q4_0")
+
+
+def teacher_gguf(teacher: dict[str, Any], backend: str) -> Path | None:
+    """The GGUF export the teacher answers through (backend auto or llama.cpp), or None for HF generation."""
+    if backend == "hf":
+        return None
+    files = [(not e["passed"], GGUF_ORDER.index(e["quant"]) if e["quant"] in GGUF_ORDER else len(GGUF_ORDER),
+              Path(e["path"]) / e["gguf_file"]) for e in registry.exports.list_exports(teacher["version"])]
+    files = sorted(f for f in files if f[2].exists())
+    if files:
+        return files[0][2]
+    if backend == "llama.cpp":
+        raise TuneryError(f"teacher {teacher['version']} has no GGUF export; run `tunery export "
+                          f"{teacher['version']} --quant f16`, or set teacher_backend: hf")
+    return None
+
+
+def stage_teacher(stage: Stage, done: dict[str, dict[str, Any]], start: dict[str, Any], config_dir: Path
+                  ) -> dict[str, Any] | None:
+    """A distill stage's teacher: a stage id, 'base' or a registered version; a local model folder, registered as a
+    base version the first time; for distill-prompt without one, the model the stage starts from."""
+    if stage.stage not in DISTILL:
+        return None
+    if not stage.teacher:
+        return start
+    if not is_path(stage.teacher):
+        return resolve_ref(stage.teacher, done)
+    folder = (config_dir / stage.teacher).resolve()
+    if not folder.is_dir():
+        raise TuneryError(f"teacher {stage.teacher}: no such model folder ({folder})")
+    check_model_folder(folder)
+    return register_model(folder.name[:64], str(folder), str(folder), stage.teacher)
+
+
+def run_distill(cfg: PipelineConfig, stage: Stage, start: dict[str, Any], teacher: dict[str, Any],
+                data: StageResult | None, stage_id: str | None = None, flow_run_id: str | None = None,
+                fingerprint: str | None = None) -> dict[str, Any]:
+    """Ask the teacher, prepare the student's rows (and, when asked, preference pairs), train and measure the
+    student; the generated datasets are registered like any prepared data."""
+    rows = None
+    if data is not None:
+        if data.info["kind"] != "chat":
+            raise TuneryError(f"stage {stage_id or stage.stage} asks the teacher the user turns of chat data, but its "
+                              f"data holds {data.info['kind']} examples; give it chat `data:` or `prompts:`")
+        _, train, held = load_prepared(data.artifact_path)
+        rows = (train, held)
+    contexts = prompt_contexts(stage, rows)
+    start_folder, teacher_folder = model_folder(start), model_folder(teacher)
+    gguf = teacher_gguf(teacher, stage.teacher_backend)
+    generation = ("prompts", "val_fraction", "max_new_tokens", "generation_batch_size", "teacher_backend", "system",
+                  "student_system")
+    key = {"teacher": teacher["version"], "gguf": str(gguf), "student": start["version"], "contexts": contexts,
+           "settings": stage.model_dump(mode="json", include=set(generation)), "code": code_version(),
+           "registry": registry.instance_id()}
+    dataset = make_dataset(stage, teacher_folder, gguf, contexts, start_folder, cfg.device, key)
+    registry.record_dataset(dataset.info, dataset.artifact_path)
+    info = {"teacher": teacher["version"], "dataset": dataset.artifact_path, "teacher_backend": dataset.info["teacher_backend"],
+            "teacher_gguf": dataset.info["teacher_gguf"], "generation_s": dataset.info["generation_s"],
+            "empty_answers": dataset.info["empty_answers"]}
+    if getattr(stage, "preference_pairs", False):
+        pairs = preference_pairs(stage, start_folder, dataset.artifact_path, cfg.device)
+        registry.record_dataset(pairs.info, pairs.artifact_path)
+        info["preference_pairs"] = pairs.artifact_path
+    return run_train(cfg, stage, start, dataset, stage_id, flow_run_id, fingerprint, teacher=teacher, info=info)
 
 
 def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | None,
@@ -208,10 +292,17 @@ def code_version() -> str:
 
 def stage_data(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], data: StageResult | None,
                config_dir: Path) -> StageResult | None:
-    """The prepared data stage `index` trains on: its own `data`, else the config's (a merge takes none)."""
+    """The prepared data stage `index` trains on: its own `data`, else the config's (a merge, or a distill stage
+    given `prompts`, takes none; a dpo stage with `pairs_from` the pairs a distill-model stage wrote)."""
     stage = cfg.stages[index]
-    if isinstance(stage, MergeStage):
+    if isinstance(stage, MergeStage) or (stage.stage in DISTILL and stage.prompts):
         return None
+    if isinstance(stage, DpoStage) and stage.pairs_from:
+        path = done[stage.pairs_from]["info"].get("preference_pairs")
+        if not path:
+            raise TuneryError(f"stage {cfg.stage_id(index)}: pairs_from {stage.pairs_from!r} wrote no preference pairs; "
+                              "give that distill-model stage `preference_pairs: true`")
+        return StageResult(stage="prep", artifact_path=path, metrics={}, info=load_prepared(path)[0])
     if stage.data is not None:
         return run_prep(cfg, config_dir, done[BASE_REF]["artifact_path"], stage.data)
     return data
@@ -230,11 +321,13 @@ def stage_versions(stage: Stage, done: dict[str, dict[str, Any]], previous: dict
 
 
 def stage_fingerprint(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], previous: dict[str, Any],
-                      data: StageResult | None) -> str:
-    """What a stage's result depends on: its settings, the data it trains on, the versions it starts from or
-    merges, the seed and device, the code, and the registry. Equal fingerprints mean the stage need not run again."""
+                      data: StageResult | None, config_dir: Path) -> str:
+    """What a stage's result depends on: its settings, the data it trains on, the versions it starts from, merges
+    or learns from, the seed and device, the code, and the registry. Equal fingerprints mean the stage need not run
+    again."""
     stage = cfg.stages[index]
     start, sources, merge_base = stage_versions(stage, done, previous)
+    teacher = stage_teacher(stage, done, start, config_dir)
     inputs: dict[str, Any] = {
         "name": cfg.name, "stage": stage.model_dump(mode="json", exclude={"data", "id", "from_"}),
         "data": data.info["data_hash"] if data is not None else None, "start": start["version"],
@@ -244,6 +337,8 @@ def stage_fingerprint(cfg: PipelineConfig, index: int, done: dict[str, dict[str,
         inputs["sources"] = [s["version"] for s in sources]
         if merge_base is not None:
             inputs["base"] = merge_base["version"]
+    if teacher is not None:
+        inputs["teacher"] = teacher["version"]
     return sha256_json(inputs)
 
 
@@ -259,12 +354,15 @@ def run_stage(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], 
     stage: Stage = cfg.stages[index]
     stage_id = cfg.stage_id(index)
     data = stage_data(cfg, index, done, data, config_dir)
-    fingerprint = stage_fingerprint(cfg, index, done, previous, data)
+    fingerprint = stage_fingerprint(cfg, index, done, previous, data, config_dir)
     if reuse and (found := registry.find_fingerprint(cfg.name, fingerprint)):
         return {**registry.get_version(found), "reused": True}
     start, sources, merge_base = stage_versions(stage, done, previous)
     if isinstance(stage, MergeStage):
         return run_merge(cfg, stage, start, sources, merge_base, stage_id, flow_run_id, fingerprint)
+    if stage.stage in DISTILL:
+        teacher = stage_teacher(stage, done, start, config_dir)
+        return run_distill(cfg, stage, start, teacher, data, stage_id, flow_run_id, fingerprint)
     return run_train(cfg, stage, start, data, stage_id, flow_run_id, fingerprint)
 
 

@@ -1,58 +1,332 @@
-"""Distillation data (issue 8, first part): a teacher's answers, and the training rows a student learns them from.
+"""Stages `distill-prompt` and `distill-model`: a teacher answers the user's prompts, a student learns the answers.
 
-System-prompt distillation asks the teacher with the long system prompt and trains the student on the same answers
-with a short system prompt, or none: the student learns to behave as if the long prompt were there, and every
-request stops paying for its tokens. Teacher answers are greedy and kept verbatim.
+distill-prompt bakes a long system prompt into the weights: the teacher (by default the model the stage starts
+from) answers with the long prompt, the student is trained on the same answers with a short system prompt or none,
+so every request stops paying for the long prompt's tokens. distill-model teaches a smaller student to answer like
+a bigger teacher on the user's own prompts. Both train the student with `sft` (LoRA, full, ...), on teacher answers
+that are greedy and kept verbatim, and measure, on held-out prompts the student never trained on:
 
-Not a stage yet: the `distill-prompt` / `distill-model` stages, their metrics and the demo story come next.
+- the perplexity of the teacher's held-out answers under the teacher (with its prompt), under the start model
+  before training, and under the student: how much of the teacher's behaviour the student took on;
+- time to first token of the teacher (with its prompt) and the student (without), same machine, same prompts;
+- distill-prompt: prompt tokens per request under each system prompt, and the difference (tokens saved);
+- distill-model: decode speed of each and the parameter counts.
+
+Teacher answers come from llama.cpp when the teacher has a GGUF export (the highest-precision one), else from
+batched HF generation. Generated datasets are prepared like any other data (content-addressed, split kept:
+answers to the data's held-out prompts are the held-out answers) and cached by their inputs, so a retry of a failed
+training does not ask the teacher again.
 """
 from __future__ import annotations
 
-from typing import Any
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
 
-from tasks.common import TuneryError
-from tasks.models import answer_length, conversation, prompt_ids, turn_end_ids
+from pydantic import Field, model_validator
+from tqdm.auto import tqdm
+
+from tasks.common import StageResult, TuneryError, home, resolve_device, resolve_precision, sha256_json, write_json
+from tasks.models import answer_length, conversation, load_model, load_tokenizer, prompt_ids, turn_end_ids
+from tasks.prep import PrepConfig, load_prepared, prepare, split
+from tasks.sft import SftConfig, train_sft
+
+Context = list[dict[str, str]]  # a conversation that ends with the user turn the teacher answers
+LATENCY_PROMPTS = 3  # held-out prompts timed for time to first token (batch 1, median of the runs)
 
 
-def teacher_answers(model, tokenizer, system: str | None, prompts: list[str], max_new_tokens: int = 256,
-                    batch_size: int = 8) -> list[str]:
-    """Greedy answers of `model` to each prompt under `system`, batched with left padding; the text up to the
-    end-of-turn token, special tokens removed, otherwise verbatim."""
+class DistillSettings(SftConfig):
+    """What both distillation stages share: where the prompts come from and how the teacher answers them; the
+    student is then trained with these sft hyperparameters."""
+
+    prompts: list[str] | None = Field(None, min_length=2, description="User prompts for the teacher; default: the "
+                                      "user turns of the stage's chat data (its held-out rows stay held out).")
+    val_fraction: float = Field(0.15, gt=0, lt=1, description="Share of `prompts` held out to measure the student "
+                                                              "(with the data's prompts, the data's own split).")
+    max_new_tokens: int = Field(256, ge=1, le=4096, description="Longest teacher answer, in tokens.")
+    generation_batch_size: int = Field(8, ge=1, description="Prompts answered at once by HF generation.")
+    teacher_backend: Literal["auto", "hf", "llama.cpp"] = Field(
+        "auto", description="auto: llama.cpp on the teacher's GGUF export when it has one, else HF generation.")
+
+
+class DistillPromptConfig(DistillSettings):
+    """System-prompt distillation: the student learns to answer without the long prompt as the teacher does with it."""
+
+    system: str = Field(min_length=1, description="The long system prompt (persona, rules) the teacher answers with.")
+    student_system: str | None = Field(None, description="The student's short system prompt; default: none.")
+    teacher: str | None = Field(None, description="Who answers: 'base', an earlier stage's id, NAME:N, or a local "
+                                                  "model folder (a path with '/'); default: the model the stage "
+                                                  "starts from.")
+
+    @model_validator(mode="after")
+    def _shorter(self) -> "DistillPromptConfig":
+        if self.student_system is not None and len(self.student_system) >= len(self.system):
+            raise ValueError("student_system must be shorter than system: the point is to drop tokens")
+        return self
+
+
+class DistillModelConfig(DistillSettings):
+    """Teacher-to-student distillation: a smaller student (the model the stage starts from) learns the teacher's
+    answers to the data's conversations, system prompts included."""
+
+    teacher: str = Field(description="The bigger model: 'base', an earlier stage's id, NAME:N, or a local model "
+                                     "folder (a path with '/').")
+    preference_pairs: bool = Field(False, description="Also write pairs (teacher answer chosen, the student's own "
+                                                      "answer rejected) for a later dpo stage's `pairs_from`.")
+
+
+# ---------------------------------------------------------------- prompts and rows
+
+
+def with_system(context: Context, system: str | None) -> Context:
+    """The conversation with its system turns replaced by `system` (or removed when None)."""
+    return conversation(system, "")[:-1] + [m for m in context if m["role"] != "system"]
+
+
+def contexts_of(rows: list[dict[str, Any]]) -> list[Context]:
+    """The conversation before each chat row's last assistant answer: what the teacher is asked."""
+    out = []
+    for row in rows:
+        messages = row["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        out.append([dict(m) for m in messages[:last]])
+    return out
+
+
+def prompt_contexts(config: DistillSettings, rows: tuple[list[dict], list[dict]] | None
+                    ) -> tuple[list[Context], list[Context]]:
+    """(training, held-out) contexts: `prompts` split by content hash, else the chat data's own split."""
+    if config.prompts:
+        train, held = split([{"prompt": p} for p in dict.fromkeys(config.prompts)], config.val_fraction)
+        return [conversation(None, r["prompt"]) for r in train], [conversation(None, r["prompt"]) for r in held]
+    if rows is None:
+        raise TuneryError("distillation needs prompts: give the stage `prompts:` or chat data")
+    return contexts_of(rows[0]), contexts_of(rows[1])
+
+
+def distill_rows(contexts: list[Context], answers: list[str]) -> list[dict[str, Any]]:
+    """Chat rows for the student: each context with the teacher's answer, verbatim; empty answers teach nothing."""
+    if len(contexts) != len(answers):
+        raise TuneryError(f"{len(contexts)} prompts but {len(answers)} teacher answers")
+    return [{"messages": context + [{"role": "assistant", "content": answer}]}
+            for context, answer in zip(contexts, answers) if answer]
+
+
+def prompt_tokens_saved(tokenizer, teacher_system: str | None, student_system: str | None, context: Context) -> int:
+    """Prompt tokens a request saves when the student's system prompt replaces the teacher's."""
+    return (len(prompt_ids(tokenizer, with_system(context, teacher_system)))
+            - len(prompt_ids(tokenizer, with_system(context, student_system))))
+
+
+# ---------------------------------------------------------------- the teacher
+
+
+def teacher_answers(model, tokenizer, contexts: list[Context], max_new_tokens: int = 256, batch_size: int = 8,
+                    progress: bool = False) -> list[str]:
+    """Greedy answers of `model` to each context, batched with left padding; the text up to the end-of-turn
+    token, special tokens removed, otherwise verbatim."""
     import torch
 
-    if not prompts:
+    if not contexts:
         raise TuneryError("no prompts to ask the teacher")
     device = next(model.parameters()).device
     stop = turn_end_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = [prompt_ids(tokenizer, conversation(system, p)) for p in prompts[start:start + batch_size]]
+    bar = tqdm(total=len(contexts), desc="teacher answers (HF)", unit="prompt", disable=not progress)
+    for start in range(0, len(contexts), batch_size):
+        batch = [prompt_ids(tokenizer, c) for c in contexts[start:start + batch_size]]
         width = max(len(ids) for ids in batch)
         ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=device)
         mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad)[:, width:].tolist()
-        for generated in out:
-            answers.append(tokenizer.decode(generated[:answer_length(generated, stop)], skip_special_tokens=True)
-                           .strip())
+        answers += [_text(tokenizer, generated, stop) for generated in out]
+        bar.update(len(batch))
+    bar.close()
     return answers
 
 
-def distill_rows(prompts: list[str], answers: list[str], student_system: str | None) -> list[dict[str, Any]]:
-    """Chat rows for the student: its own (short or no) system prompt, the user turn, the teacher's answer."""
-    if len(prompts) != len(answers):
-        raise TuneryError(f"{len(prompts)} prompts but {len(answers)} teacher answers")
-    rows = []
-    for prompt, answer in zip(prompts, answers):
-        if not answer:
-            continue  # an empty answer teaches nothing
-        rows.append({"messages": conversation(student_system, prompt) + [{"role": "assistant", "content": answer}]})
-    return rows
+def gguf_teacher_answers(gguf: Path, tokenizer, contexts: list[Context], max_new_tokens: int = 256,
+                         progress: bool = False) -> list[str]:
+    """Greedy answers from llama.cpp on a GGUF export, prompted with the same chat-template tokens as HF."""
+    from tasks.verify import greedy_ids, open_gguf
+
+    stop = turn_end_ids(tokenizer)
+    prompts = [prompt_ids(tokenizer, c) for c in contexts]
+    llm = open_gguf(gguf, n_ctx=max(len(p) for p in prompts) + max_new_tokens + 1)
+    try:
+        return [_text(tokenizer, greedy_ids(llm, p, max_new_tokens, stop)[0], stop)
+                for p in tqdm(prompts, desc="teacher answers (llama.cpp)", unit="prompt", disable=not progress)]
+    finally:
+        llm.close()
 
 
-def prompt_tokens_saved(tokenizer, teacher_system: str | None, student_system: str | None, prompt: str) -> int:
-    """Prompt tokens a request saves when the student's system prompt replaces the teacher's."""
-    return (len(prompt_ids(tokenizer, conversation(teacher_system, prompt)))
-            - len(prompt_ids(tokenizer, conversation(student_system, prompt))))
+def _text(tokenizer, generated: list[int], stop: set[int]) -> str:
+    return tokenizer.decode(generated[:answer_length(generated, stop)], skip_special_tokens=True).strip()
+
+
+def _answers(config: DistillSettings, teacher: str, gguf: Path | None, contexts: list[Context], device: str
+             ) -> list[str]:
+    if gguf is not None:
+        return gguf_teacher_answers(gguf, load_tokenizer(teacher), contexts, config.max_new_tokens, progress=True)
+    model = load_model(teacher, device=device, precision=resolve_precision("auto", device))
+    return teacher_answers(model, load_tokenizer(teacher), contexts, config.max_new_tokens,
+                           config.generation_batch_size, progress=True)
+
+
+def teacher_contexts(config: DistillSettings, contexts: list[Context]) -> list[Context]:
+    return [with_system(c, config.system) for c in contexts] if isinstance(config, DistillPromptConfig) else contexts
+
+
+def student_contexts(config: DistillSettings, contexts: list[Context]) -> list[Context]:
+    if isinstance(config, DistillPromptConfig):
+        return [with_system(c, config.student_system) for c in contexts]
+    return contexts
+
+
+def make_dataset(config: DistillSettings, teacher: str, gguf: Path | None, contexts: tuple[list, list],
+                 student: str, device: str = "auto", key: dict[str, Any] | None = None) -> StageResult:
+    """Ask the teacher (model folder `teacher`, or llama.cpp on `gguf`) to answer the training and held-out
+    contexts, and prepare the student's chat rows as a dataset (rendered through the student's chat template).
+
+    The result is cached under TUNERY_HOME/cache/distill by `key` (the teacher's identity and everything else the
+    answers depend on); the dataset's info records the teacher's backend and the generation time.
+    """
+    import time
+
+    cache = home() / "cache" / "distill" / f"{sha256_json(key)[:16]}.json" if key is not None else None
+    if cache is not None and cache.exists():
+        cached = json.loads(cache.read_text())
+        if (Path(cached["path"]) / "meta.json").exists():
+            meta, _, _ = load_prepared(cached["path"])
+            return StageResult("prep", cached["path"], metrics={}, info={**meta, **cached["teacher"]})
+    device = resolve_device(device)
+    train, held = contexts
+    if not held:
+        raise TuneryError("no held-out prompts: the student cannot be measured; add prompts or validation rows")
+    began = time.perf_counter()
+    answers = _answers(config, teacher, gguf, teacher_contexts(config, train + held), device)
+    seconds = time.perf_counter() - began
+    rows = distill_rows(student_contexts(config, train + held), answers)
+    n_train = sum(1 for a in answers[:len(train)] if a)
+    if not n_train or len(rows) == n_train:
+        raise TuneryError("the teacher gave only empty answers to the training or the held-out prompts")
+    with tempfile.TemporaryDirectory(prefix="tunery-distill-") as tmp:
+        for name, part in (("train", rows[:n_train]), ("validation", rows[n_train:])):
+            (Path(tmp) / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part),
+                                                     encoding="utf-8")
+        data = prepare(PrepConfig(train=["train.jsonl"], validation=["validation.jsonl"], format="chat"),
+                       Path(tmp), tokenizer_path=student)
+    generated = sum(len(load_tokenizer(teacher)(a)["input_ids"]) for a in answers)
+    teacher_info = {"teacher_backend": "llama.cpp" if gguf else "hf", "teacher_gguf": str(gguf) if gguf else None,
+                    "generation_s": seconds, "answers": len(answers), "empty_answers": len(answers) - len(rows),
+                    "answer_tokens": generated}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache, {"path": data.artifact_path, "teacher": teacher_info})
+    return StageResult("prep", data.artifact_path, metrics=data.metrics, info={**data.info, **teacher_info})
+
+
+def preference_pairs(config: DistillModelConfig, student: str, dataset: str, device: str = "auto") -> StageResult:
+    """Pairs for dpo: the teacher's answer `chosen`, the student's own greedy answer (before distillation)
+    `rejected`, on the distilled dataset's prompts and split. Pairs where both answers are equal are left out."""
+    device = resolve_device(device)
+    _, train, held = load_prepared(dataset)
+    model = load_model(student, device=device, precision=resolve_precision("auto", device))
+    tokenizer = load_tokenizer(student)
+    parts = []
+    for rows in (train, held):
+        contexts = contexts_of(rows)
+        own = teacher_answers(model, tokenizer, contexts, config.max_new_tokens, config.generation_batch_size,
+                              progress=True)
+        parts.append([{"prompt": c, "chosen": r["messages"][-1:], "rejected": [{"role": "assistant", "content": o}]}
+                      for c, r, o in zip(contexts, rows, own) if o and o != r["messages"][-1]["content"]])
+    if not parts[0] or not parts[1]:
+        raise TuneryError("the student already answers like the teacher on the training or held-out prompts: no "
+                          "preference pairs to write")
+    with tempfile.TemporaryDirectory(prefix="tunery-pairs-") as tmp:
+        for name, part in (("train", parts[0]), ("validation", parts[1])):
+            (Path(tmp) / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part),
+                                                     encoding="utf-8")
+        return prepare(PrepConfig(train=["train.jsonl"], validation=["validation.jsonl"], format="preference"),
+                       Path(tmp), tokenizer_path=student)
+
+
+# ---------------------------------------------------------------- the student
+
+
+def train_student(config: DistillSettings, start: str, dataset: str, out_dir: str | Path, teacher: str,
+                  device: str = "auto", seed: int = 0, launch=None) -> StageResult:
+    """Train the student from `start` on the distilled dataset with sft (or `launch`, for several processes), then
+    measure it against the teacher and the start model (see the module docstring); the metrics are `distill_*`."""
+    if launch is not None:
+        result = launch("sft", config, start, dataset, Path(out_dir), device, seed)
+    else:
+        result = train_sft(config, start, dataset, out_dir, device, seed)
+    adapter = str(out_dir) if result.info.get("adapter") else None
+    result.metrics.update(distill_metrics(config, teacher, start, adapter or str(out_dir), dataset, device,
+                                          adapter=adapter is not None))
+    return result
+
+
+def distill_metrics(config: DistillSettings, teacher: str, start: str, student: str, dataset: str,
+                    device: str = "auto", adapter: bool = False) -> dict[str, float]:
+    """Held-out perplexity of the teacher's answers and time to first token, of teacher, start model and student
+    (each loaded in turn, so at most one model is in memory); prompt tokens saved; speed and size for
+    distill-model. `student` is a model folder, or with `adapter` a LoRA adapter on `start`."""
+    import gc
+
+    from tasks.evaluation import latency, perplexity
+
+    device = resolve_device(device)
+    precision = resolve_precision("auto", device)
+    _, train, held = load_prepared(dataset)
+    student_rows = held
+    teacher_rows = [{"messages": c + r["messages"][-1:]}
+                    for c, r in zip(teacher_contexts(config, contexts_of(held)), held)]
+    timed = [c for c in contexts_of(held)[:LATENCY_PROMPTS]]
+    new_tokens = 2 if isinstance(config, DistillPromptConfig) else 16
+    answer_bytes = sum(len(r["messages"][-1]["content"].encode()) for r in held)
+    metrics: dict[str, float] = {"distill_train_answers": float(len(train)), "distill_heldout_answers": float(len(held))}
+    sides = (("teacher", teacher, None, teacher_rows, teacher_contexts(config, timed)),
+             ("start", start, None, student_rows, timed),
+             ("student", start if adapter else student, student if adapter else None, student_rows, timed))
+    for side, path, lora, rows, prompts in sides:
+        model = load_model(path, device=device, precision=precision, adapter=lora, merge=lora is not None)
+        tokenizer = load_tokenizer(lora or path)
+        # One window per example (no sliding): a window that cut off the long system prompt would not measure
+        # the teacher with it.
+        window = max(len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+                     for r in rows) + 1
+        scored = perplexity(model, tokenizer, rows, max_length=window)
+        metrics[f"distill_perplexity_{side}"] = scored["perplexity"]
+        metrics[f"distill_bits_per_byte_{side}"] = scored["nll_sum"] / math.log(2) / max(answer_bytes, 1)
+        if side != "start":
+            speed = latency(model, tokenizer, prompts, max_new_tokens=new_tokens, repeats=3, warmup=1)
+            metrics[f"distill_ttft_ms_{side}"] = speed["ttft_ms"]
+            if not isinstance(config, DistillPromptConfig):
+                metrics[f"distill_tokens_per_s_{side}"] = speed["tokens_per_s"]
+                metrics[f"distill_params_{side}"] = float(sum(p.numel() for p in model.parameters()))
+        if side == "teacher" and isinstance(config, DistillPromptConfig):
+            contexts = contexts_of(train + held)
+            long = [len(prompt_ids(tokenizer, c)) for c in teacher_contexts(config, contexts)]
+            short = [len(prompt_ids(tokenizer, c)) for c in contexts]
+            metrics["distill_prompt_tokens_teacher"] = sum(long) / len(long)
+            metrics["distill_prompt_tokens_student"] = sum(short) / len(short)
+            metrics["distill_prompt_tokens_saved"] = metrics["distill_prompt_tokens_teacher"] - \
+                metrics["distill_prompt_tokens_student"]
+        del model
+        gc.collect()
+    m = metrics
+    m["distill_ttft_reduction"] = 1 - m["distill_ttft_ms_student"] / m["distill_ttft_ms_teacher"]
+    m["distill_perplexity_reduction"] = 1 - m["distill_perplexity_student"] / m["distill_perplexity_start"]
+    gap = m["distill_perplexity_start"] - m["distill_perplexity_teacher"]
+    # Share of the way from the start model to the teacher that the student covered (1: as close as the teacher).
+    m["distill_gap_closed"] = (m["distill_perplexity_start"] - m["distill_perplexity_student"]) / gap if gap else 1.0
+    if "distill_tokens_per_s_teacher" in m:
+        m["distill_speedup"] = m["distill_tokens_per_s_student"] / m["distill_tokens_per_s_teacher"]
+    return m

@@ -127,9 +127,10 @@ def perplexity_metric():
     return module
 
 
-def latency(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, repeats: int = 3, warmup: int = 1,
-            progress: bool = False) -> dict[str, float]:
+def latency(model, tokenizer, prompts: list[str] | list[list[dict]], max_new_tokens: int = 32, repeats: int = 3,
+            warmup: int = 1, progress: bool = False) -> dict[str, float]:
     """Time to first token and decode speed at batch 1 with greedy decoding, as a user of the model feels them.
+    A prompt is a user turn's text or a whole conversation (a system prompt's tokens count in the prefill).
 
     TTFT is the time of a 1-token generation (prefill plus the first token). Decode speed is
     (N - 1) / (time of an N-token generation - TTFT), with N forced by `min_new_tokens` so an early end-of-turn
@@ -154,7 +155,8 @@ def latency(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, repe
 
     ttfts, speeds = [], []
     for prompt in tqdm(prompts, desc="latency", unit="prompt", disable=not progress):
-        ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": prompt}])], device=device)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
         for _ in range(warmup):
             timed(ids, max_new_tokens)
         for _ in range(repeats):

@@ -1,53 +1,194 @@
-"""Distillation data (issue 8, first part): teacher answers verbatim, the student's system prompt dropped or
-shortened, and the prompt-token saving equal to the token count difference."""
+"""Stages distill-prompt and distill-model on the tiny model: the generated datasets keep the teacher's answers
+verbatim with the system prompt dropped or shortened as configured, the recorded prompt-token saving is the token
+count difference, and each stage registers a version with the teacher as a parent and the distillation metrics."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
+import registry
+from conftest import write_jsonl
+from flows import steps
+from flows.config import BASE_REF, load_config
 from tasks.common import TuneryError
-from tasks.distill import conversation, distill_rows, prompt_tokens_saved, teacher_answers
-from tasks.models import load_model, load_tokenizer, prompt_ids
+from tasks.distill import (DistillModelConfig, DistillPromptConfig, distill_rows, gguf_teacher_answers, make_dataset,
+                           prompt_tokens_saved, teacher_answers, with_system)
+from tasks.models import conversation, load_model, load_tokenizer, prompt_ids
+from tasks.prep import load_prepared
 
 PERSONA = ("You are Fern, a friendly gardening helper. Answer in two short sentences, mention the season when it "
            "matters, and end with 'Happy growing!'. Never recommend chemical pesticides.")
 PROMPTS = ["How often should I water basil?", "When do I plant garlic?", "Why are my tomato leaves yellow?"]
+FAST = {"max_steps": 3, "batch_size": 4, "learning_rate": 5e-3, "max_length": 160, "max_new_tokens": 12}
 
 
-def test_batched_teacher_answers_equal_one_at_a_time_greedy(tiny_model_dir):
+@pytest.fixture(scope="module")
+def chatty(tiny_model_dir, tmp_path_factory):
+    """The tiny model fully fine-tuned for a few steps on the demo's answers: a random model only says newlines,
+    this one answers in (garbled) gardening text."""
+    import json
+
+    from conftest import REPO
+    from tasks.prep import PrepConfig, prepare
+    from tasks.sft import SftConfig, train_sft
+
+    folder = tmp_path_factory.mktemp("garden")
+    (folder / "garden.jsonl").write_text((REPO / "data/demo/garden_chat.jsonl").read_text())
+    data = prepare(PrepConfig(train=["garden.jsonl"]), folder, str(tiny_model_dir))
+    out = tmp_path_factory.mktemp("chatty")
+    train_sft(SftConfig(method="full", max_steps=30, batch_size=8, learning_rate=1e-2, max_length=160,
+                        warmup_ratio=0.0), str(tiny_model_dir), data.artifact_path, out, "cpu")
+    return out
+
+
+def test_batched_teacher_answers_equal_one_at_a_time_greedy(chatty):
     import torch
 
-    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
-    batched = teacher_answers(model, tok, PERSONA, PROMPTS, max_new_tokens=12, batch_size=3)
-    for prompt, answer in zip(PROMPTS, batched):
-        ids = torch.tensor([prompt_ids(tok, conversation(PERSONA, prompt))])
+    model, tok = load_model(str(chatty)), load_tokenizer(str(chatty))
+    contexts = [conversation(PERSONA, p) for p in PROMPTS]
+    batched = teacher_answers(model, tok, contexts, max_new_tokens=12, batch_size=3)
+    for context, answer in zip(contexts, batched):
+        ids = torch.tensor([prompt_ids(tok, context)])
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
         stop = {tok.eos_token_id, *tok.convert_tokens_to_ids(tok.all_special_tokens)}
         end = next((i for i, t in enumerate(out.tolist()) if t in stop), len(out))
-        assert answer == tok.decode(out[:end], skip_special_tokens=True).strip()
+        assert answer and answer == tok.decode(out[:end], skip_special_tokens=True).strip()
+
+
+def test_llama_cpp_teacher_answers_equal_hf_on_an_f32_export(chatty, tmp_path):
+    from tasks.export import write_gguf
+
+    gguf = write_gguf(chatty, tmp_path / "tiny.gguf", "f32")
+    model, tok = load_model(str(chatty)), load_tokenizer(str(chatty))
+    contexts = [conversation(PERSONA, p) for p in PROMPTS]
+    hf = teacher_answers(model, tok, contexts, 10)
+    assert all(hf) and gguf_teacher_answers(gguf, tok, contexts, 10) == hf
+
+
+def test_rows_keep_answers_verbatim_and_empty_answers_are_dropped():
+    contexts = [conversation("You are Fern.", p) for p in PROMPTS]
+    answers = ["Water it  twice a week.\nHappy growing!", "In autumn. Happy growing!", ""]
+    rows = distill_rows(contexts, answers)
+    assert [r["messages"][-1]["content"] for r in rows] == answers[:2]
+    assert [r["messages"][:-1] for r in rows] == contexts[:2]
+    with pytest.raises(TuneryError, match="3 prompts but 2 teacher answers"):
+        distill_rows(contexts, answers[:2])
+
+
+def test_prompt_token_saving_is_the_token_count_difference(chatty):
+    tok = load_tokenizer(str(chatty))
+    context = [{"role": "system", "content": "whatever the data said"}, {"role": "user", "content": PROMPTS[0]}]
+    long_ids = tok.apply_chat_template(conversation(PERSONA, PROMPTS[0]), add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"]
+    short_ids = tok.apply_chat_template(conversation(None, PROMPTS[0]), add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
+    saved = prompt_tokens_saved(tok, PERSONA, None, context)
+    assert saved == len(long_ids) - len(short_ids) > len(tok(PERSONA)["input_ids"]) - 1
+    assert prompt_tokens_saved(tok, PERSONA, PERSONA, context) == 0
+    assert with_system(context, None) == context[1:]
 
 
 @pytest.mark.parametrize("student_system", [None, "You are Fern."])
-def test_rows_keep_answers_verbatim_and_swap_the_system_prompt(student_system):
-    answers = ["Water it  twice a week.\nHappy growing!", "In autumn. Happy growing!", ""]
-    rows = distill_rows(PROMPTS, answers, student_system)
-    assert len(rows) == 2  # the empty answer is dropped
-    for row, prompt, answer in zip(rows, PROMPTS, answers):
-        roles = [m["role"] for m in row["messages"]]
-        assert roles == (["system"] if student_system else []) + ["user", "assistant"]
-        assert row["messages"][-1]["content"] == answer and row["messages"][-2]["content"] == prompt
-        assert all(PERSONA not in m["content"] for m in row["messages"])
-    with pytest.raises(TuneryError, match="3 prompts but 2 teacher answers"):
-        distill_rows(PROMPTS, answers[:2], None)
+def test_generated_dataset_keeps_teacher_answers_and_swaps_the_system_prompt(chatty, student_system):
+    cfg = DistillPromptConfig(system=PERSONA, student_system=student_system, prompts=PROMPTS * 2 + ["Mulch?"],
+                              max_new_tokens=10)
+    model, tok = load_model(str(chatty)), load_tokenizer(str(chatty))
+    train = [conversation("data's own system", p) for p in PROMPTS]
+    held = [conversation(None, "Mulch?")]
+    result = make_dataset(cfg, str(chatty), None, (train, held), str(chatty), "cpu")
+    _, train_rows, held_rows = load_prepared(result.artifact_path)
+    expected = teacher_answers(model, tok, [conversation(PERSONA, p) for p in PROMPTS + ["Mulch?"]], 10)
+    assert [r["messages"][-1]["content"] for r in train_rows + held_rows] == expected  # verbatim, in order
+    for row, prompt in zip(train_rows + held_rows, PROMPTS + ["Mulch?"]):
+        assert row["messages"][:-1] == conversation(student_system, prompt)
+    assert result.info["teacher_backend"] == "hf" and result.info["answers"] == 4
 
 
-def test_prompt_token_saving_is_the_token_count_difference(tiny_model_dir):
-    tok = load_tokenizer(str(tiny_model_dir))
-    prompt = PROMPTS[0]
-    long_ids = tok.apply_chat_template(conversation(PERSONA, prompt), add_generation_prompt=True, tokenize=True,
-                                       return_dict=True)["input_ids"]
-    short_ids = tok.apply_chat_template(conversation(None, prompt), add_generation_prompt=True, tokenize=True,
-                                        return_dict=True)["input_ids"]
-    saved = prompt_tokens_saved(tok, PERSONA, None, prompt)
-    assert saved == len(long_ids) - len(short_ids) > len(tok(PERSONA)["input_ids"]) - 1
-    assert prompt_tokens_saved(tok, PERSONA, PERSONA, prompt) == 0
+def _config(tmp_path, chatty, garden_rows, stages, **top) -> str:
+    write_jsonl(tmp_path / "garden.jsonl", garden_rows)
+    doc = {"name": "tiny-fern", "base_model": str(chatty), "base_name": "tiny-base", "device": "cpu",
+           "data": {"train": "garden.jsonl", "val_fraction": 0.2}, "stages": stages, **top}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(doc))
+    return str(tmp_path / "pipeline.yaml")
+
+
+def _run(config: str, index: int = 0) -> dict:
+    cfg, config_dir = load_config(config)
+    base = steps.run_base(cfg, config_dir)
+    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    return steps.run_stage(cfg, index, {BASE_REF: base}, base, data, config_dir)
+
+
+def test_distill_prompt_registers_the_student_with_the_teacher_as_parent(tmp_path, chatty, garden_rows):
+    config = _config(tmp_path, chatty, garden_rows, [{"stage": "distill-prompt", "system": PERSONA, **FAST}])
+    version = _run(config)
+    assert version["status"] == "ready" and version["stage"] == "distill-prompt"
+    assert version["parents"] == ["tiny-base:1"] and version["hyperparameters"]["teacher"] == "tiny-base:1"
+    m = version["metrics"]
+    # Held-out rows are the data's own held-out prompts, answered by the teacher.
+    _, train, held = load_prepared(version["info"]["dataset"])
+    assert m["distill_heldout_answers"] == len(held) == 5 and m["distill_train_answers"] == len(train)
+    tok = load_tokenizer(str(chatty))
+    contexts = [r["messages"][:-1] for r in train + held]
+    assert all(c[0]["role"] == "user" for c in contexts)  # the persona is gone from the student's rows
+    long = [len(prompt_ids(tok, conversation(PERSONA, c[-1]["content"]))) for c in contexts]
+    short = [len(prompt_ids(tok, c)) for c in contexts]
+    assert m["distill_prompt_tokens_saved"] == pytest.approx(sum(long) / len(long) - sum(short) / len(short))
+    assert m["distill_prompt_tokens_saved"] > len(tok(PERSONA)["input_ids"])
+    for key in ("distill_perplexity_teacher", "distill_perplexity_start", "distill_perplexity_student",
+                "distill_ttft_ms_teacher", "distill_ttft_ms_student", "distill_gap_closed", "train_loss"):
+        assert key in m, key
+    # The student was trained on the answers it is measured on the held-out counterparts of: it moved towards them.
+    assert m["distill_perplexity_student"] < m["distill_perplexity_start"]
+    assert version["info"]["teacher_backend"] == "hf"
+
+
+def test_distill_model_learns_from_a_local_teacher_and_feeds_dpo_pairs(tmp_path, chatty, garden_rows):
+    """The teacher is a local folder (registered on first use); the pairs it writes train a later dpo stage."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(chatty, tmp_path / "teacher")  # another model: the same one with noise on its MLPs
+    weights = load_file(str(tmp_path / "teacher" / "model.safetensors"))
+    torch.manual_seed(1)
+    for name in [n for n in weights if "mlp" in n]:
+        weights[name] += torch.randn_like(weights[name])
+    save_file(weights, str(tmp_path / "teacher" / "model.safetensors"), metadata={"format": "pt"})
+    stages = [{"stage": "distill-model", "id": "student", "teacher": "./teacher", "preference_pairs": True, **FAST},
+              {"stage": "dpo", "pairs_from": "student", "max_steps": 2, "batch_size": 4, "max_length": 160}]
+    config = _config(tmp_path, chatty, garden_rows, stages)
+    cfg, config_dir = load_config(config)
+    base = steps.run_base(cfg, config_dir)
+    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    student = steps.run_stage(cfg, 0, {BASE_REF: base}, base, data, config_dir)
+    teacher = next(v for v in registry.list_versions(name="teacher"))
+    assert teacher["stage"] == "base" and teacher["artifact_path"] == str(tmp_path / "teacher")
+    assert student["parents"] == ["tiny-base:1", teacher["version"]]
+    m = student["metrics"]
+    for key in ("distill_perplexity_teacher", "distill_perplexity_student", "distill_tokens_per_s_teacher",
+                "distill_tokens_per_s_student", "distill_speedup", "distill_params_teacher", "distill_params_student"):
+        assert key in m, key
+    pairs = student["info"]["preference_pairs"]
+    meta, train_pairs, _ = load_prepared(pairs)
+    assert meta["kind"] == "preference" and train_pairs
+    dpo = steps.run_stage(cfg, 1, {BASE_REF: base, "student": student}, student, data, config_dir)
+    assert dpo["data_hash"] == meta["data_hash"] and dpo["parents"] == [student["version"]]
+
+
+def test_bad_distill_settings_are_named(tmp_path, chatty, garden_rows):
+    config = _config(tmp_path, chatty, garden_rows,
+                     [{"stage": "distill-prompt", "system": "short", "student_system": "much longer than that"}])
+    with pytest.raises(TuneryError, match=r"stages\[0\].*student_system must be shorter than system"):
+        load_config(config)
+    config = _config(tmp_path, chatty, garden_rows, [{"stage": "distill-model", "teacher": "./nowhere"}])
+    with pytest.raises(TuneryError, match="teacher ./nowhere: no such model folder"):
+        _run(config)
+    assert registry.list_versions(name="tiny-fern") == []
+    config = _config(tmp_path, chatty, garden_rows, [{"stage": "distill-model", "teacher": "base",
+                                                              "teacher_backend": "llama.cpp"}])
+    with pytest.raises(TuneryError, match="tiny-base:1 has no GGUF export"):
+        _run(config)
+    assert registry.list_versions(name="tiny-fern") == []
