@@ -95,9 +95,34 @@ def run(config: Path = typer.Argument(None, help="Pipeline YAML; default: config
     change = (last["perplexity"] - base["perplexity"]) / base["perplexity"]
     out.print(f"held-out perplexity {base['version']} {base['perplexity']:.2f} -> {last['version']} "
               f"{last['perplexity']:.2f} ({change:+.1%})")
+    import registry
+
+    for name in result["versions"][1:]:
+        _print_distill(registry.get_version(name))
     if result.get("promotion"):
         _print_answers(result["promotion"]["export"])
         _print_promotion(result["promotion"])
+
+
+def _print_distill(version: dict[str, Any]) -> None:
+    """A distilled version's closing table: what the teacher's prompt cost, what the student kept."""
+    from tasks.distill import summary
+
+    rows, m = summary(version["metrics"]), version["metrics"]
+    if not rows:
+        return
+    without = " without" if version["stage"] == "distill-prompt" else ""
+    table = Table(title=f"{version['version']} ({version['stage']}), measured on {m['distill_heldout_answers']:.0f} "
+                        "held-out teacher answers")
+    for col in ("", f"teacher {version['info']['teacher']}" + (" with its prompt" if without else ""),
+                f"start {version['parents'][0]}{without}", f"student {version['version']}{without}",
+                "student vs teacher"):
+        table.add_column(col, justify="left" if not col else "right")
+    for r in rows:
+        table.add_row(r["measure"], _fmt(r["teacher"]), _fmt(r["start"]), _fmt(r["student"]), r["change"])
+    out.print(table)
+    out.print(f"the student's perplexity is {m['distill_perplexity_reduction']:.0%} lower than its start's, "
+              f"{m['distill_gap_closed']:.0%} of the way from its start to the teacher")
 
 
 def _base_and_data(config: Path):
@@ -159,6 +184,7 @@ def _single_stage(kind: str, config: Path, start: str | None, stage_id: str | No
     else:
         out.print(f"registered {version['version']} ({kind}, parents {', '.join(version['parents'])}) -> "
                   f"{version['artifact_path']}")
+        _print_distill(version)
 
 
 ConfigArg = typer.Argument(..., help="Pipeline YAML holding the stage (and the base model and data).")

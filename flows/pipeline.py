@@ -76,6 +76,16 @@ def _describe_stage(version: dict[str, Any]) -> str:
                 "reward_accuracy", "reward_margin"):
         if key in m:
             lines.append(f"- {key}: {m[key]:.3f}")
+    if "distill_perplexity_student" in m:
+        lines.append(f"- teacher {info['teacher']} ({info['teacher_backend']}), "
+                     f"{m['distill_train_answers']:.0f} answers learned, {m['distill_heldout_answers']:.0f} held out")
+        if "distill_prompt_tokens_saved" in m:
+            lines.append(f"- prompt tokens per request {m['distill_prompt_tokens_teacher']:.0f} -> "
+                         f"{m['distill_prompt_tokens_student']:.0f}")
+        lines.append(f"- time to first token {m['distill_ttft_ms_teacher']:.1f} ms (teacher) -> "
+                     f"{m['distill_ttft_ms_student']:.1f} ms (student)")
+        lines.append(f"- perplexity of held-out teacher answers: teacher {m['distill_perplexity_teacher']:.3f}, "
+                     f"start {m['distill_perplexity_start']:.3f}, student {m['distill_perplexity_student']:.3f}")
     for check, verdict in info.get("health", {}).items():
         lines.append(f"- {check}: **{verdict['verdict']}** ({verdict['detail']})")
     if "spectrum" in info:

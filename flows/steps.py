@@ -15,7 +15,7 @@ from typing import Any
 
 import registry
 from flows.config import BASE_REF, DISTILL, DpoStage, MergeStage, PipelineConfig, Stage, StageFields, is_path
-from tasks.common import StageResult, TuneryError, artifacts_dir, atomic_dir, home, sha256_json
+from tasks.common import StageResult, TuneryError, artifacts_dir, atomic_dir, home, resolve_device, sha256_json
 from tasks.cpt import train_cpt
 from tasks.distill import make_dataset, preference_pairs, prompt_contexts, train_student
 from tasks.dpo import train_dpo
@@ -221,16 +221,16 @@ def run_distill(cfg: PipelineConfig, stage: Stage, start: dict[str, Any], teache
     contexts = prompt_contexts(stage, rows)
     start_folder, teacher_folder = model_folder(start), model_folder(teacher)
     gguf = teacher_gguf(teacher, stage.teacher_backend)
-    generation = ("prompts", "val_fraction", "max_new_tokens", "generation_batch_size", "teacher_backend", "system",
-                  "student_system")
-    key = {"teacher": teacher["version"], "gguf": str(gguf), "student": start["version"], "contexts": contexts,
-           "settings": stage.model_dump(mode="json", include=set(generation)), "code": code_version(),
-           "registry": registry.instance_id()}
+    # What the teacher's raw answers depend on (how they are trimmed and learned from is applied afterwards).
+    generation = {"max_new_tokens", "generation_batch_size", "no_repeat_ngram", "teacher_backend", "system",
+                  "examples"}
+    key = {"teacher": teacher["version"], "gguf": str(gguf), "contexts": contexts, "registry": registry.instance_id(),
+           "settings": stage.model_dump(mode="json", include=generation), "device": resolve_device(cfg.device)}
     dataset = make_dataset(stage, teacher_folder, gguf, contexts, start_folder, cfg.device, key)
     registry.record_dataset(dataset.info, dataset.artifact_path)
-    info = {"teacher": teacher["version"], "dataset": dataset.artifact_path, "teacher_backend": dataset.info["teacher_backend"],
-            "teacher_gguf": dataset.info["teacher_gguf"], "generation_s": dataset.info["generation_s"],
-            "empty_answers": dataset.info["empty_answers"]}
+    info = {"teacher": teacher["version"], "dataset": dataset.artifact_path,
+            **{k: dataset.info[k] for k in ("teacher_backend", "teacher_gguf", "generation_s", "unfinished_answers",
+                                            "trimmed_answers", "dropped_answers")}}
     if getattr(stage, "preference_pairs", False):
         pairs = preference_pairs(stage, start_folder, dataset.artifact_path, cfg.device)
         registry.record_dataset(pairs.info, pairs.artifact_path)

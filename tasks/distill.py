@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from tasks.common import StageResult, TuneryError, home, resolve_device, resolve_precision, sha256_json, write_json
@@ -35,6 +37,13 @@ from tasks.sft import SftConfig, train_sft
 
 Context = list[dict[str, str]]  # a conversation that ends with the user turn the teacher answers
 LATENCY_PROMPTS = 3  # held-out prompts timed for time to first token (batch 1, median of the runs)
+GENERATOR = 1  # bump when a change to how teachers answer should invalidate cached answers
+SENTENCE_END = re.compile(r"[.!?…][\"')\]]*(?=\s)|\n")
+
+
+class Answer(NamedTuple):
+    text: str       # up to the end-of-turn token, special tokens removed, stripped
+    finished: bool  # the teacher ended its turn (False: cut at max_new_tokens)
 
 
 class DistillSettings(SftConfig):
@@ -47,14 +56,32 @@ class DistillSettings(SftConfig):
                                                               "(with the data's prompts, the data's own split).")
     max_new_tokens: int = Field(256, ge=1, le=4096, description="Longest teacher answer, in tokens.")
     generation_batch_size: int = Field(8, ge=1, description="Prompts answered at once by HF generation.")
+    no_repeat_ngram: int = Field(4, ge=0, description="Greedy answers of small models loop: a token that would repeat "
+                                 "an n-gram of the answer so far is skipped (0: off). Only the answer counts, so it "
+                                 "may still quote the system prompt.")
+    unfinished: Literal["trim", "keep", "drop"] = Field(
+        "trim", description="A teacher answer still going at max_new_tokens: trim it back to its last full sentence, "
+                            "keep it cut mid-sentence, or drop it. A student learns to stop where its answers stop.")
     teacher_backend: Literal["auto", "hf", "llama.cpp"] = Field(
         "auto", description="auto: llama.cpp on the teacher's GGUF export when it has one, else HF generation.")
+
+
+class Exchange(BaseModel):
+    """One example exchange of a few-shot prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: str = Field(min_length=1)
+    assistant: str = Field(min_length=1)
 
 
 class DistillPromptConfig(DistillSettings):
     """System-prompt distillation: the student learns to answer without the long prompt as the teacher does with it."""
 
     system: str = Field(min_length=1, description="The long system prompt (persona, rules) the teacher answers with.")
+    examples: list[Exchange] = Field(default_factory=list, description="Example exchanges the teacher sees as earlier "
+                                     "turns after the system prompt (few-shot; small models follow examples better "
+                                     "than rules). Part of the long prompt the student learns to do without.")
     student_system: str | None = Field(None, description="The student's short system prompt; default: none.")
     teacher: str | None = Field(None, description="Who answers: 'base', an earlier stage's id, NAME:N, or a local "
                                                   "model folder (a path with '/'); default: the model the stage "
@@ -106,6 +133,17 @@ def prompt_contexts(config: DistillSettings, rows: tuple[list[dict], list[dict]]
     return contexts_of(rows[0]), contexts_of(rows[1])
 
 
+def settle(answer: Answer, unfinished: str) -> str:
+    """The text a student learns from an answer: a finished one verbatim; a cut one as `unfinished` says (trimmed
+    to its last sentence end, kept, or dropped: an empty text)."""
+    if answer.finished or unfinished == "keep":
+        return answer.text
+    if unfinished == "drop":
+        return ""
+    ends = [m.end() for m in SENTENCE_END.finditer(answer.text + " ")]
+    return answer.text[:ends[-1]].strip() if ends else ""
+
+
 def distill_rows(contexts: list[Context], answers: list[str]) -> list[dict[str, Any]]:
     """Chat rows for the student: each context with the teacher's answer, verbatim; empty answers teach nothing."""
     if len(contexts) != len(answers):
@@ -114,27 +152,51 @@ def distill_rows(contexts: list[Context], answers: list[str]) -> list[dict[str, 
             for context, answer in zip(contexts, answers) if answer]
 
 
-def prompt_tokens_saved(tokenizer, teacher_system: str | None, student_system: str | None, context: Context) -> int:
-    """Prompt tokens a request saves when the student's system prompt replaces the teacher's."""
-    return (len(prompt_ids(tokenizer, with_system(context, teacher_system)))
-            - len(prompt_ids(tokenizer, with_system(context, student_system))))
+def prompt_tokens_saved(tokenizer, config: DistillPromptConfig, context: Context) -> int:
+    """Prompt tokens a request saves when the student's short prompt replaces the teacher's long one."""
+    return (len(prompt_ids(tokenizer, teacher_contexts(config, [context])[0]))
+            - len(prompt_ids(tokenizer, student_contexts(config, [context])[0])))
 
 
 # ---------------------------------------------------------------- the teacher
 
 
+def repeated_ngram_ends(answer: list[int], n: int) -> set[int]:
+    """The tokens that would complete an n-gram already in `answer` (none when n is 0)."""
+    if n <= 0 or len(answer) < n:
+        return set()
+    tail = answer[len(answer) - n + 1:] if n > 1 else []
+    return {answer[i + n - 1] for i in range(len(answer) - n + 1) if answer[i:i + n - 1] == tail}
+
+
+def _no_repeat(n: int, prompt_width: int):
+    """A transformers LogitsProcessor banning repeated n-grams within the generated part of each row only
+    (transformers' own no_repeat_ngram_size would also forbid quoting the prompt)."""
+    from transformers import LogitsProcessor
+
+    class NoRepeatInAnswer(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            for row in range(input_ids.shape[0]):
+                banned = repeated_ngram_ends(input_ids[row, prompt_width:].tolist(), n)
+                if banned:
+                    scores[row, sorted(banned)] = -float("inf")
+            return scores
+
+    return NoRepeatInAnswer()
+
+
 def teacher_answers(model, tokenizer, contexts: list[Context], max_new_tokens: int = 256, batch_size: int = 8,
-                    progress: bool = False) -> list[str]:
-    """Greedy answers of `model` to each context, batched with left padding; the text up to the end-of-turn
-    token, special tokens removed, otherwise verbatim."""
+                    no_repeat_ngram: int = 0, progress: bool = False) -> list[Answer]:
+    """Greedy answers of `model` to each context, batched with left padding (the same as one at a time)."""
     import torch
+    from transformers import LogitsProcessorList
 
     if not contexts:
         raise TuneryError("no prompts to ask the teacher")
     device = next(model.parameters()).device
     stop = turn_end_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers: list[str] = []
+    answers: list[Answer] = []
     bar = tqdm(total=len(contexts), desc="teacher answers (HF)", unit="prompt", disable=not progress)
     for start in range(0, len(contexts), batch_size):
         batch = [prompt_ids(tokenizer, c) for c in contexts[start:start + batch_size]]
@@ -143,43 +205,67 @@ def teacher_answers(model, tokenizer, contexts: list[Context], max_new_tokens: i
         mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad)[:, width:].tolist()
-        answers += [_text(tokenizer, generated, stop) for generated in out]
+                                 pad_token_id=pad, logits_processor=LogitsProcessorList(
+                                     [_no_repeat(no_repeat_ngram, width)] if no_repeat_ngram else []))[:, width:]
+        out = out.tolist()
+        answers += [_answer(tokenizer, generated, stop) for generated in out]
         bar.update(len(batch))
     bar.close()
     return answers
 
 
 def gguf_teacher_answers(gguf: Path, tokenizer, contexts: list[Context], max_new_tokens: int = 256,
-                         progress: bool = False) -> list[str]:
+                         no_repeat_ngram: int = 0, progress: bool = False) -> list[Answer]:
     """Greedy answers from llama.cpp on a GGUF export, prompted with the same chat-template tokens as HF."""
-    from tasks.verify import greedy_ids, open_gguf
+    import numpy as np
+
+    from tasks.verify import last_logits, open_gguf
 
     stop = turn_end_ids(tokenizer)
     prompts = [prompt_ids(tokenizer, c) for c in contexts]
     llm = open_gguf(gguf, n_ctx=max(len(p) for p in prompts) + max_new_tokens + 1)
+    answers = []
     try:
-        return [_text(tokenizer, greedy_ids(llm, p, max_new_tokens, stop)[0], stop)
-                for p in tqdm(prompts, desc="teacher answers (llama.cpp)", unit="prompt", disable=not progress)]
+        for prompt in tqdm(prompts, desc="teacher answers (llama.cpp)", unit="prompt", disable=not progress):
+            llm.reset()
+            llm.eval(prompt)
+            out: list[int] = []
+            while len(out) < max_new_tokens:
+                logits = np.array(last_logits(llm), dtype=np.float32)
+                logits[sorted(repeated_ngram_ends(out, no_repeat_ngram))] = -np.inf
+                out.append(int(np.argmax(logits)))
+                if out[-1] in stop:
+                    break
+                llm.eval([out[-1]])
+            answers.append(_answer(tokenizer, out, stop))
     finally:
         llm.close()
+    return answers
 
 
-def _text(tokenizer, generated: list[int], stop: set[int]) -> str:
-    return tokenizer.decode(generated[:answer_length(generated, stop)], skip_special_tokens=True).strip()
+def _answer(tokenizer, generated: list[int], stop: set[int]) -> Answer:
+    n = answer_length(generated, stop)
+    return Answer(tokenizer.decode(generated[:n], skip_special_tokens=True).strip(), n < len(generated))
 
 
 def _answers(config: DistillSettings, teacher: str, gguf: Path | None, contexts: list[Context], device: str
-             ) -> list[str]:
+             ) -> list[Answer]:
     if gguf is not None:
-        return gguf_teacher_answers(gguf, load_tokenizer(teacher), contexts, config.max_new_tokens, progress=True)
+        return gguf_teacher_answers(gguf, load_tokenizer(teacher), contexts, config.max_new_tokens,
+                                    config.no_repeat_ngram, progress=True)
     model = load_model(teacher, device=device, precision=resolve_precision("auto", device))
     return teacher_answers(model, load_tokenizer(teacher), contexts, config.max_new_tokens,
-                           config.generation_batch_size, progress=True)
+                           config.generation_batch_size, config.no_repeat_ngram, progress=True)
 
 
 def teacher_contexts(config: DistillSettings, contexts: list[Context]) -> list[Context]:
-    return [with_system(c, config.system) for c in contexts] if isinstance(config, DistillPromptConfig) else contexts
+    """What the teacher is asked: for distill-prompt, its system prompt and example exchanges, then the user's
+    conversation without its own system turn; for distill-model, the conversation as it is."""
+    if not isinstance(config, DistillPromptConfig):
+        return contexts
+    shots = [{"role": role, "content": text} for e in config.examples
+             for role, text in (("user", e.user), ("assistant", e.assistant))]
+    return [with_system(shots + c, config.system) for c in contexts]
 
 
 def student_contexts(config: DistillSettings, contexts: list[Context]) -> list[Context]:
@@ -193,42 +279,43 @@ def make_dataset(config: DistillSettings, teacher: str, gguf: Path | None, conte
     """Ask the teacher (model folder `teacher`, or llama.cpp on `gguf`) to answer the training and held-out
     contexts, and prepare the student's chat rows as a dataset (rendered through the student's chat template).
 
-    The result is cached under TUNERY_HOME/cache/distill by `key` (the teacher's identity and everything else the
-    answers depend on); the dataset's info records the teacher's backend and the generation time.
+    The teacher's raw answers are cached under TUNERY_HOME/cache/distill by `key` (the teacher's identity and
+    everything else they depend on). The dataset's info records the teacher's backend, the generation time and how
+    many answers were cut at max_new_tokens and then trimmed or dropped.
     """
-    import time
-
-    cache = home() / "cache" / "distill" / f"{sha256_json(key)[:16]}.json" if key is not None else None
-    if cache is not None and cache.exists():
-        cached = json.loads(cache.read_text())
-        if (Path(cached["path"]) / "meta.json").exists():
-            meta, _, _ = load_prepared(cached["path"])
-            return StageResult("prep", cached["path"], metrics={}, info={**meta, **cached["teacher"]})
-    device = resolve_device(device)
     train, held = contexts
     if not held:
         raise TuneryError("no held-out prompts: the student cannot be measured; add prompts or validation rows")
-    began = time.perf_counter()
-    answers = _answers(config, teacher, gguf, teacher_contexts(config, train + held), device)
-    seconds = time.perf_counter() - began
-    rows = distill_rows(student_contexts(config, train + held), answers)
-    n_train = sum(1 for a in answers[:len(train)] if a)
+    cache = home() / "cache" / "distill" / f"{sha256_json({**key, 'generator': GENERATOR})[:16]}.json" if key else None
+    if cache is not None and cache.exists():
+        cached = json.loads(cache.read_text())
+        answers, generated = [Answer(*a) for a in cached["answers"]], cached["teacher"]
+    else:
+        began = time.perf_counter()
+        answers = _answers(config, teacher, gguf, teacher_contexts(config, train + held), resolve_device(device))
+        generated = {"teacher_backend": "llama.cpp" if gguf else "hf", "teacher_gguf": str(gguf) if gguf else None,
+                     "generation_s": time.perf_counter() - began}
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_json(cache, {"answers": answers, "teacher": generated})
+    texts = [settle(a, config.unfinished) for a in answers]
+    rows = distill_rows(student_contexts(config, train + held), texts)
+    n_train = sum(1 for t in texts[:len(train)] if t)
     if not n_train or len(rows) == n_train:
-        raise TuneryError("the teacher gave only empty answers to the training or the held-out prompts")
+        raise TuneryError(f"no usable teacher answers for the training or the held-out prompts ({len(rows)} of "
+                          f"{len(answers)} usable; unfinished: {config.unfinished}); raise max_new_tokens or set "
+                          "unfinished: keep")
     with tempfile.TemporaryDirectory(prefix="tunery-distill-") as tmp:
         for name, part in (("train", rows[:n_train]), ("validation", rows[n_train:])):
             (Path(tmp) / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part),
                                                      encoding="utf-8")
         data = prepare(PrepConfig(train=["train.jsonl"], validation=["validation.jsonl"], format="chat"),
                        Path(tmp), tokenizer_path=student)
-    generated = sum(len(load_tokenizer(teacher)(a)["input_ids"]) for a in answers)
-    teacher_info = {"teacher_backend": "llama.cpp" if gguf else "hf", "teacher_gguf": str(gguf) if gguf else None,
-                    "generation_s": seconds, "answers": len(answers), "empty_answers": len(answers) - len(rows),
-                    "answer_tokens": generated}
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        write_json(cache, {"path": data.artifact_path, "teacher": teacher_info})
-    return StageResult("prep", data.artifact_path, metrics=data.metrics, info={**data.info, **teacher_info})
+    unfinished = sum(not a.finished for a in answers)
+    info = {**generated, "answers": len(answers), "unfinished_answers": unfinished,
+            "trimmed_answers": sum(bool(t) and t != a.text for a, t in zip(answers, texts)),
+            "dropped_answers": len(answers) - len(rows)}
+    return StageResult("prep", data.artifact_path, metrics=data.metrics, info={**data.info, **info})
 
 
 def preference_pairs(config: DistillModelConfig, student: str, dataset: str, device: str = "auto") -> StageResult:
@@ -241,8 +328,9 @@ def preference_pairs(config: DistillModelConfig, student: str, dataset: str, dev
     parts = []
     for rows in (train, held):
         contexts = contexts_of(rows)
-        own = teacher_answers(model, tokenizer, contexts, config.max_new_tokens, config.generation_batch_size,
-                              progress=True)
+        own = [settle(a, config.unfinished) for a in teacher_answers(
+            model, tokenizer, contexts, config.max_new_tokens, config.generation_batch_size, config.no_repeat_ngram,
+            progress=True)]
         parts.append([{"prompt": c, "chosen": r["messages"][-1:], "rejected": [{"role": "assistant", "content": o}]}
                       for c, r, o in zip(contexts, rows, own) if o and o != r["messages"][-1]["content"]])
     if not parts[0] or not parts[1]:
@@ -330,3 +418,30 @@ def distill_metrics(config: DistillSettings, teacher: str, start: str, student: 
     if "distill_tokens_per_s_teacher" in m:
         m["distill_speedup"] = m["distill_tokens_per_s_student"] / m["distill_tokens_per_s_teacher"]
     return m
+
+
+def summary(metrics: dict[str, float]) -> list[dict[str, Any]]:
+    """A distilled version's measurements as rows (measure, teacher, start, student, change): the closing table of
+    `tunery run` and the dashboard's. Empty for a version that was not distilled."""
+    m = metrics
+    if "distill_perplexity_student" not in m:
+        return []
+
+    def row(measure: str, teacher: float | None, start: float | None, student: float | None, change: str) -> dict:
+        return {"measure": measure, "teacher": teacher, "start": start, "student": student, "change": change}
+
+    rows = []
+    if "distill_prompt_tokens_saved" in m:
+        rows.append(row("prompt tokens per request", m["distill_prompt_tokens_teacher"], None,
+                        m["distill_prompt_tokens_student"], f"-{m['distill_prompt_tokens_saved']:.0f}"))
+    rows.append(row("time to first token (ms)", m["distill_ttft_ms_teacher"], None, m["distill_ttft_ms_student"],
+                    f"{-m['distill_ttft_reduction']:+.0%}"))
+    if "distill_tokens_per_s_teacher" in m:
+        rows.append(row("decode tokens/s", m["distill_tokens_per_s_teacher"], None, m["distill_tokens_per_s_student"],
+                        f"x{m['distill_speedup']:.2f}"))
+        rows.append(row("parameters (M)", m["distill_params_teacher"] / 1e6, None, m["distill_params_student"] / 1e6,
+                        f"x{m['distill_params_student'] / m['distill_params_teacher']:.2f}"))
+    gap = m["distill_perplexity_student"] / m["distill_perplexity_teacher"] - 1
+    rows.append(row("perplexity of held-out teacher answers", m["distill_perplexity_teacher"],
+                    m["distill_perplexity_start"], m["distill_perplexity_student"], f"{gap:+.0%}"))
+    return rows

@@ -133,7 +133,7 @@ def check_tokenization(llm, tokenizer, extra: list[str] = ()) -> dict[str, Any]:
     return check("tokenization", not bad, len(texts) - len(bad), detail)
 
 
-def _last_logits(llm) -> np.ndarray:
+def last_logits(llm) -> np.ndarray:
     """The next-token logits after the last eval (llama-cpp-python keeps them only with logits_all)."""
     import llama_cpp
 
@@ -149,7 +149,7 @@ def greedy_ids(llm, prompt: list[int], max_new_tokens: int, stop: set[int]) -> t
     first = time.perf_counter() - began
     decode_began = time.perf_counter()
     for _ in range(max_new_tokens):
-        token = int(np.argmax(_last_logits(llm)))
+        token = int(np.argmax(last_logits(llm)))
         out.append(token)
         if token in stop:
             break

@@ -106,6 +106,25 @@ def test_version_page_shows_record_lineage_curves_and_samples(filled):
     assert failed.error[0].value == "loss became NaN at step 3"
 
 
+def test_version_page_shows_what_a_distilled_student_kept(filled, tiny_model_dir):
+    student = registry.create_version("fern", "distill-prompt", base_model="tiny", parents=[filled["base"]])
+    registry.finish_version(student, str(tiny_model_dir), info={"teacher": filled["base"], "teacher_backend": "hf"})
+    registry.record_metrics(student, {
+        "distill_heldout_answers": 15.0, "distill_prompt_tokens_teacher": 465.0, "distill_prompt_tokens_student": 38.0,
+        "distill_prompt_tokens_saved": 427.0, "distill_ttft_ms_teacher": 840.0, "distill_ttft_ms_student": 120.0,
+        "distill_ttft_reduction": 1 - 120 / 840, "distill_perplexity_teacher": 3.0, "distill_perplexity_start": 4.5,
+        "distill_perplexity_student": 2.8, "distill_perplexity_reduction": 1 - 2.8 / 4.5,
+        "distill_gap_closed": 1.7 / 1.5})
+    at = _app("version.py", v=student)
+    assert not at.exception
+    assert "Distillation" in [h.value for h in at.subheader]
+    table = next(d.value for d in at.dataframe if "measure" in d.value).set_index("measure")
+    assert table.loc["prompt tokens per request", "change"] == "-427"
+    assert table.loc["time to first token (ms)", "change"] == "-86%"
+    assert table.loc["perplexity of held-out teacher answers", "start"] == 4.5
+    assert "Distillation" not in [h.value for h in _app("version.py", v=filled["sft"]).subheader]
+
+
 def test_compare_page_colours_deltas_and_diffs_hyperparameters(filled):
     from streamlit.testing.v1 import AppTest
 

@@ -3,6 +3,8 @@ verbatim with the system prompt dropped or shortened as configured, the recorded
 count difference, and each stage registers a version with the teacher as a parent and the distillation metrics."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -11,15 +13,19 @@ from conftest import write_jsonl
 from flows import steps
 from flows.config import BASE_REF, load_config
 from tasks.common import TuneryError
-from tasks.distill import (DistillModelConfig, DistillPromptConfig, distill_rows, gguf_teacher_answers, make_dataset,
-                           prompt_tokens_saved, teacher_answers, with_system)
+from tasks.distill import (Answer, DistillModelConfig, DistillPromptConfig, distill_rows, gguf_teacher_answers,
+                           make_dataset,
+                           prompt_tokens_saved, repeated_ngram_ends, settle, teacher_answers,
+                           teacher_contexts)
 from tasks.models import conversation, load_model, load_tokenizer, prompt_ids
 from tasks.prep import load_prepared
 
 PERSONA = ("You are Fern, a friendly gardening helper. Answer in two short sentences, mention the season when it "
            "matters, and end with 'Happy growing!'. Never recommend chemical pesticides.")
 PROMPTS = ["How often should I water basil?", "When do I plant garlic?", "Why are my tomato leaves yellow?"]
-FAST = {"max_steps": 3, "batch_size": 4, "learning_rate": 5e-3, "max_length": 160, "max_new_tokens": 12}
+# The tiny teacher's 12-token answers rarely reach a sentence end, so cut answers are kept as they are here.
+FAST = {"max_steps": 3, "batch_size": 4, "learning_rate": 5e-3, "max_length": 160, "max_new_tokens": 12,
+        "unfinished": "keep"}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,8 @@ def test_batched_teacher_answers_equal_one_at_a_time_greedy(chatty):
             out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
         stop = {tok.eos_token_id, *tok.convert_tokens_to_ids(tok.all_special_tokens)}
         end = next((i for i, t in enumerate(out.tolist()) if t in stop), len(out))
-        assert answer and answer == tok.decode(out[:end], skip_special_tokens=True).strip()
+        assert answer.text and answer.text == tok.decode(out[:end], skip_special_tokens=True).strip()
+        assert answer.finished == (end < len(out))
 
 
 def test_llama_cpp_teacher_answers_equal_hf_on_an_f32_export(chatty, tmp_path):
@@ -62,8 +69,22 @@ def test_llama_cpp_teacher_answers_equal_hf_on_an_f32_export(chatty, tmp_path):
     gguf = write_gguf(chatty, tmp_path / "tiny.gguf", "f32")
     model, tok = load_model(str(chatty)), load_tokenizer(str(chatty))
     contexts = [conversation(PERSONA, p) for p in PROMPTS]
-    hf = teacher_answers(model, tok, contexts, 10)
-    assert all(hf) and gguf_teacher_answers(gguf, tok, contexts, 10) == hf
+    for no_repeat in (0, 2):
+        hf = teacher_answers(model, tok, contexts, 10, no_repeat_ngram=no_repeat)
+        assert all(a.text for a in hf) and gguf_teacher_answers(gguf, tok, contexts, 10, no_repeat) == hf
+
+
+def test_no_repeat_bans_only_tokens_that_would_repeat_an_ngram_of_the_answer(chatty):
+    assert repeated_ngram_ends([5, 6, 7, 5, 6], 3) == {7}
+    assert repeated_ngram_ends([5, 6, 5], 2) == {6}
+    assert repeated_ngram_ends([5, 6, 7], 3) == set() and repeated_ngram_ends([5, 5, 5], 0) == set()
+    model, tok = load_model(str(chatty)), load_tokenizer(str(chatty))
+    contexts = [conversation(PERSONA, p) for p in PROMPTS]
+    for answer, _ in teacher_answers(model, tok, contexts, 40, no_repeat_ngram=3):
+        ids = tok(answer)["input_ids"]
+        grams = [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]
+        # Re-tokenizing the text may merge tokens differently, so allow the odd seam; loops are gone.
+        assert len(set(grams)) >= len(grams) - 2, answer
 
 
 def test_rows_keep_answers_verbatim_and_empty_answers_are_dropped():
@@ -79,30 +100,51 @@ def test_rows_keep_answers_verbatim_and_empty_answers_are_dropped():
 def test_prompt_token_saving_is_the_token_count_difference(chatty):
     tok = load_tokenizer(str(chatty))
     context = [{"role": "system", "content": "whatever the data said"}, {"role": "user", "content": PROMPTS[0]}]
-    long_ids = tok.apply_chat_template(conversation(PERSONA, PROMPTS[0]), add_generation_prompt=True, tokenize=True,
+    shot = {"user": "Mulch?", "assistant": "Yes, in May. Happy growing!"}
+    config = DistillPromptConfig(system=PERSONA, examples=[shot])
+    teacher = teacher_contexts(config, [context])[0]
+    assert teacher == [{"role": "system", "content": PERSONA}, {"role": "user", "content": "Mulch?"},
+                       {"role": "assistant", "content": shot["assistant"]}, context[1]]
+    long_ids = tok.apply_chat_template(teacher, add_generation_prompt=True, tokenize=True,
                                        return_dict=True)["input_ids"]
-    short_ids = tok.apply_chat_template(conversation(None, PROMPTS[0]), add_generation_prompt=True, tokenize=True,
+    short_ids = tok.apply_chat_template(context[1:], add_generation_prompt=True, tokenize=True,
                                         return_dict=True)["input_ids"]
-    saved = prompt_tokens_saved(tok, PERSONA, None, context)
-    assert saved == len(long_ids) - len(short_ids) > len(tok(PERSONA)["input_ids"]) - 1
-    assert prompt_tokens_saved(tok, PERSONA, PERSONA, context) == 0
-    assert with_system(context, None) == context[1:]
+    saved = prompt_tokens_saved(tok, config, context)
+    assert saved == len(long_ids) - len(short_ids) > len(tok(PERSONA + shot["assistant"])["input_ids"])
+    shorter = DistillPromptConfig(system=PERSONA, student_system="You are Fern.")
+    assert prompt_tokens_saved(tok, shorter, context) == (
+        len(prompt_ids(tok, conversation(PERSONA, PROMPTS[0]))) - len(prompt_ids(tok, conversation("You are Fern.",
+                                                                                               PROMPTS[0]))))
 
 
 @pytest.mark.parametrize("student_system", [None, "You are Fern."])
 def test_generated_dataset_keeps_teacher_answers_and_swaps_the_system_prompt(chatty, student_system):
     cfg = DistillPromptConfig(system=PERSONA, student_system=student_system, prompts=PROMPTS * 2 + ["Mulch?"],
-                              max_new_tokens=10)
+                              max_new_tokens=10, unfinished="keep")
     model, tok = load_model(str(chatty)), load_tokenizer(str(chatty))
     train = [conversation("data's own system", p) for p in PROMPTS]
     held = [conversation(None, "Mulch?")]
     result = make_dataset(cfg, str(chatty), None, (train, held), str(chatty), "cpu")
     _, train_rows, held_rows = load_prepared(result.artifact_path)
-    expected = teacher_answers(model, tok, [conversation(PERSONA, p) for p in PROMPTS + ["Mulch?"]], 10)
-    assert [r["messages"][-1]["content"] for r in train_rows + held_rows] == expected  # verbatim, in order
-    for row, prompt in zip(train_rows + held_rows, PROMPTS + ["Mulch?"]):
-        assert row["messages"][:-1] == conversation(student_system, prompt)
+    expected = teacher_answers(model, tok, [conversation(PERSONA, p) for p in PROMPTS + ["Mulch?"]], 10,
+                               no_repeat_ngram=cfg.no_repeat_ngram)
+    kept = [a.text for a in expected]
+    assert all(kept) and [r["messages"][-1]["content"] for r in train_rows + held_rows] == kept  # verbatim, in order
+    prompts = [p for p, k in zip(PROMPTS + ["Mulch?"], kept) if k]
+    assert [r["messages"][:-1] for r in train_rows + held_rows] == [conversation(student_system, p) for p in prompts]
     assert result.info["teacher_backend"] == "hf" and result.info["answers"] == 4
+    assert result.info["dropped_answers"] == 0
+    assert result.info["unfinished_answers"] == sum(not a.finished for a in expected)
+
+
+def test_cut_answers_are_trimmed_to_their_last_sentence_kept_or_dropped():
+    cut = Answer("Water it twice a week. Mulch in May! Then the roots", finished=False)
+    assert settle(cut, "trim") == "Water it twice a week. Mulch in May!"
+    assert settle(cut, "keep") == cut.text and settle(cut, "drop") == ""
+    assert settle(Answer("No sentence end here", False), "trim") == ""
+    assert settle(Answer("Done. Really", True), "drop") == "Done. Really"  # finished answers stay verbatim
+    assert settle(Answer('He said "stop." And then', False), "trim") == 'He said "stop."'
+    assert settle(Answer("First line\nsecond", False), "trim") == "First line"
 
 
 def _config(tmp_path, chatty, garden_rows, stages, **top) -> str:
@@ -192,3 +234,16 @@ def test_bad_distill_settings_are_named(tmp_path, chatty, garden_rows):
     with pytest.raises(TuneryError, match="tiny-base:1 has no GGUF export"):
         _run(config)
     assert registry.list_versions(name="tiny-fern") == []
+
+
+def test_cli_distill_prompt_prints_the_closing_table(tmp_path, chatty, garden_rows, tunery_home):
+    from test_cli import tunery
+
+    config = _config(tmp_path, chatty, garden_rows, [{"stage": "distill-prompt", "system": PERSONA, **FAST}])
+    proc = tunery("distill-prompt", config, home=tunery_home)
+    assert "registered tiny-fern:1 (distill-prompt, parents tiny-base:1)" in proc.stdout
+    for row in ("prompt tokens per request", "time to first token (ms)", "perplexity of held-out teacher answers"):
+        assert row in proc.stdout, proc.stdout
+    shown = json.loads(tunery("show", "tiny-fern:1", "--json", home=tunery_home).stdout)
+    saved = shown["metrics"]["distill_prompt_tokens_saved"]
+    assert f"-{saved:.0f}" in proc.stdout and saved > 30

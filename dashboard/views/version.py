@@ -7,6 +7,7 @@ import streamlit as st
 
 from dashboard.data import aliases, history, refresh, version, version_table, version_url
 from tasks.common import TuneryError
+from tasks.distill import summary
 
 known = version_table()["version"].tolist()
 wanted = st.query_params.get("v")
@@ -40,6 +41,15 @@ with right:
         st.subheader("Training health")
         for check, verdict in health.items():
             (st.success if verdict["ok"] else st.warning)(f"{check}: {verdict['verdict']} ({verdict['detail']})")
+
+distilled = summary(v["metrics"])
+if distilled:
+    st.subheader("Distillation")
+    st.caption(f"teacher {v['info']['teacher']} ({v['info']['teacher_backend']}), start {v['parents'][0]}; measured on "
+               f"{v['metrics']['distill_heldout_answers']:.0f} held-out teacher answers"
+               + (": the teacher with its long system prompt, start and student without" if v["stage"] ==
+                  "distill-prompt" else ""))
+    st.dataframe(pd.DataFrame(distilled), hide_index=True, width="stretch")
 
 curves = history(choice)
 if not curves.empty:
