@@ -1,8 +1,9 @@
 """Benchmark: what Prefect adds to a pipeline run (server start, task and state bookkeeping, artifacts, result
 persistence), as the wall time of `pipeline` minus the same steps called directly, measured in one run.
 
-Both run the demo config on the packaged SmolLM2-135M with 2 training steps and a one-prompt evaluation, each in
-a fresh TUNERY_HOME (nothing cached). Run it with `.venv/bin/python bench/prefect_overhead.py [--steps N]`.
+Both run the demo's data and eval settings with one LoRA sft stage of 2 steps on the packaged SmolLM2-135M and a
+one-prompt evaluation, each in a fresh TUNERY_HOME (nothing cached).
+Run it with `.venv/bin/python bench/prefect_overhead.py [--steps N]`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ sys.path.insert(0, str(REPO))
 def small_config(folder: Path, steps: int) -> Path:
     cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     cfg["data"]["train"] = str(REPO / "data" / "demo" / "garden_chat.jsonl")
-    cfg["stages"][0].update({"max_steps": steps, "warmup_ratio": 0.0})
+    cfg["stages"] = [{"stage": "sft", "method": "lora", "max_steps": steps, "batch_size": 8, "max_length": 256,
+                      "learning_rate": 1.0e-3, "warmup_ratio": 0.0}]
     cfg["eval"].update({"prompts": ["When should I plant garlic?"], "max_new_tokens": 4, "repeats": 1, "warmup": 0,
                         "generation_rows": 0})
     cfg.pop("promote", None)

@@ -93,8 +93,8 @@ def run(config: Path = typer.Argument(None, help="Pipeline YAML; default: config
     out.print(table)
     base, last = result["rows"][0], result["rows"][-1]
     change = (last["perplexity"] - base["perplexity"]) / base["perplexity"]
-    out.print(f"held-out perplexity {base['version']} {base['perplexity']:.2f} -> {last['version']} "
-              f"{last['perplexity']:.2f} ({change:+.1%})")
+    out.print(f"perplexity of the data's held-out answers: {base['version']} {base['perplexity']:.2f} -> "
+              f"{last['version']} {last['perplexity']:.2f} ({change:+.1%})")
     import registry
 
     for name in result["versions"][1:]:

@@ -305,12 +305,7 @@ def make_dataset(config: DistillSettings, teacher: str, gguf: Path | None, conte
         raise TuneryError(f"no usable teacher answers for the training or the held-out prompts ({len(rows)} of "
                           f"{len(answers)} usable; unfinished: {config.unfinished}); raise max_new_tokens or set "
                           "unfinished: keep")
-    with tempfile.TemporaryDirectory(prefix="tunery-distill-") as tmp:
-        for name, part in (("train", rows[:n_train]), ("validation", rows[n_train:])):
-            (Path(tmp) / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part),
-                                                     encoding="utf-8")
-        data = prepare(PrepConfig(train=["train.jsonl"], validation=["validation.jsonl"], format="chat"),
-                       Path(tmp), tokenizer_path=student)
+    data = prepare_rows(rows[:n_train], rows[n_train:], "chat", student)
     unfinished = sum(not a.finished for a in answers)
     info = {**generated, "answers": len(answers), "unfinished_answers": unfinished,
             "trimmed_answers": sum(bool(t) and t != a.text for a, t in zip(answers, texts)),
@@ -336,12 +331,17 @@ def preference_pairs(config: DistillModelConfig, student: str, dataset: str, dev
     if not parts[0] or not parts[1]:
         raise TuneryError("the student already answers like the teacher on the training or held-out prompts: no "
                           "preference pairs to write")
-    with tempfile.TemporaryDirectory(prefix="tunery-pairs-") as tmp:
-        for name, part in (("train", parts[0]), ("validation", parts[1])):
+    return prepare_rows(parts[0], parts[1], "preference", student)
+
+
+def prepare_rows(train: list[dict], held: list[dict], fmt: str, tokenizer_path: str) -> StageResult:
+    """Generated rows prepared like a user's data files (checked, content-addressed), with the split given."""
+    with tempfile.TemporaryDirectory(prefix="tunery-distill-") as tmp:
+        for name, part in (("train", train), ("validation", held)):
             (Path(tmp) / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part),
                                                      encoding="utf-8")
-        return prepare(PrepConfig(train=["train.jsonl"], validation=["validation.jsonl"], format="preference"),
-                       Path(tmp), tokenizer_path=student)
+        return prepare(PrepConfig(train=["train.jsonl"], validation=["validation.jsonl"], format=fmt), Path(tmp),
+                       tokenizer_path=tokenizer_path)
 
 
 # ---------------------------------------------------------------- the student
@@ -376,7 +376,7 @@ def distill_metrics(config: DistillSettings, teacher: str, start: str, student: 
     student_rows = held
     teacher_rows = [{"messages": c + r["messages"][-1:]}
                     for c, r in zip(teacher_contexts(config, contexts_of(held)), held)]
-    timed = [c for c in contexts_of(held)[:LATENCY_PROMPTS]]
+    timed = contexts_of(held)[:LATENCY_PROMPTS]
     new_tokens = 2 if isinstance(config, DistillPromptConfig) else 16
     answer_bytes = sum(len(r["messages"][-1]["content"].encode()) for r in held)
     metrics: dict[str, float] = {"distill_train_answers": float(len(train)), "distill_heldout_answers": float(len(held))}

@@ -150,7 +150,8 @@ def test_run_on_smollm2_registers_base_and_a_better_fine_tune(tmp_path, tunery_h
     cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     cfg["base_model"] = str(smollm2_dir)
     cfg["data"]["train"] = str(REPO / "data/demo/garden_chat.jsonl")
-    cfg["stages"][0].update({"epochs": 1, "max_steps": 6, "warmup_ratio": 0.0})
+    cfg["stages"] = [{"stage": "sft", "method": "lora", "max_steps": 6, "batch_size": 8, "max_length": 256,
+                      "learning_rate": 1.0e-3, "warmup_ratio": 0.0}]
     cfg["eval"].update({"prompts": ["When should I plant garlic?"], "max_new_tokens": 8, "repeats": 1})
     (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(cfg))
     run = tunery("run", str(tmp_path / "e2e.yaml"), "--json", home=tunery_home)

@@ -247,3 +247,30 @@ def test_cli_distill_prompt_prints_the_closing_table(tmp_path, chatty, garden_ro
     shown = json.loads(tunery("show", "tiny-fern:1", "--json", home=tunery_home).stdout)
     saved = shown["metrics"]["distill_prompt_tokens_saved"]
     assert f"-{saved:.0f}" in proc.stdout and saved > 30
+
+
+@pytest.mark.e2e
+def test_demo_persona_on_smollm2_is_learned_without_its_prompt(tmp_path, smollm2_dir):
+    """The demo's distill-prompt stage on the real model, shortened: the teacher follows the few-shot persona, the
+    saving is the persona's tokens, and the student moves towards the teacher's held-out answers."""
+    from conftest import REPO
+    from tasks.prep import load_prepared
+
+    cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    stage = cfg["stages"][0]
+    stage.update({"max_new_tokens": 48, "max_steps": 8, "warmup_ratio": 0.0})
+    cfg.update({"base_model": str(smollm2_dir), "stages": [stage]})
+    cfg["data"].update({"train": str(REPO / "data/demo/garden_chat.jsonl"), "max_rows": 32})
+    (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(cfg))
+    version = _run(str(tmp_path / "e2e.yaml"))
+    m = version["metrics"]
+    _, train, held = load_prepared(version["info"]["dataset"])
+    answers = [r["messages"][-1]["content"] for r in train + held]
+    assert sum(a.startswith("Fern here!") for a in answers) >= 0.8 * len(answers), answers[:3]
+    tok = load_tokenizer(str(smollm2_dir))
+    config = load_config(tmp_path / "e2e.yaml")[0].stages[0]
+    user = [{"role": "user", "content": "Any question?"}]
+    persona = len(prompt_ids(tok, teacher_contexts(config, [user])[0])) - len(prompt_ids(tok, user))
+    assert m["distill_prompt_tokens_saved"] == pytest.approx(persona) and persona > 400
+    assert m["distill_perplexity_student"] < m["distill_perplexity_start"]
+    assert m["distill_perplexity_teacher"] < m["distill_perplexity_start"]  # the persona changes what it says
