@@ -7,6 +7,8 @@
 - `linear`, `slerp`, `ties`, `dare_ties`, `task_arithmetic`: mergekit merges full models. SLERP interpolates two
   models (t=0 gives the first); TIES, DARE-TIES and task arithmetic combine each model's difference from a common
   `base`. The mergekit configuration is written next to the merged weights.
+- `passthrough`: mergekit stacks the `layers` ranges of one source into a new model; keeping fewer layers than the
+  source has makes a smaller, faster student for `distill-model` (layer pruning, then distillation).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tasks.common import TuneryError, write_json
 from tasks.training import QuantizationConfig
 
-MERGEKIT_METHODS = ("linear", "slerp", "ties", "dare_ties", "task_arithmetic")
+MERGEKIT_METHODS = ("linear", "slerp", "ties", "dare_ties", "task_arithmetic", "passthrough")
 NEEDS_BASE = ("ties", "dare_ties", "task_arithmetic")
 # config.json keys that must agree for two checkpoints to be merged tensor by tensor.
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -33,7 +35,7 @@ class MergeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["lora", "linear", "slerp", "ties", "dare_ties", "task_arithmetic"] = Field(
+    method: Literal["lora", "linear", "slerp", "ties", "dare_ties", "task_arithmetic", "passthrough"] = Field(
         "lora", description="lora: fold the start version's adapter into its base; the others are mergekit methods.")
     sources: list[str] = Field(default_factory=list, description="Models to merge (mergekit methods; 2 or more, "
                                                                  "exactly 2 for slerp).")
@@ -44,6 +46,9 @@ class MergeConfig(BaseModel):
     t: float = Field(0.5, ge=0, le=1, description="slerp: 0 gives the first source, 1 the second.")
     density: float = Field(0.5, gt=0, le=1, description="ties / dare_ties: share of each difference kept.")
     normalize: bool = Field(True, description="Divide by the sum of the weights (linear, ties, dare_ties).")
+    layers: list[tuple[int, int]] | None = Field(None, description="passthrough: the [start, end) layer ranges of "
+                                                                   "the source to keep, in order, e.g. [[0, 20], "
+                                                                   "[26, 30]].")
     qlora_base: Literal["dequantized", "original"] = Field(
         "dequantized", description="lora on a QLoRA adapter: merge into the de-quantized weights it was trained on, "
                                    "or into the original full-precision weights.")
@@ -53,6 +58,14 @@ class MergeConfig(BaseModel):
         if self.method == "lora":
             if self.sources:
                 raise ValueError("method lora merges the start version's adapter; use `from` instead of `sources`")
+            return self
+        if (self.method == "passthrough") != (self.layers is not None):
+            raise ValueError("`layers` goes with method passthrough, and passthrough needs `layers`")
+        if self.method == "passthrough":
+            if len(self.sources) != 1:
+                raise ValueError("method passthrough takes the layers of exactly 1 source")
+            if any(not 0 <= a < b for a, b in self.layers):
+                raise ValueError("each of `layers` is [start, end) with 0 <= start < end")
             return self
         if len(self.sources) < 2:
             raise ValueError(f"method {self.method} needs at least 2 sources")
@@ -132,6 +145,9 @@ def mergekit_config(config: MergeConfig, sources: dict[str, str], base: tuple[st
     paths = list(sources.values())
     weights = config.weights or [1.0] * len(paths)
     doc: dict[str, Any] = {"merge_method": config.method, "dtype": "float32"}
+    if config.method == "passthrough":
+        doc["slices"] = [{"sources": [{"model": paths[0], "layer_range": [a, b]}]} for a, b in config.layers]
+        return doc
     if config.method == "slerp":
         doc.update(base_model=paths[0], models=[{"model": p} for p in paths], parameters={"t": config.t})
         return doc
@@ -162,6 +178,11 @@ def merge_models(config: MergeConfig, sources: dict[str, str], out_dir: str | Pa
     if config.method in NEEDS_BASE and base is None:
         raise TuneryError(f"method {config.method} needs a base model")
     check_sources(sources, base)
+    if config.method == "passthrough":
+        n = json.loads((Path(next(iter(sources.values()))) / "config.json").read_text())["num_hidden_layers"]
+        if max(b for _, b in config.layers) > n:
+            raise TuneryError(f"passthrough: {next(iter(sources))} has {n} layers; `layers` asks for up to "
+                              f"{max(b for _, b in config.layers)}")
     doc = mergekit_config(config, sources, base)
     out_dir = Path(out_dir)
     try:
@@ -179,7 +200,7 @@ def merge_models(config: MergeConfig, sources: dict[str, str], out_dir: str | Pa
     portable = json.loads(json.dumps(doc))
     if "base_model" in portable:
         portable["base_model"] = labels.get(portable["base_model"], portable["base_model"])
-    for entry in portable.get("models", []):
+    for entry in portable.get("models", []) + [s for part in portable.get("slices", []) for s in part["sources"]]:
         entry["model"] = labels.get(entry["model"], entry["model"])
     info = {"merge": config.method, "adapter": False, "mergekit_config": portable}
     write_json(out_dir / "tunery_stage.json", {"stage": "merge", "info": info})

@@ -105,3 +105,26 @@ def _all_weights(folder) -> dict[str, torch.Tensor]:
     for f in folder.glob("*.safetensors"):
         out.update(load_file(str(f)))
     return out
+
+
+def test_passthrough_keeps_the_chosen_layers_in_order(tiny_model_dir, tmp_path):
+    """Layer pruning: [[1, 2], [0, 1]] gives a 2-layer model whose first layer is the source's second."""
+    source = _all_weights(tiny_model_dir)
+    info = merge_models(MergeConfig(method="passthrough", sources=["tiny"], layers=[[1, 2], [0, 1]]),
+                        {"tiny:1": str(tiny_model_dir)}, tmp_path / "m")
+    out = _all_weights(tmp_path / "m")
+    for key, value in out.items():
+        original = key.replace("layers.0.", "layers.X.").replace("layers.1.", "layers.0.").replace("layers.X.",
+                                                                                                  "layers.1.")
+        assert torch.equal(value, source[original]), key
+    pruned = merge_models(MergeConfig(method="passthrough", sources=["tiny"], layers=[[0, 1]]),
+                          {"tiny:1": str(tiny_model_dir)}, tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["num_hidden_layers"] == 1
+    assert load_model(str(tmp_path / "p")).num_parameters() < load_model(str(tiny_model_dir)).num_parameters()
+    assert info["mergekit_config"]["slices"][0]["sources"][0]["model"] == "tiny:1"
+    assert pruned["merge"] == "passthrough"
+    with pytest.raises(TuneryError, match="tiny:1 has 2 layers; `layers` asks for up to 3"):
+        merge_models(MergeConfig(method="passthrough", sources=["tiny"], layers=[[0, 3]]),
+                     {"tiny:1": str(tiny_model_dir)}, tmp_path / "q")
+    with pytest.raises(ValueError, match="passthrough needs `layers`"):
+        MergeConfig(method="passthrough", sources=["tiny"])
