@@ -300,8 +300,8 @@ def stage_data(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]],
     if isinstance(stage, DpoStage) and stage.pairs_from:
         path = done[stage.pairs_from]["info"].get("preference_pairs")
         if not path:
-            raise TuneryError(f"stage {cfg.stage_id(index)}: pairs_from {stage.pairs_from!r} wrote no preference pairs; "
-                              "give that distill-model stage `preference_pairs: true`")
+            raise TuneryError(f"stage {cfg.stage_id(index)}: pairs_from {stage.pairs_from!r} wrote no preference "
+                              "pairs; give that distill-model stage `preference_pairs: true`")
         return StageResult(stage="prep", artifact_path=path, metrics={}, info=load_prepared(path)[0])
     if stage.data is not None:
         return run_prep(cfg, config_dir, done[BASE_REF]["artifact_path"], stage.data)

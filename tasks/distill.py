@@ -379,7 +379,8 @@ def distill_metrics(config: DistillSettings, teacher: str, start: str, student: 
     timed = contexts_of(held)[:LATENCY_PROMPTS]
     new_tokens = 2 if isinstance(config, DistillPromptConfig) else 16
     answer_bytes = sum(len(r["messages"][-1]["content"].encode()) for r in held)
-    metrics: dict[str, float] = {"distill_train_answers": float(len(train)), "distill_heldout_answers": float(len(held))}
+    metrics: dict[str, float] = {"distill_train_answers": float(len(train)),
+                                 "distill_heldout_answers": float(len(held))}
     sides = (("teacher", teacher, None, teacher_rows, teacher_contexts(config, timed)),
              ("start", start, None, student_rows, timed),
              ("student", start if adapter else student, student if adapter else None, student_rows, timed))

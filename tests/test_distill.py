@@ -56,7 +56,8 @@ def test_batched_teacher_answers_equal_one_at_a_time_greedy(chatty):
     for context, answer in zip(contexts, batched):
         ids = torch.tensor([prompt_ids(tok, context)])
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+            out = model.generate(ids, max_new_tokens=12, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
         stop = {tok.eos_token_id, *tok.convert_tokens_to_ids(tok.all_special_tokens)}
         end = next((i for i, t in enumerate(out.tolist()) if t in stop), len(out))
         assert answer.text and answer.text == tok.decode(out[:end], skip_special_tokens=True).strip()
@@ -274,3 +275,14 @@ def test_demo_persona_on_smollm2_is_learned_without_its_prompt(tmp_path, smollm2
     assert m["distill_prompt_tokens_saved"] == pytest.approx(persona) and persona > 400
     assert m["distill_perplexity_student"] < m["distill_perplexity_start"]
     assert m["distill_perplexity_teacher"] < m["distill_perplexity_start"]  # the persona changes what it says
+
+
+def test_dpo_pairs_from_a_stage_without_pairs_is_named(tmp_path, chatty, garden_rows):
+    stages = [{"stage": "distill-model", "id": "student", "teacher": "base"},
+              {"stage": "dpo", "pairs_from": "student"}]
+    cfg, config_dir = load_config(_config(tmp_path, chatty, garden_rows, stages))
+    with pytest.raises(TuneryError, match="stage dpo: pairs_from 'student' wrote no preference pairs"):
+        steps.stage_data(cfg, 1, {"student": {"info": {}}}, None, config_dir)
+    both = _config(tmp_path, chatty, garden_rows, [stages[0], {**stages[1], "data": {"train": "garden.jsonl"}}])
+    with pytest.raises(TuneryError, match="not both"):
+        load_config(both)
