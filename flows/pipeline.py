@@ -13,6 +13,7 @@ import registry
 from flows import promotion, steps
 from flows.config import BASE_REF, load_config
 from tasks.common import RegistryBusy, TuneryError, sha256_json
+from tasks.distill import summary as distill_summary
 
 # Tasks that use the accelerator carry this tag; `tunery serve` sets a concurrency limit of 1 on it, so two
 # trainings or evaluations never share one machine's GPU (or CPU) at once.
@@ -76,16 +77,15 @@ def _describe_stage(version: dict[str, Any]) -> str:
                 "reward_accuracy", "reward_margin"):
         if key in m:
             lines.append(f"- {key}: {m[key]:.3f}")
-    if "distill_perplexity_student" in m:
-        lines.append(f"- teacher {info['teacher']} ({info['teacher_backend']}), "
-                     f"{m['distill_train_answers']:.0f} answers learned, {m['distill_heldout_answers']:.0f} held out")
-        if "distill_prompt_tokens_saved" in m:
-            lines.append(f"- prompt tokens per request {m['distill_prompt_tokens_teacher']:.0f} -> "
-                         f"{m['distill_prompt_tokens_student']:.0f}")
-        lines.append(f"- time to first token {m['distill_ttft_ms_teacher']:.1f} ms (teacher) -> "
-                     f"{m['distill_ttft_ms_student']:.1f} ms (student)")
-        lines.append(f"- perplexity of held-out teacher answers: teacher {m['distill_perplexity_teacher']:.3f}, "
-                     f"start {m['distill_perplexity_start']:.3f}, student {m['distill_perplexity_student']:.3f}")
+    distilled = distill_summary(m)
+    if distilled:
+        lines += [f"\nteacher {info['teacher']} ({info['teacher_backend']}), {m['distill_train_answers']:.0f} "
+                  f"answers learned, {m['distill_heldout_answers']:.0f} held out\n",
+                  "| | teacher | start | student | change |", "|---|---|---|---|---|"]
+        lines += [f"| {r['measure']} | " + " | ".join("" if r[k] is None else f"{r[k]:.4g}"
+                                                     for k in ("teacher", "start", "student")) + f" | {r['change']} |"
+                  for r in distilled]
+        lines.append("")
     for check, verdict in info.get("health", {}).items():
         lines.append(f"- {check}: **{verdict['verdict']}** ({verdict['detail']})")
     if "spectrum" in info:
