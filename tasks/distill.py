@@ -3,8 +3,9 @@
 distill-prompt bakes a long system prompt into the weights: the teacher (by default the model the stage starts
 from) answers with the long prompt, the student is trained on the same answers with a short system prompt or none,
 so every request stops paying for the long prompt's tokens. distill-model teaches a smaller student to answer like
-a bigger teacher on the user's own prompts. Both train the student with `sft` (LoRA, full, ...), on teacher answers
-that are greedy and kept verbatim, and measure, on held-out prompts the student never trained on:
+a bigger teacher on the user's own prompts. Both train the student with `sft` (LoRA, full, ...) on the teacher's
+greedy answers, kept verbatim (an answer cut at max_new_tokens is trimmed to its last sentence unless told
+otherwise), and measure, on held-out prompts the student never trained on:
 
 - the perplexity of the teacher's held-out answers under the teacher (with its prompt), under the start model
   before training, and under the student: how much of the teacher's behaviour the student took on;
@@ -13,9 +14,9 @@ that are greedy and kept verbatim, and measure, on held-out prompts the student 
 - distill-model: decode speed of each and the parameter counts.
 
 Teacher answers come from llama.cpp when the teacher has a GGUF export (the highest-precision one), else from
-batched HF generation. Generated datasets are prepared like any other data (content-addressed, split kept:
-answers to the data's held-out prompts are the held-out answers) and cached by their inputs, so a retry of a failed
-training does not ask the teacher again.
+batched HF generation. The raw answers are cached by their inputs, so a retry of a failed training does not ask the
+teacher again; the student's rows are prepared like any other data (content-addressed, split kept: answers to the
+data's held-out prompts are the held-out answers).
 """
 from __future__ import annotations
 
