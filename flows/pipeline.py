@@ -102,8 +102,8 @@ def stage_cache_key(context, parameters: dict[str, Any]) -> str:
     flow run: a later run with unchanged inputs finds it and skips the stage (state Cached)."""
     p = parameters
     data = steps.stage_data(p["cfg"], p["index"], p["done"], p["data"], p["config_dir"])
-    return "stage-" + steps.stage_fingerprint(p["cfg"], p["index"], p["done"], p["previous"], data,
-                                              p["config_dir"])
+    refs = steps.stage_refs(p["cfg"].stages[p["index"]], p["done"], p["previous"], p["config_dir"])
+    return "stage-" + steps.stage_fingerprint(p["cfg"], p["index"], refs, data)
 
 
 def eval_cache_key(context, parameters: dict[str, Any]) -> str:

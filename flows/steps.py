@@ -11,7 +11,7 @@ import shutil
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import registry
 from flows.config import BASE_REF, DISTILL, DpoStage, MergeStage, PipelineConfig, Stage, StageFields, is_path
@@ -308,37 +308,42 @@ def stage_data(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]],
     return data
 
 
-def stage_versions(stage: Stage, done: dict[str, dict[str, Any]], previous: dict[str, Any]
-                   ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
-    """The versions a stage reads: what it starts from, and for a merge its sources and (ties, dare_ties,
-    task_arithmetic) the base they are measured from."""
+class StageRefs(NamedTuple):
+    """The versions a stage reads: what it starts from; for a merge its sources and (ties, dare_ties,
+    task_arithmetic) the base they are measured from; for a distill stage its teacher."""
+
+    start: dict[str, Any]
+    sources: list[dict[str, Any]]
+    merge_base: dict[str, Any] | None
+    teacher: dict[str, Any] | None
+
+
+def stage_refs(stage: Stage, done: dict[str, dict[str, Any]], previous: dict[str, Any], config_dir: Path
+               ) -> StageRefs:
     start = resolve_ref(stage.from_, done) if stage.from_ else previous
-    if not isinstance(stage, MergeStage):
-        return start, [], None
-    sources = [resolve_ref(ref, done) for ref in stage.sources]
-    merge_base = resolve_ref(stage.base or BASE_REF, done) if stage.method in NEEDS_BASE else None
-    return start, sources, merge_base
+    if isinstance(stage, MergeStage):
+        sources = [resolve_ref(ref, done) for ref in stage.sources]
+        merge_base = resolve_ref(stage.base or BASE_REF, done) if stage.method in NEEDS_BASE else None
+        return StageRefs(start, sources, merge_base, None)
+    return StageRefs(start, [], None, stage_teacher(stage, done, start, config_dir))
 
 
-def stage_fingerprint(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], previous: dict[str, Any],
-                      data: StageResult | None, config_dir: Path) -> str:
+def stage_fingerprint(cfg: PipelineConfig, index: int, refs: StageRefs, data: StageResult | None) -> str:
     """What a stage's result depends on: its settings, the data it trains on, the versions it starts from, merges
-    or learns from, the seed and device, the code, and the registry. Equal fingerprints mean the stage need not run
-    again."""
+    or learns from (`refs`), the seed and device, the code, and the registry. Equal fingerprints mean the stage need
+    not run again."""
     stage = cfg.stages[index]
-    start, sources, merge_base = stage_versions(stage, done, previous)
-    teacher = stage_teacher(stage, done, start, config_dir)
     inputs: dict[str, Any] = {
         "name": cfg.name, "stage": stage.model_dump(mode="json", exclude={"data", "id", "from_"}),
-        "data": data.info["data_hash"] if data is not None else None, "start": start["version"],
+        "data": data.info["data_hash"] if data is not None else None, "start": refs.start["version"],
         "seed": cfg.seed, "device": cfg.device, "code": code_version(), "registry": registry.instance_id(),
     }
     if isinstance(stage, MergeStage):
-        inputs["sources"] = [s["version"] for s in sources]
-        if merge_base is not None:
-            inputs["base"] = merge_base["version"]
-    if teacher is not None:
-        inputs["teacher"] = teacher["version"]
+        inputs["sources"] = [s["version"] for s in refs.sources]
+        if refs.merge_base is not None:
+            inputs["base"] = refs.merge_base["version"]
+    if refs.teacher is not None:
+        inputs["teacher"] = refs.teacher["version"]
     return sha256_json(inputs)
 
 
@@ -354,16 +359,15 @@ def run_stage(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], 
     stage: Stage = cfg.stages[index]
     stage_id = cfg.stage_id(index)
     data = stage_data(cfg, index, done, data, config_dir)
-    fingerprint = stage_fingerprint(cfg, index, done, previous, data, config_dir)
+    refs = stage_refs(stage, done, previous, config_dir)
+    fingerprint = stage_fingerprint(cfg, index, refs, data)
     if reuse and (found := registry.find_fingerprint(cfg.name, fingerprint)):
         return {**registry.get_version(found), "reused": True}
-    start, sources, merge_base = stage_versions(stage, done, previous)
     if isinstance(stage, MergeStage):
-        return run_merge(cfg, stage, start, sources, merge_base, stage_id, flow_run_id, fingerprint)
-    if stage.stage in DISTILL:
-        teacher = stage_teacher(stage, done, start, config_dir)
-        return run_distill(cfg, stage, start, teacher, data, stage_id, flow_run_id, fingerprint)
-    return run_train(cfg, stage, start, data, stage_id, flow_run_id, fingerprint)
+        return run_merge(cfg, stage, refs.start, refs.sources, refs.merge_base, stage_id, flow_run_id, fingerprint)
+    if refs.teacher is not None:
+        return run_distill(cfg, stage, refs.start, refs.teacher, data, stage_id, flow_run_id, fingerprint)
+    return run_train(cfg, stage, refs.start, data, stage_id, flow_run_id, fingerprint)
 
 
 def run_eval(version: dict[str, Any], data: StageResult, eval_cfg: EvalConfig) -> dict[str, float]:

@@ -153,10 +153,16 @@ def distill_rows(contexts: list[Context], answers: list[str]) -> list[dict[str, 
             for context, answer in zip(contexts, answers) if answer]
 
 
+def prompt_lengths(tokenizer, config: DistillPromptConfig, context: Context) -> tuple[int, int]:
+    """Prompt tokens of a request under the teacher's long prompt and under the student's short one."""
+    return (len(prompt_ids(tokenizer, teacher_contexts(config, [context])[0])),
+            len(prompt_ids(tokenizer, student_contexts(config, [context])[0])))
+
+
 def prompt_tokens_saved(tokenizer, config: DistillPromptConfig, context: Context) -> int:
     """Prompt tokens a request saves when the student's short prompt replaces the teacher's long one."""
-    return (len(prompt_ids(tokenizer, teacher_contexts(config, [context])[0]))
-            - len(prompt_ids(tokenizer, student_contexts(config, [context])[0])))
+    long, short = prompt_lengths(tokenizer, config, context)
+    return long - short
 
 
 # ---------------------------------------------------------------- the teacher
@@ -365,8 +371,9 @@ def train_student(config: DistillSettings, start: str, dataset: str, out_dir: st
 def distill_metrics(config: DistillSettings, teacher: str, start: str, student: str, dataset: str,
                     device: str = "auto", adapter: bool = False) -> dict[str, float]:
     """Held-out perplexity of the teacher's answers and time to first token, of teacher, start model and student
-    (each loaded in turn, so at most one model is in memory); prompt tokens saved; speed and size for
-    distill-model. `student` is a model folder, or with `adapter` a LoRA adapter on `start`."""
+    (each loaded in turn, so at most one model is in memory; a teacher that is the start model is loaded once);
+    prompt tokens saved; speed and size for distill-model. `student` is a model folder, or with `adapter` a LoRA
+    adapter on `start`."""
     import gc
 
     from tasks.evaluation import latency, perplexity
@@ -385,9 +392,13 @@ def distill_metrics(config: DistillSettings, teacher: str, start: str, student: 
     sides = (("teacher", teacher, None, teacher_rows, teacher_contexts(config, timed)),
              ("start", start, None, student_rows, timed),
              ("student", start if adapter else student, student if adapter else None, student_rows, timed))
+    loaded, model = None, None
     for side, path, lora, rows, prompts in sides:
-        model = load_model(path, device=device, precision=precision, adapter=lora, merge=lora is not None)
-        tokenizer = load_tokenizer(lora or path)
+        if loaded != (path, lora):  # distill-prompt's default teacher is the start model: loaded once for both
+            del model
+            gc.collect()
+            model = load_model(path, device=device, precision=precision, adapter=lora, merge=lora is not None)
+            tokenizer, loaded = load_tokenizer(lora or path), (path, lora)
         # One window per example (no sliding): a window that cut off the long system prompt would not measure
         # the teacher with it.
         window = max(len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
@@ -402,15 +413,13 @@ def distill_metrics(config: DistillSettings, teacher: str, start: str, student: 
                 metrics[f"distill_tokens_per_s_{side}"] = speed["tokens_per_s"]
                 metrics[f"distill_params_{side}"] = float(sum(p.numel() for p in model.parameters()))
         if side == "teacher" and isinstance(config, DistillPromptConfig):
-            contexts = contexts_of(train + held)
-            long = [len(prompt_ids(tokenizer, c)) for c in teacher_contexts(config, contexts)]
-            short = [len(prompt_ids(tokenizer, c)) for c in contexts]
+            long, short = zip(*(prompt_lengths(tokenizer, config, c) for c in contexts_of(train + held)))
             metrics["distill_prompt_tokens_teacher"] = sum(long) / len(long)
             metrics["distill_prompt_tokens_student"] = sum(short) / len(short)
             metrics["distill_prompt_tokens_saved"] = metrics["distill_prompt_tokens_teacher"] - \
                 metrics["distill_prompt_tokens_student"]
-        del model
-        gc.collect()
+    del model
+    gc.collect()
     m = metrics
     m["distill_ttft_reduction"] = 1 - m["distill_ttft_ms_student"] / m["distill_ttft_ms_teacher"]
     m["distill_perplexity_reduction"] = 1 - m["distill_perplexity_student"] / m["distill_perplexity_start"]
