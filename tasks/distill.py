@@ -32,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from tasks.common import StageResult, TuneryError, home, resolve_device, resolve_precision, sha256_json, write_json
-from tasks.models import answer_length, conversation, load_model, load_tokenizer, prompt_ids, turn_end_ids
+from tasks.models import (answer_length, conversation, load_model, load_tokenizer, prompt_ids, repeated_ngram_ends,
+                          turn_end_ids)
 from tasks.prep import PrepConfig, load_prepared, prepare, split
 from tasks.sft import SftConfig, train_sft
 
@@ -168,14 +169,6 @@ def prompt_tokens_saved(tokenizer, config: DistillPromptConfig, context: Context
 # ---------------------------------------------------------------- the teacher
 
 
-def repeated_ngram_ends(answer: list[int], n: int) -> set[int]:
-    """The tokens that would complete an n-gram already in `answer` (none when n is 0)."""
-    if n <= 0 or len(answer) < n:
-        return set()
-    tail = answer[len(answer) - n + 1:] if n > 1 else []
-    return {answer[i + n - 1] for i in range(len(answer) - n + 1) if answer[i:i + n - 1] == tail}
-
-
 def _no_repeat(n: int, prompt_width: int):
     """A transformers LogitsProcessor banning repeated n-grams within the generated part of each row only
     (transformers' own no_repeat_ngram_size would also forbid quoting the prompt)."""
@@ -224,30 +217,16 @@ def teacher_answers(model, tokenizer, contexts: list[Context], max_new_tokens: i
 def gguf_teacher_answers(gguf: Path, tokenizer, contexts: list[Context], max_new_tokens: int = 256,
                          no_repeat_ngram: int = 0, progress: bool = False) -> list[Answer]:
     """Greedy answers from llama.cpp on a GGUF export, prompted with the same chat-template tokens as HF."""
-    import numpy as np
-
-    from tasks.verify import last_logits, open_gguf
+    from tasks.verify import greedy_ids, open_gguf
 
     stop = turn_end_ids(tokenizer)
     prompts = [prompt_ids(tokenizer, c) for c in contexts]
     llm = open_gguf(gguf, n_ctx=max(len(p) for p in prompts) + max_new_tokens + 1)
-    answers = []
     try:
-        for prompt in tqdm(prompts, desc="teacher answers (llama.cpp)", unit="prompt", disable=not progress):
-            llm.reset()
-            llm.eval(prompt)
-            out: list[int] = []
-            while len(out) < max_new_tokens:
-                logits = np.array(last_logits(llm), dtype=np.float32)
-                logits[sorted(repeated_ngram_ends(out, no_repeat_ngram))] = -np.inf
-                out.append(int(np.argmax(logits)))
-                if out[-1] in stop:
-                    break
-                llm.eval([out[-1]])
-            answers.append(_answer(tokenizer, out, stop))
+        return [_answer(tokenizer, greedy_ids(llm, p, max_new_tokens, stop, no_repeat_ngram)[0], stop)
+                for p in tqdm(prompts, desc="teacher answers (llama.cpp)", unit="prompt", disable=not progress)]
     finally:
         llm.close()
-    return answers
 
 
 def _answer(tokenizer, generated: list[int], stop: set[int]) -> Answer:

@@ -176,6 +176,14 @@ def answer_length(token_ids: list[int], stop: set[int]) -> int:
     return next((i for i, t in enumerate(token_ids) if t in stop), len(token_ids))
 
 
+def repeated_ngram_ends(answer: list[int], n: int) -> set[int]:
+    """The tokens that would complete an n-gram already in `answer` (none when n is 0)."""
+    if n <= 0 or len(answer) < n:
+        return set()
+    tail = answer[len(answer) - n + 1:] if n > 1 else []
+    return {answer[i + n - 1] for i in range(len(answer) - n + 1) if answer[i:i + n - 1] == tail}
+
+
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation up to and including the assistant's generation prompt."""
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,

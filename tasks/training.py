@@ -7,7 +7,6 @@ already merged into its parent) and writes either a LoRA adapter on top of that 
 from __future__ import annotations
 
 import contextvars
-
 import math
 import shutil
 import sys

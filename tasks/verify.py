@@ -26,7 +26,7 @@ import numpy as np
 
 from tasks.common import TuneryError
 from tasks.modelfile import SAMPLE_CONVERSATIONS, ChatFrames, hf_render, render_go
-from tasks.models import answer_length, conversation
+from tasks.models import answer_length, conversation, repeated_ngram_ends
 
 TOKENIZER_CORPUS = [
     "Water tomatoes deeply, twice a week.",
@@ -140,8 +140,10 @@ def last_logits(llm) -> np.ndarray:
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
 
 
-def greedy_ids(llm, prompt: list[int], max_new_tokens: int, stop: set[int]) -> tuple[list[int], float, float]:
-    """llama.cpp greedy continuation of `prompt`: (tokens, seconds to first token, decode tokens/s)."""
+def greedy_ids(llm, prompt: list[int], max_new_tokens: int, stop: set[int], no_repeat_ngram: int = 0
+               ) -> tuple[list[int], float, float]:
+    """llama.cpp greedy continuation of `prompt`: (tokens, seconds to first token, decode tokens/s). With
+    `no_repeat_ngram`, a token that would repeat an n-gram of the continuation is skipped."""
     llm.reset()
     began = time.perf_counter()
     llm.eval(prompt)
@@ -149,7 +151,12 @@ def greedy_ids(llm, prompt: list[int], max_new_tokens: int, stop: set[int]) -> t
     first = time.perf_counter() - began
     decode_began = time.perf_counter()
     for _ in range(max_new_tokens):
-        token = int(np.argmax(last_logits(llm)))
+        logits = last_logits(llm)
+        banned = repeated_ngram_ends(out, no_repeat_ngram)
+        if banned:
+            logits = logits.copy()
+            logits[sorted(banned)] = -np.inf
+        token = int(np.argmax(logits))
         out.append(token)
         if token in stop:
             break
