@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from tasks.common import StageResult, TuneryError, home, resolve_device, resolve_precision, sha256_json, write_json
-from tasks.models import (answer_length, conversation, load_model, load_tokenizer, prompt_ids, repeated_ngram_ends,
+from tasks.models import (answer_length, conversation, greedy_answers, load_model, load_tokenizer, prompt_ids,
                           turn_end_ids)
 from tasks.prep import PrepConfig, load_prepared, prepare, split
 from tasks.sft import SftConfig, train_sft
@@ -169,49 +169,15 @@ def prompt_tokens_saved(tokenizer, config: DistillPromptConfig, context: Context
 # ---------------------------------------------------------------- the teacher
 
 
-def _no_repeat(n: int, prompt_width: int):
-    """A transformers LogitsProcessor banning repeated n-grams within the generated part of each row only
-    (transformers' own no_repeat_ngram_size would also forbid quoting the prompt)."""
-    from transformers import LogitsProcessor
-
-    class NoRepeatInAnswer(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            for row in range(input_ids.shape[0]):
-                banned = repeated_ngram_ends(input_ids[row, prompt_width:].tolist(), n)
-                if banned:
-                    scores[row, sorted(banned)] = -float("inf")
-            return scores
-
-    return NoRepeatInAnswer()
-
-
 def teacher_answers(model, tokenizer, contexts: list[Context], max_new_tokens: int = 256, batch_size: int = 8,
                     no_repeat_ngram: int = 0, progress: bool = False) -> list[Answer]:
-    """Greedy answers of `model` to each context, batched with left padding (the same as one at a time)."""
-    import torch
-    from transformers import LogitsProcessorList
-
+    """Greedy answers of `model` to each context, batched (`models.greedy_answers`: the same as one at a time)."""
     if not contexts:
         raise TuneryError("no prompts to ask the teacher")
-    device = next(model.parameters()).device
     stop = turn_end_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers: list[Answer] = []
-    bar = tqdm(total=len(contexts), desc="teacher answers (HF)", unit="prompt", disable=not progress)
-    for start in range(0, len(contexts), batch_size):
-        batch = [prompt_ids(tokenizer, c) for c in contexts[start:start + batch_size]]
-        width = max(len(ids) for ids in batch)
-        ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, logits_processor=LogitsProcessorList(
-                                     [_no_repeat(no_repeat_ngram, width)] if no_repeat_ngram else []))[:, width:]
-        out = out.tolist()
-        answers += [_answer(tokenizer, generated, stop) for generated in out]
-        bar.update(len(batch))
-    bar.close()
-    return answers
+    generated = greedy_answers(model, tokenizer, [prompt_ids(tokenizer, c) for c in contexts], max_new_tokens,
+                               batch_size, no_repeat_ngram, progress=progress, desc="teacher answers (HF)")
+    return [_answer(tokenizer, g, stop) for g in generated]
 
 
 def gguf_teacher_answers(gguf: Path, tokenizer, contexts: list[Context], max_new_tokens: int = 256,

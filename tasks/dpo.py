@@ -7,7 +7,13 @@ itself with the adapter switched off, so no second copy is held in memory.
 
 Recorded beyond the training metrics, on the held-out pairs: the model's own preference accuracy before and after
 (how often the chosen answer is likelier per token than the rejected one) and, for the objectives that define an
-implicit reward, trl's reward accuracy and reward margin after training.
+implicit reward against the reference (DPO and its variants, KTO), the reward accuracy and margin after training.
+The held-out pairs are scored once before and once after training: the start model is the reference, so its
+scores serve both the "before" figures and the rewards.
+
+Speed: the LM head projects only the answer tokens (`tasks.scored_head`); when the training data is seen more than
+once, the reference log-probabilities are computed once before training (trl's `precompute_ref_log_probs`)
+instead of at every step.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.common import StageResult
-from tasks.evaluation import preference_accuracy
+from tasks.evaluation import pair_loglik, preference_accuracy
 from tasks.models import load_model
 from tasks.training import (TrainingConfig, history_callback, run_training, start_run, trainable_model,
                             trainer_arguments)
@@ -51,9 +57,19 @@ def _trainer(config: DpoConfig, model, ref_model, args: dict, train_ds, val_ds, 
         from trl import DPOConfig as TrlDPOConfig
         from trl import DPOTrainer
 
+        from tasks.scored_head import install, unwrapped
+
+        # Seen more than once, the pairs' reference log-probabilities are worth computing once, up front.
+        passes = (config.max_steps * config.batch_size * config.gradient_accumulation_steps / len(train_ds)
+                  if config.max_steps > 0 else config.epochs)
         trl_args = TrlDPOConfig(**args, loss_type=[config.loss], beta=config.beta,
-                                label_smoothing=config.label_smoothing)
-        return DPOTrainer(model=model, ref_model=ref_model, args=trl_args, **common)
+                                label_smoothing=config.label_smoothing, precompute_ref_log_probs=passes > 1)
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=trl_args, **common)
+        # trl's DPO logs entropy, mean logits and top-1 accuracy of the answers: the same fields, answer tokens only.
+        install(unwrapped(trainer.model), ("log_probs", "entropy", "mean_logits", "is_top1"))
+        if trainer.ref_model is not None:
+            install(trainer.ref_model)
+        return trainer
     if config.loss == "kto":
         from trl import KTOConfig, KTOTrainer
         from trl.data_utils import unpair_preference_dataset
@@ -71,6 +87,15 @@ def _trainer(config: DpoConfig, model, ref_model, args: dict, train_ds, val_ds, 
     return CPOTrainer(model=model, args=trl_args, **common)
 
 
+def implicit_rewards(policy: list[tuple], reference: list[tuple], beta: float) -> dict[str, float]:
+    """DPO's implicit reward of an answer, beta * (log pi(answer) - log pi_ref(answer)), from `pair_loglik` scores
+    of the trained and the reference model: the share of pairs whose chosen answer earns the higher reward
+    (reward_accuracy) and the mean difference (reward_margin), as trl's rewards/accuracies and rewards/margins."""
+    margins = [beta * ((pc - rc) - (pr - rr)) for (pc, _, pr, _), (rc, _, rr, _) in zip(policy, reference)]
+    return {"reward_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "reward_margin": sum(margins) / len(margins)}
+
+
 def train_dpo(config: DpoConfig, model_path: str, data_dir: str | Path, out_dir: str | Path,
               device: str = "auto", seed: int = 0) -> StageResult:
     """Align the model in `model_path` with the prepared preference pairs in `data_dir`; write it to `out_dir`.
@@ -84,17 +109,22 @@ def train_dpo(config: DpoConfig, model_path: str, data_dir: str | Path, out_dir:
     train_rows, val_rows = run.train_rows, run.val_rows
     columns = ("prompt", "chosen", "rejected")
     train_ds = Dataset.from_list([{k: r[k] for k in columns} for r in train_rows])
-    val_ds = Dataset.from_list([{k: r[k] for k in columns} for r in val_rows]) if val_rows else None
+    # Held-out pairs go to the trainer only for a validation-loss curve (eval_steps); the before/after figures
+    # below score them once each.
+    val_ds = Dataset.from_list([{k: r[k] for k in columns} for r in val_rows]) if val_rows and config.eval_steps \
+        else None
 
     model, peft_config, info = trainable_model(config, model_path, device)
-    start = {}
+    start, reference = {}, None
     if val_rows:
-        before = preference_accuracy(model, tokenizer, val_rows, config.max_length, config.batch_size)
+        reference = pair_loglik(model, tokenizer, val_rows, config.max_length, config.batch_size)
+        before = preference_accuracy(model, tokenizer, val_rows, scores=reference)
         start = {f"{k}_start": v for k, v in before.items()}
     # LoRA: trl uses the start model with the adapter disabled as the reference; otherwise it needs its own copy.
     needs_ref = config.loss not in REFERENCE_FREE and peft_config is None
     ref_model = load_model(model_path, device=device).eval() if needs_ref else None
-    args = trainer_arguments(config, out_dir, device, precision, seed, has_eval=val_ds is not None)
+    args = trainer_arguments(config, out_dir, device, precision, seed, has_eval=val_ds is not None,
+                             group_by_length=False)
     history: list[dict[str, float]] = []
     trainer = _trainer(config, model, ref_model, args, train_ds, val_ds, tokenizer, peft_config,
                        [history_callback(history)])
@@ -103,13 +133,11 @@ def train_dpo(config: DpoConfig, model_path: str, data_dir: str | Path, out_dir:
     def after_train() -> dict[str, float]:
         if not val_rows:
             return {}
-        metrics = preference_accuracy(trainer.model, tokenizer, val_rows, config.max_length, config.batch_size)
-        evaluated = trainer.evaluate()
-        for ours, theirs in (("reward_accuracy", "eval_rewards/accuracies"), ("reward_margin", "eval_rewards/margins")):
-            if theirs in evaluated:
-                metrics[ours] = float(evaluated[theirs])
+        scores = pair_loglik(trainer.model, tokenizer, val_rows, config.max_length, config.batch_size)
+        metrics = preference_accuracy(trainer.model, tokenizer, val_rows, scores=scores)
+        if config.loss not in REFERENCE_FREE:
+            metrics.update(implicit_rewards(scores, reference, config.beta))
         return metrics
 
     return run_training(trainer, "dpo", config, tokenizer, out_dir, history, model_path, run.meta["data_hash"],
-                        info,
-                        start_metrics=start, after_train=after_train)
+                        info, start_metrics=start, after_train=after_train)

@@ -20,8 +20,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import StageResult, TuneryError, peak_rss_mb, resolve_device
-from tasks.models import (answer_length, check_model_folder, encode_chat, load_model, load_tokenizer, prompt_ids,
-                          turn_end_ids)
+from tasks.models import (answer_length, check_model_folder, encode_chat, greedy_answers, load_model, load_tokenizer,
+                          prompt_ids, turn_end_ids)
 from tasks.prep import load_prepared
 
 METRIC_DIR = Path(__file__).resolve().parent.parent / "metrics" / "perplexity"
@@ -90,19 +90,27 @@ def _totals(scores: list[tuple[float, int]]) -> dict[str, float] | None:
     return {"perplexity": math.exp(nll_sum / n_tokens), "nll_sum": nll_sum, "tokens": float(n_tokens)}
 
 
-def preference_accuracy(model, tokenizer, rows: list[dict], max_length: int = 512, batch_size: int = 8
-                        ) -> dict[str, float]:
-    """How often the model itself prefers the chosen answer: its mean log-likelihood per answer token is higher
-    for `chosen` than for `rejected` (per token, so a longer answer is not penalised for its length).
-
-    `rows` are prepared preference examples. Returns preference_accuracy (share of pairs) and preference_margin
-    (mean difference of the per-token log-likelihoods, chosen minus rejected).
-    """
+def pair_loglik(model, tokenizer, rows: list[dict], max_length: int = 512, batch_size: int = 8
+                ) -> list[tuple[float, int, float, int]]:
+    """(log-likelihood, answer tokens) of the chosen and of the rejected answer of each preference pair, in one
+    batched pass: (chosen_ll, chosen_n, rejected_ll, rejected_n) per pair."""
     encoded = [scored_tokens(tokenizer, {"prompt": r["prompt"], "chosen": r[key]}) for r in rows
                for key in ("chosen", "rejected")]
     scores = answer_nll(model, tokenizer, encoded, max_length, batch_size)
-    mean_ll = [-nll / n if n else float("-inf") for nll, n in scores]
-    margins = [c - r for c, r in zip(mean_ll[0::2], mean_ll[1::2])]
+    return [(-c[0], c[1], -r[0], r[1]) for c, r in zip(scores[0::2], scores[1::2])]
+
+
+def preference_accuracy(model, tokenizer, rows: list[dict], max_length: int = 512, batch_size: int = 8,
+                        scores: list[tuple[float, int, float, int]] | None = None) -> dict[str, float]:
+    """How often the model itself prefers the chosen answer: its mean log-likelihood per answer token is higher
+    for `chosen` than for `rejected` (per token, so a longer answer is not penalised for its length).
+
+    `rows` are prepared preference examples (or `scores`, their `pair_loglik` already measured). Returns
+    preference_accuracy (share of pairs) and preference_margin (mean difference of the per-token
+    log-likelihoods, chosen minus rejected).
+    """
+    scores = scores if scores is not None else pair_loglik(model, tokenizer, rows, max_length, batch_size)
+    margins = [(cl / cn if cn else float("-inf")) - (rl / rn if rn else float("-inf")) for cl, cn, rl, rn in scores]
     finite = [m for m in margins if math.isfinite(m)]
     return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),
             "preference_margin": sum(finite) / len(finite) if finite else 0.0}
@@ -128,42 +136,65 @@ def perplexity_metric():
 
 
 def latency(model, tokenizer, prompts: list[str] | list[list[dict]], max_new_tokens: int = 32, repeats: int = 3,
-            warmup: int = 1, progress: bool = False) -> dict[str, float]:
+            warmup: int = 1, progress: bool = False, answers: list[list[int]] | None = None) -> dict[str, float]:
     """Time to first token and decode speed at batch 1 with greedy decoding, as a user of the model feels them.
     A prompt is a user turn's text or a whole conversation (a system prompt's tokens count in the prefill).
 
-    TTFT is the time of a 1-token generation (prefill plus the first token). Decode speed is
-    (N - 1) / (time of an N-token generation - TTFT), with N forced by `min_new_tokens` so an early end-of-turn
-    does not shorten the run. Each prompt is warmed up, then timed `repeats` times; medians are reported.
+    Both come from the same timed generation of N tokens (forced by `min_new_tokens`, so an early end of turn does
+    not shorten the run): a streamer notes when the first generated token arrives (TTFT: prefill plus one token),
+    and decode speed is (N - 1) / (end - first token). Each prompt is warmed up, then timed `repeats` times;
+    medians are reported. With `answers` (a list), the first warm-up run of each prompt is its natural greedy
+    answer (it stops at the end of turn) and its token ids are appended there: the sample answers cost no extra run.
     """
     import torch
     from tqdm.auto import tqdm
+    from transformers.generation.streamers import BaseStreamer
 
     device = next(model.parameters()).device
     model.eval()
 
-    def timed(ids, n: int) -> float:
+    class FirstToken(BaseStreamer):
+        """generate() puts the prompt first, then each new token: the second put is the first generated token."""
+
+        def __init__(self):
+            self.puts, self.first = 0, None
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 2:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
+    def timed(ids) -> tuple[float, float]:
+        streamer = FirstToken()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                           min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                           streamer=streamer)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        end = time.perf_counter()
+        return streamer.first - start, end - streamer.first
 
     ttfts, speeds = [], []
     for prompt in tqdm(prompts, desc="latency", unit="prompt", disable=not progress):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
-        for _ in range(warmup):
-            timed(ids, max_new_tokens)
+        if answers is not None:
+            answers.append(greedy_answers(model, tokenizer, [ids[0].tolist()], max_new_tokens)[0])
+        for _ in range(warmup - (answers is not None)):
+            timed(ids)
         for _ in range(repeats):
-            first = timed(ids, 1)
-            whole = timed(ids, max_new_tokens)
+            first, rest = timed(ids)
             ttfts.append(first)
-            speeds.append((max_new_tokens - 1) / max(whole - first, 1e-9))
+            speeds.append((max_new_tokens - 1) / max(rest, 1e-9))
     return {"ttft_ms": 1000 * statistics.median(ttfts), "tokens_per_s": statistics.median(speeds)}
 
 
@@ -188,20 +219,13 @@ def strip_answer(tokenizer, token_ids: list[int]) -> str:
     return text
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int) -> list[tuple[str, int]]:
-    """Greedy answers (stripped text, number of generated tokens up to the end of turn) at batch 1."""
-    import torch
-
-    device = next(model.parameters()).device
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 8
+             ) -> list[tuple[str, int]]:
+    """Greedy answers (stripped text, number of generated tokens up to the end of turn), batched."""
     stop = turn_end_ids(tokenizer)
-    out = []
-    for messages in conversations:
-        ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
-        with torch.no_grad():
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
-        out.append((strip_answer(tokenizer, gen), answer_length(gen, stop)))
-    return out
+    generated = greedy_answers(model, tokenizer, [prompt_ids(tokenizer, m) for m in conversations], max_new_tokens,
+                               batch_size)
+    return [(strip_answer(tokenizer, g), answer_length(g, stop)) for g in generated]
 
 
 def by_category(rows: list[dict]) -> dict[str, list[int]]:
@@ -232,7 +256,7 @@ def quality(model, tokenizer, rows: list[dict], config: EvalConfig, progress: bo
         uncategorised = [i for i, r in enumerate(rows) if not r.get("category")][:config.generation_rows]
         picked = sorted(set(chosen + uncategorised))
         answers = dict(zip(picked, generate(model, tokenizer, [rows[i]["messages"][:-1] for i in picked],
-                                            config.max_new_tokens)))
+                                            config.max_new_tokens, config.batch_size)))
         metrics["gen_tokens"] = statistics.fmean(n for _, n in answers.values())
         for cat, idx in groups.items():
             lengths = [answers[i][1] for i in idx if i in answers]
@@ -267,17 +291,16 @@ def measure(model_path: str, data_dir: str, config: EvalConfig, adapter: str | N
         metrics.update({f"{k}_adapter": v for k, v in timed.items()})
         model = model.merge_and_unload()
     metrics.update(quality(model, tokenizer, validation, config, progress))
+    answers: list[list[int]] = []
     metrics.update(latency(model, tokenizer, config.prompts, config.max_new_tokens, config.repeats,
-                           config.warmup, progress))
+                           config.warmup, progress, answers=answers))
     if config.price_per_hour is not None:
         metrics["cost_per_mtok_usd"] = config.price_per_hour / 3600 / metrics["tokens_per_s"] * 1e6
     metrics["peak_rss_mb"] = peak_rss_mb()
     if torch.cuda.is_available():
         metrics["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     metrics["eval_rows"] = float(len(validation))
-    answers = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in config.prompts],
-                       config.max_new_tokens)
-    samples = [{"prompt": p, "answer": a} for p, (a, _) in zip(config.prompts, answers)]
+    samples = [{"prompt": p, "answer": strip_answer(tokenizer, a)} for p, a in zip(config.prompts, answers)]
     return metrics, samples
 
 

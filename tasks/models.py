@@ -188,3 +188,54 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation up to and including the assistant's generation prompt."""
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                          return_dict=True)["input_ids"]
+
+
+def _no_repeat_in_answer(n: int, prompt_width: int):
+    """A transformers LogitsProcessor banning repeated n-grams within the generated part of each row only
+    (transformers' own no_repeat_ngram_size would also forbid quoting the prompt)."""
+    from transformers import LogitsProcessor
+
+    class NoRepeatInAnswer(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            for row in range(input_ids.shape[0]):
+                banned = repeated_ngram_ends(input_ids[row, prompt_width:].tolist(), n)
+                if banned:
+                    scores[row, sorted(banned)] = -float("inf")
+            return scores
+
+    return NoRepeatInAnswer()
+
+
+def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
+                   no_repeat_ngram: int = 0, progress: bool = False, desc: str = "generating") -> list[list[int]]:
+    """Greedy continuations (up to `max_new_tokens` token ids each, end-of-turn included when reached) of each
+    prompt, in input order.
+
+    Prompts are sorted by length and batched with left padding, so a batch pads little; greedy decoding with the
+    attention mask gives the same tokens as one prompt at a time. A row that has ended keeps generating padding
+    until its batch ends: what follows its first end-of-turn token is not an answer (see `answer_length`).
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        picked = order[start:start + batch_size]
+        batch = [prompts[i] for i in picked]
+        width = max(len(ids) for ids in batch)
+        ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
+        processors = LogitsProcessorList([_no_repeat_in_answer(no_repeat_ngram, width)] if no_repeat_ngram else [])
+        with torch.inference_mode():
+            generated = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=pad, logits_processor=processors)[:, width:].tolist()
+        for i, g in zip(picked, generated):
+            out[i] = g
+        bar.update(len(batch))
+    bar.close()
+    return out

@@ -1,7 +1,8 @@
 """Stage `sft`: supervised fine-tuning with trl on chat examples, as LoRA, QLoRA, a full or a Spectrum fine-tune.
 
 The loss covers the assistant's answer only (the completion tokens of `models.encode_chat`), the same tokens the
-eval stage scores. The loss, learning-rate, grad-norm and memory history of the run is returned with the result.
+eval stage scores, and the LM head projects only those positions (`tasks.scored_head`). The loss, learning-rate,
+grad-norm and memory history of the run is returned with the result.
 """
 from __future__ import annotations
 
@@ -17,6 +18,36 @@ class SftConfig(TrainingConfig):
     """Supervised fine-tuning hyperparameters (trl SFTTrainer)."""
 
 
+def scored_sft_trainer():
+    """trl's SFTTrainer with the LM head and log-softmax only at the answer tokens, and no per-step entropy or
+    top-1 accuracy over the vocabulary (trl computes both for its logs; tunery records neither)."""
+    import torch
+    from trl import SFTTrainer
+
+    from tasks.scored_head import install, unwrapped
+
+    class ScoredSFTTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scored_head = install(unwrapped(self.model))
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.scored_head:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            outputs = model(**inputs, fused_lm_head=True)
+            scored = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -outputs.log_probs.sum() / torch.as_tensor(scored).clamp(min=1)
+            # As trl's loss: num_items_in_batch counts every rank's tokens, and DDP averages the gradients.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            if return_outputs:  # callers that want logits (compute_metrics) get them from a plain forward
+                with torch.no_grad():
+                    return loss, model(**{k: v for k, v in inputs.items() if k != "labels"})
+            return loss
+
+    return ScoredSFTTrainer
+
+
 def train_sft(config: SftConfig, model_path: str, data_dir: str | Path, out_dir: str | Path,
               device: str = "auto", seed: int = 0) -> StageResult:
     """Fine-tune the model in `model_path` on the prepared chat data in `data_dir`; write the result to `out_dir`.
@@ -25,7 +56,6 @@ def train_sft(config: SftConfig, model_path: str, data_dir: str | Path, out_dir:
     """
     from datasets import Dataset
     from trl import SFTConfig as TrlSFTConfig
-    from trl import SFTTrainer
 
     run = start_run("sft", config, model_path, data_dir, device, seed)
     device, precision, tokenizer, out_dir = run.device, run.precision, run.tokenizer, Path(out_dir)
@@ -42,7 +72,7 @@ def train_sft(config: SftConfig, model_path: str, data_dir: str | Path, out_dir:
     args = TrlSFTConfig(**trainer_arguments(config, out_dir, device, precision, seed, has_eval=len(val_ds) > 0),
                         completion_only_loss=True, include_num_input_tokens_seen="non_padding")
     history: list[dict[str, float]] = []
-    trainer = SFTTrainer(
+    trainer = scored_sft_trainer()(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
         processing_class=tokenizer, peft_config=peft_config, callbacks=[history_callback(history)],
     )

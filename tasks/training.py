@@ -7,7 +7,6 @@ already merged into its parent) and writes either a LoRA adapter on top of that 
 from __future__ import annotations
 
 import contextvars
-import math
 import shutil
 import sys
 import time
@@ -101,8 +100,13 @@ class TrainingConfig(BaseModel):
                                    "TUNERY_HOME/checkpoints; a run that stops is resumed from it by the next run "
                                    "of the same stage with the same inputs. Default: no checkpoints.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on capable CUDA GPUs, fp16 on older ones, fp32 on CPU and MPS."
+        "auto", description="Autocast of the trainer: auto is bf16 on capable CUDA GPUs, fp16 on older ones, fp32 "
+                            "on CPU and MPS."
     )
+    base_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="dtype of the frozen base weights under LoRA (adapters, optimizer state and the loss "
+                            "stay fp32). auto: bf16 where the hardware has bf16 units (CUDA sm80+, a CPU with "
+                            "avx512_bf16 or AMX), else fp32; full and Spectrum fine-tunes and QLoRA ignore it.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (~30% slower).")
 
     @model_validator(mode="after")
@@ -164,11 +168,13 @@ def trainable_model(config: TrainingConfig, model_path: str, device: str):
     """
     from peft import LoraConfig, prepare_model_for_kbit_training
 
-    # Master weights stay fp32; bf16/fp16 apply as autocast through the trainer (mixed precision).
-    model = load_model(model_path, device=device, precision="fp32",
+    # Weights that train stay fp32 (bf16/fp16 apply as autocast through the trainer); a frozen LoRA base may be
+    # bf16, and peft keeps the adapters fp32 on top of it.
+    base_precision = resolve_base_precision(config, device)
+    model = load_model(model_path, device=device, precision=base_precision,
                        quantization=config.quantization if config.quantized else None)
     info: dict[str, Any] = {"method": config.method, "quantization": config.quantization.mode,
-                            "adapter": config.adapter}
+                            "adapter": config.adapter, "base_precision": base_precision}
     if config.quantized:
         info["quantization_config"] = config.quantization.model_dump()
     peft_config = None
@@ -188,6 +194,40 @@ def trainable_model(config: TrainingConfig, model_path: str, device: str):
     return model, peft_config, info
 
 
+def resolve_base_precision(config: TrainingConfig, device: str) -> str:
+    """The dtype a stage loads its frozen LoRA base in: `config.base_precision`, with auto meaning bf16 where the
+    device computes bf16 natively and fp32 elsewhere (MPS, older GPUs, CPUs without bf16 units). Weights that train
+    (full, Spectrum) and 4/8-bit bases keep their own dtype."""
+    if config.method != "lora" or config.quantized:
+        return "fp32"
+    if config.base_precision != "auto":
+        return config.base_precision
+    return "bf16" if has_bf16_units(device) else "fp32"
+
+
+def has_bf16_units(device: str) -> bool:
+    """Whether `device` multiplies bf16 natively: CUDA with compute capability 8.0+, or a CPU with avx512_bf16 or
+    AMX. Without them torch emulates bf16 matmuls: on an AVX2-only CPU here, 0.3 GFLOP/s against 176 in fp32."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device == "cpu":
+        return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere, which reads as "no bf16 units")."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 # Where the running stage keeps its checkpoints (set by flows.steps.run_train for the stage's fingerprint, so a
 # rerun of the same stage with the same inputs finds them); None: no checkpoints.
 CHECKPOINTS: contextvars.ContextVar[Path | None] = contextvars.ContextVar("tunery_checkpoints", default=None)
@@ -202,7 +242,7 @@ def last_checkpoint() -> str | None:
 
 
 def trainer_arguments(config: TrainingConfig, out_dir: Path, device: str, precision: str, seed: int,
-                      has_eval: bool) -> dict[str, Any]:
+                      has_eval: bool, group_by_length: bool = True) -> dict[str, Any]:
     """The transformers TrainingArguments every stage passes to its trl config."""
     checkpoints = CHECKPOINTS.get() if config.save_steps else None
     saving = dict(save_strategy="steps", save_steps=config.save_steps, save_total_limit=1) if checkpoints else dict(
@@ -233,6 +273,11 @@ def trainer_arguments(config: TrainingConfig, out_dir: Path, device: str, precis
         max_length=config.max_length,
         dataloader_pin_memory=device == "cuda",
         disable_tqdm=False,
+        # Batches of examples of similar length pad little (transformers' LengthGroupedSampler: shuffled, then
+        # sorted within groups of 50 batches, the longest batch first so an out-of-memory shows at step 1). It
+        # reads the lengths off `input_ids`, which the preference trainers' datasets do not have (and KTO needs
+        # its own fixed order).
+        **({"train_sampling_strategy": "group_by_length"} if group_by_length else {}),
     )
 
 
@@ -260,48 +305,42 @@ def history_callback(history: list[dict[str, float]]):
     return History()
 
 
-def _batch_tokens(batch: dict) -> int:
-    """Non-padding tokens of a collated batch, whichever trainer built it."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    ids = [v for k, v in batch.items() if k.endswith("input_ids") and hasattr(v, "numel")]
-    return int(sum(t.numel() for t in ids))
+def estimate_callback(stage: str, estimate: dict[str, float]):
+    """A TrainerCallback that estimates the run from its first two optimizer steps, with no probe of its own.
 
-
-def preflight(trainer, config: TrainingConfig) -> dict[str, float]:
-    """Estimate a run before it starts: steps and tokens from the data, time and peak memory from a probe.
-
-    The probe is a forward and backward pass on the first training batch, run twice and timed the second time
-    (gradients are discarded, weights stay as they are). Time = probe seconds per step x steps; memory = resident
-    memory after the probe plus the AdamW state (two fp32 values per trainable parameter) the optimizer allocates
-    at its first step.
+    Time = the first step (which pays one-time costs: allocator, kernels, the optimizer's state) plus the second
+    step's time for each remaining step; memory = peak resident memory after the second step, when the optimizer
+    state exists; tokens = the tokens seen so far per step, times the steps. Printed once known, and recorded next
+    to the actual figures (`estimate_*`, `*_vs_estimate`).
     """
+    from transformers import TrainerCallback
+
     from tasks.common import peak_rss_mb
 
-    loader = trainer.get_train_dataloader()
-    per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
-    steps = config.max_steps if config.max_steps > 0 else math.ceil(per_epoch * config.epochs)
-    batch = next(iter(loader))
-    tokens = _batch_tokens(batch)
-    model = trainer.model
-    model.train()
-    inputs = trainer._prepare_inputs(batch)
-    for _ in range(2):  # the first pass pays one-time costs (allocator, kernels); the second is timed
-        began = time.perf_counter()
-        trainer.compute_loss(model, inputs).backward()
-        probe_s = time.perf_counter() - began
-        model.zero_grad(set_to_none=True)
-    # trl trainers average per-step metrics they collect in compute_loss; the probe's must not count.
-    for values in getattr(trainer, "_metrics", {}).values():
-        for series in values.values():
-            series.clear()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {
-        "estimate_train_steps": float(steps),
-        "estimate_train_tokens": float(tokens * steps * config.gradient_accumulation_steps),
-        "estimate_train_time_s": probe_s * steps * config.gradient_accumulation_steps,
-        "estimate_peak_rss_mb": peak_rss_mb() + trainable * 8 / 2**20,
-    }
+    class Estimate(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.began, self.first_step, self.times = time.perf_counter(), state.global_step, []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if len(self.times) >= 2:
+                return
+            self.times.append(time.perf_counter() - self.began - sum(self.times))
+            steps = state.max_steps - self.first_step
+            if len(self.times) < min(2, steps):
+                return
+            done = state.global_step - self.first_step
+            per_step = self.times[-1]
+            estimate.update({
+                "estimate_train_steps": float(state.max_steps),
+                "estimate_train_tokens": float(state.num_input_tokens_seen) / max(done, 1) * steps,
+                "estimate_train_time_s": self.times[0] + per_step * (steps - 1),
+                "estimate_peak_rss_mb": peak_rss_mb(),
+            })
+            print(f"{stage}: ~{estimate['estimate_train_tokens']:.0f} tokens in {steps} steps, "
+                  f"~{estimate['estimate_train_time_s']:.0f} s, ~{estimate['estimate_peak_rss_mb']:.0f} MB peak "
+                  "(estimated from the first steps)", file=sys.stderr)
+
+    return Estimate()
 
 
 def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir: Path, history: list[dict],
@@ -314,14 +353,13 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
     health verdicts of the run (tasks.health) are added to `info`.
 
     `start_metrics` (measured before training) and what `after_train()` measures join the training metrics, as do
-    the pre-flight estimates (`estimate_*`) and how far the actual figures landed from them (`*_vs_estimate`).
+    the estimates made from the first steps (`estimate_*`) and how far the actual figures landed from them
+    (`*_vs_estimate`).
     """
     import torch
 
-    estimate = preflight(trainer, config)
-    print(f"{stage} pre-flight: ~{estimate['estimate_train_tokens']:.0f} tokens in "
-          f"{estimate['estimate_train_steps']:.0f} steps, ~{estimate['estimate_train_time_s']:.0f} s, "
-          f"~{estimate['estimate_peak_rss_mb']:.0f} MB peak", file=sys.stderr)
+    estimate: dict[str, float] = {}
+    trainer.add_callback(estimate_callback(stage, estimate))
     guard = nan_guard()
     trainer.add_callback(guard)
     if torch.cuda.is_available():
@@ -366,8 +404,9 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
     if tokens_seen:
         metrics["train_tokens"] = tokens_seen
         metrics["train_tokens_per_s"] = tokens_seen / runtime if runtime > 0 else 0.0
-    metrics["train_time_vs_estimate"] = runtime / max(estimate["estimate_train_time_s"], 1e-9)
-    metrics["peak_rss_vs_estimate"] = metrics["train_peak_rss_mb"] / estimate["estimate_peak_rss_mb"]
+    if estimate:
+        metrics["train_time_vs_estimate"] = runtime / max(estimate["estimate_train_time_s"], 1e-9)
+        metrics["peak_rss_vs_estimate"] = metrics["train_peak_rss_mb"] / estimate["estimate_peak_rss_mb"]
     if after_train is not None:
         metrics.update(after_train())
     if torch.cuda.is_available():

@@ -14,10 +14,8 @@ from flows import steps
 from flows.config import BASE_REF, load_config
 from tasks.common import TuneryError
 from tasks.distill import (Answer, DistillModelConfig, DistillPromptConfig, distill_rows, gguf_teacher_answers,
-                           make_dataset,
-                           prompt_tokens_saved, repeated_ngram_ends, settle, teacher_answers,
-                           teacher_contexts)
-from tasks.models import conversation, load_model, load_tokenizer, prompt_ids
+                           make_dataset, prompt_tokens_saved, settle, teacher_answers, teacher_contexts)
+from tasks.models import conversation, load_model, load_tokenizer, prompt_ids, repeated_ngram_ends
 from tasks.prep import load_prepared
 
 PERSONA = ("You are Fern, a friendly gardening helper. Answer in two short sentences, mention the season when it "

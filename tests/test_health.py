@@ -72,8 +72,8 @@ def test_nan_loss_stops_training_at_once_and_fails_the_version(tiny_model_dir, g
     from flows.config import load_config
     from tasks import sft
 
-    # Four clean forward passes (the two pre-flight probes, steps 1 and 2), then NaN from step 3 on.
-    monkeypatch.setattr(sft, "trainable_model", _poison_after(4))
+    # Two clean forward passes (steps 1 and 2; the estimate needs no probe passes of its own), then NaN from step 3.
+    monkeypatch.setattr(sft, "trainable_model", _poison_after(2))
     write_jsonl(tmp_path / "g.jsonl", garden_rows)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({
         "name": "nan", "base_model": str(tiny_model_dir), "device": "cpu", "data": {"train": "g.jsonl"},
