@@ -12,10 +12,16 @@ BASE_MODEL := $(TUNERY_HOME)/base_models/SmolLM2-135M-Instruct/model.safetensors
 GOTEMPLATE := $(BIN)/tunery-gotemplate
 # Debian's Chromium and its driver, for the dashboard's browser tests.
 CHROMEDRIVER := /usr/bin/chromedriver
+# llama-cpp-python has no wheel on the index, so pip compiles llama.cpp. Its multimodal library (mtmd), which
+# tunery never loads, is a large part of that build: leave it out.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
 .PHONY: setup demo test test-fast bench ui lock clean-venv
 
-setup: $(STAMP) $(BASE_MODEL) $(GOTEMPLATE) $(CHROMEDRIVER)
+# Two chains in parallel: the Python environment then the base model, and the system packages (apt, one at a
+# time: dpkg takes a lock) then the Go template checker.
+setup:
+	$(MAKE) -j2 $(STAMP) $(BASE_MODEL) $(GOTEMPLATE) $(CHROMEDRIVER)
 
 $(STAMP): requirements/torch.txt requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +31,8 @@ $(STAMP): requirements/torch.txt requirements/lock.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-$(GOTEMPLATE): tools/gotemplate/main.go tools/gotemplate/go.mod | $(STAMP)
+$(GOTEMPLATE): tools/gotemplate/main.go tools/gotemplate/go.mod | $(CHROMEDRIVER)
+	mkdir -p $(BIN)
 	command -v go >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends golang-go) \
 		|| { echo "Go is needed to check Ollama templates: install golang-go"; exit 1; }
 	cd tools/gotemplate && GOFLAGS=-mod=mod go build -o $(CURDIR)/$(GOTEMPLATE) .
@@ -53,6 +60,7 @@ ui: setup
 
 # Speed benchmarks against a baseline measured in the same run, reported as ratios.
 bench: setup
+	$(BIN)/python bench/train_speed.py
 	$(BIN)/python bench/perplexity_speed.py
 	$(BIN)/python bench/export_speed.py
 	$(BIN)/python bench/dashboard_render.py --browser

@@ -167,22 +167,29 @@ def _plain_dpo(plan: dict, model_dir: str, data_dir: str, out: Path) -> None:
     trainer.model.save_pretrained(out / "adapter")
 
 
-def _tunery(plan: dict, model_dir: str, data_dir: str, out: Path) -> None:
-    """tunery's stage, called as the flow calls it; only what the plain arm pins is set."""
+def tunery_config(plan: dict):
+    """The stage config of tunery's arm: what the plain arm pins, the stage's own defaults for the rest."""
     lora = {"r": plan["r"], "alpha": plan["alpha"], "dropout": plan["dropout"],
             "target_modules": plan["target_modules"]}
     common = dict(lora=lora, max_steps=plan["steps"], batch_size=plan["batch_size"],
                   learning_rate=plan["learning_rate"], lr_scheduler=plan["lr_scheduler"],
                   warmup_ratio=plan["warmup_ratio"], max_length=plan["max_length"])
     if plan["method"] == "sft":
-        from tasks.sft import SftConfig, train_sft
+        from tasks.sft import SftConfig
 
-        train_sft(SftConfig(**common), model_dir, data_dir, out / "adapter", plan["device"], plan["seed"])
-    else:
-        from tasks.dpo import DpoConfig, train_dpo
+        return SftConfig(**common)
+    from tasks.dpo import DpoConfig
 
-        train_dpo(DpoConfig(beta=plan["beta"], **common), model_dir, data_dir, out / "adapter", plan["device"],
-                  plan["seed"])
+    return DpoConfig(beta=plan["beta"], **common)
+
+
+def _tunery(plan: dict, model_dir: str, data_dir: str, out: Path) -> None:
+    """tunery's stage, called as the flow calls it."""
+    from tasks.dpo import train_dpo
+    from tasks.sft import train_sft
+
+    train = train_sft if plan["method"] == "sft" else train_dpo
+    train(tunery_config(plan), model_dir, data_dir, out / "adapter", plan["device"], plan["seed"])
 
 
 def held_out_quality(method: str, model_dir: str, adapter: Path, data_dir: str, device: str) -> dict:

@@ -206,36 +206,71 @@ def _no_repeat_in_answer(n: int, prompt_width: int):
     return NoRepeatInAnswer()
 
 
+def common_prefix(sequences: list[list[int]]) -> list[int]:
+    """The longest list every sequence starts with."""
+    if not sequences:
+        return []
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences):
+            return first[:i]
+    return first[:n]
+
+
+# A shared prompt prefix shorter than this is recomputed with each batch: copying its cache would cost about as much.
+MIN_SHARED_PREFIX = 16
+
+
 def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
                    no_repeat_ngram: int = 0, progress: bool = False, desc: str = "generating") -> list[list[int]]:
     """Greedy continuations (up to `max_new_tokens` token ids each, end-of-turn included when reached) of each
     prompt, in input order.
 
-    Prompts are sorted by length and batched with left padding, so a batch pads little; greedy decoding with the
-    attention mask gives the same tokens as one prompt at a time. A row that has ended keeps generating padding
-    until its batch ends: what follows its first end-of-turn token is not an answer (see `answer_length`).
+    Prompts are sorted by length and batched, so a batch pads little; greedy decoding with the attention mask gives
+    the same tokens as one prompt at a time. When all prompts share a prefix (a persona, few-shot examples, a
+    template's default system turn), its KV cache is computed once and copied into each batch, whose rows are laid
+    out as prefix, padding, own tokens: positions come from the attention mask, so the padding in the middle is
+    invisible. A row that has ended keeps generating padding until its batch ends: what follows its first
+    end-of-turn token is not an answer (see `answer_length`).
     """
+    import copy
+
     import torch
     from tqdm.auto import tqdm
-    from transformers import LogitsProcessorList
+    from transformers import DynamicCache, LogitsProcessorList
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prefix = common_prefix(prompts)[:min((len(p) for p in prompts), default=0) - 1]  # every row keeps a token
+    cached = None
+    if len(prefix) >= MIN_SHARED_PREFIX:
+        with torch.inference_mode():
+            cached = model(torch.tensor([prefix], device=device), use_cache=True).past_key_values
+        if not isinstance(cached, DynamicCache):
+            cached = None
+    shared = len(prefix) if cached is not None else 0
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
     for start in range(0, len(order), batch_size):
         picked = order[start:start + batch_size]
-        batch = [prompts[i] for i in picked]
-        width = max(len(ids) for ids in batch)
-        ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
-        processors = LogitsProcessorList([_no_repeat_in_answer(no_repeat_ngram, width)] if no_repeat_ngram else [])
+        own = [prompts[i][shared:] for i in picked]
+        width = max(len(o) for o in own)
+        rows = [prompts[picked[0]][:shared] + [pad] * (width - len(o)) + o for o in own]
+        masks = [[1] * shared + [0] * (width - len(o)) + [1] * len(o) for o in own]
+        ids, mask = torch.tensor(rows, device=device), torch.tensor(masks, device=device)
+        kwargs = {}
+        if cached is not None:
+            kwargs["past_key_values"] = copy.deepcopy(cached)
+            kwargs["past_key_values"].batch_repeat_interleave(len(picked))
+        processors = LogitsProcessorList([_no_repeat_in_answer(no_repeat_ngram, ids.shape[1])]
+                                         if no_repeat_ngram else [])
         with torch.inference_mode():
             generated = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=pad, logits_processor=processors)[:, width:].tolist()
+                                       pad_token_id=pad, logits_processor=processors,
+                                       **kwargs)[:, ids.shape[1]:].tolist()
         for i, g in zip(picked, generated):
             out[i] = g
-        bar.update(len(batch))
+        bar.update(len(picked))
     bar.close()
     return out

@@ -40,14 +40,16 @@ def install(model, outputs: tuple[str, ...] = ("log_probs",)) -> bool:
     softcap = getattr(text_config, "final_logit_softcapping", None)
     scale = getattr(text_config, "logit_scale", None)
     scale = 1.0 if scale is None else scale
-    previous = model.forward  # trl's patched forward: generation and every case handled elsewhere go through it
+    previous = model.forward  # trl's patched forward (or the model's own): generation and other cases go there
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
                 **kwargs):
         if not fused_lm_head or shift_labels is not None or labels is None:
-            return previous(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
-                            num_items_in_batch=num_items_in_batch, **kwargs)
+            passed = dict(fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                          num_items_in_batch=num_items_in_batch)
+            return previous(*args, **{k: v for k, v in passed.items() if v is not None and v is not False},
+                            **kwargs)
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         head = self.get_output_embeddings()

@@ -7,7 +7,8 @@
 Fast and exact: texts are cut into windows (texts longer than `window` tokens are covered by windows that start
 every `stride` tokens, each token scored once, with at least `window - stride` tokens of context after the first
 window), all windows are sorted by length and batched with right padding that is never scored, and the result is
-token-weighted: exp(sum of negative log-likelihoods / number of scored tokens). tunery's eval stage uses
+token-weighted: exp(sum of negative log-likelihoods / number of scored tokens). Logits are computed only at the
+positions whose next token is scored (the model's `logits_to_keep` mask), with no KV cache. tunery's eval stage uses
 `windowed_nll` with a mask of the tokens to score (the answer tokens of a chat example).
 """
 from __future__ import annotations
@@ -82,11 +83,15 @@ def windowed_nll(model, examples: list[dict], window: int, stride: int | None = 
             ids[row, :len(piece)] = torch.tensor(piece)
             attn[row, :len(piece)] = 1
             scored[row, :len(piece)] = torch.tensor(target, dtype=torch.bool)
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-            # Position t predicts token t+1; only the positions whose next token is a target are normalised.
+        # Position t predicts token t+1: only the positions whose next token is a target get logits at all
+        # (transformers' boolean `logits_to_keep`), and no KV cache is built for a single forward pass.
+        keep = torch.zeros_like(scored)
+        keep[:, :-1] = scored[:, 1:]
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False,
+                           logits_to_keep=keep.to(device)).logits
+            picked = torch.log_softmax(logits.float(), dim=-1)
             mask = scored[:, 1:].to(device)
-            picked = torch.log_softmax(logits[:, :-1][mask].float(), dim=-1)
             token_nll = -picked.gather(-1, ids[:, 1:].to(device)[mask].unsqueeze(-1)).squeeze(-1).double()
         counts = mask.sum(dim=1).tolist()
         offset = 0

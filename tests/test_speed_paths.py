@@ -1,0 +1,189 @@
+"""The fast paths of issue 14 compute the same numbers as the slow ones: the LM head only at scored positions
+(loss and gradients), perplexity with logits only where scored, batched greedy answers that reuse a shared prompt
+prefix, DPO's implicit rewards from one scoring pass; and the training benchmark runs end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+
+def _batch(tok, rows, max_length=96):
+    from tasks.models import encode_chat
+
+    encoded = [encode_chat(tok, r["messages"], max_length) for r in rows]
+    width = max(len(e["input_ids"]) for e in encoded)
+    ids = torch.full((len(encoded), width), tok.pad_token_id)
+    attn = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        attn[i, :n] = 1
+        labels[i, :n] = torch.where(torch.tensor(e["completion_mask"]) == 1, ids[i, :n], -100)
+    return ids, attn, labels
+
+
+def _lora_model(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.models import load_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=4, target_modules="all-linear",
+                                                                        lora_dropout=0.0, init_lora_weights=False))
+    return model
+
+
+def test_scored_head_gives_the_full_computations_loss_and_gradients(tiny_model_dir, garden_rows):
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tasks.models import load_tokenizer
+    from tasks.scored_head import install, unwrapped
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    ids, attn, labels = _batch(tok, garden_rows[:6])
+    assert (labels[:, 1:] == -100).float().mean() > 0.2  # prompts and padding are a real share, and skipped
+
+    def loss_and_grads(model, fused: bool):
+        model.zero_grad()
+        if fused:
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True).loss
+        else:  # the textbook computation: every position's logits, cross-entropy over the scored ones
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                                     labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full = _lora_model(tiny_model_dir)
+    reference, reference_grads = loss_and_grads(full, fused=False)
+    scored = _lora_model(tiny_model_dir)
+    add_fused_lm_head(unwrapped(scored))  # what trl's trainers install first
+    assert install(unwrapped(scored))
+    loss, grads = loss_and_grads(scored, fused=True)
+    assert loss == pytest.approx(float(reference), abs=1e-5)
+    assert grads.keys() == reference_grads.keys() and len(grads) > 0
+    for name, g in grads.items():
+        torch.testing.assert_close(g, reference_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    # Generation and plain forwards still go through the model's own head.
+    logits = scored(input_ids=ids[:1], attention_mask=attn[:1]).logits
+    assert logits.shape[:2] == ids[:1].shape
+
+
+def test_scored_head_projects_only_the_scored_positions(tiny_model_dir, garden_rows, monkeypatch):
+    from trl.kernels import ChunkedLogProbFunction
+
+    from tasks import scored_head
+    from tasks.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    ids, attn, labels = _batch(tok, garden_rows[:4])
+    seen = []
+    real = ChunkedLogProbFunction.apply
+    monkeypatch.setattr(ChunkedLogProbFunction, "apply", lambda hidden, *a: seen.append(hidden.shape[0]) or
+                        real(hidden, *a))
+    model = _lora_model(tiny_model_dir)
+    scored_head.install(scored_head.unwrapped(model))
+    model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True)
+    assert seen == [int((labels[:, 1:] != -100).sum())]
+
+
+def test_perplexity_with_scored_logits_only_equals_the_full_logits(tiny_model_dir, garden_rows):
+    from tasks.evaluation import answer_nll, scored_tokens
+    from tasks.models import load_model, load_tokenizer
+
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    encoded = [scored_tokens(tok, r) for r in garden_rows[:8]]
+    fast = answer_nll(model, tok, encoded, window=512, batch_size=3)
+    for e, (nll, n) in zip(encoded, fast):
+        ids = torch.tensor([e["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        mask = torch.tensor(e["score_mask"][1:]) == 1
+        expected = -logp[mask].gather(-1, ids[0, 1:][mask].unsqueeze(-1)).sum()
+        assert n == int(mask.sum()) and nll == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_greedy_answers_reuse_a_shared_prefix_and_match_one_at_a_time(tiny_model_dir):
+    from tasks.models import MIN_SHARED_PREFIX, common_prefix, greedy_answers, load_model, load_tokenizer, \
+        prompt_ids
+
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    system = "You are Fern, a gardening helper who answers briefly and warmly, with organic methods only."
+    questions = ["Basil?", "When do I plant garlic in a cold garden?", "Why are my tomato leaves yellow?", "Mulch?",
+                 "How deep should tulip bulbs go?"]
+    prompts = [prompt_ids(tok, [{"role": "system", "content": system}, {"role": "user", "content": q}])
+               for q in questions]
+    assert len(common_prefix(prompts)) >= MIN_SHARED_PREFIX  # the shared-prefix path is the one under test
+    calls = []
+    real_forward = model.forward
+    model.forward = lambda *a, **kw: calls.append(kw.get("input_ids", a[0] if a else None).shape) or \
+        real_forward(*a, **kw)
+    batched = greedy_answers(model, tok, prompts, max_new_tokens=8, batch_size=2)
+    model.forward = real_forward
+    # The prefix is encoded once at batch 1; later forwards see each row's own tokens, not the prefix again.
+    assert calls[0] == (1, len(common_prefix(prompts)))
+    assert all(shape[1] < len(common_prefix(prompts)) for shape in calls[1:])
+    for ids, answer in zip(prompts, batched):
+        with torch.no_grad():
+            alone = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                   pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        assert answer == alone
+
+
+def test_dpo_implicit_rewards_by_hand():
+    from tasks.dpo import implicit_rewards
+
+    policy = [(-10.0, 5, -20.0, 5), (-12.0, 4, -9.0, 4)]
+    reference = [(-11.0, 5, -18.0, 5), (-12.0, 4, -10.0, 4)]
+    rewards = implicit_rewards(policy, reference, beta=0.1)
+    # pair 1: 0.1 * ((-10 + 11) - (-20 + 18)) = 0.3; pair 2: 0.1 * ((-12 + 12) - (-9 + 10)) = -0.1
+    assert rewards["reward_accuracy"] == 0.5 and rewards["reward_margin"] == pytest.approx(0.1)
+
+
+def test_benchmark_arms_are_built_the_same_way_on_cuda(monkeypatch):
+    """No GPU needed: the plain and tunery arms get the same settings, and on CUDA both train in bf16."""
+    sys.path.insert(0, str(REPO))
+    from bench import train_speed
+    from tasks.common import resolve_precision
+    from tasks.sft import SftConfig
+    from tasks.training import resolve_base_precision
+
+    class Args:
+        steps = 4
+
+    for method, shared in train_speed.settings(Args()).items():
+        plain = train_speed.arm_plan(method, "trl", "cuda", shared)
+        ours = train_speed.arm_plan(method, "tunery", "cuda", shared)
+        assert {k: v for k, v in plain.items() if k not in ("family", "precision")} == \
+            {k: v for k, v in ours.items() if k != "family"}
+        assert plain["precision"] == "bf16" and train_speed.arm_plan(method, "trl", "cpu", shared)["precision"] \
+            == "fp32"
+        config = train_speed.tunery_config(ours)
+        assert (config.lora.r, config.lora.alpha, config.lora.dropout, config.max_steps, config.batch_size,
+                config.learning_rate) == (shared["r"], shared["alpha"], shared["dropout"], shared["steps"],
+                                          shared["batch_size"], shared["learning_rate"])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_base_precision(SftConfig(), "cuda") == "bf16"
+
+
+def test_train_speed_bench_quick_mode_prints_its_json_document():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train_speed.py"), "--quick", "--json"],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert {"tokens_per_s_ratio", "peak_rss_ratio", "loss_delta_pct", "perplexity_delta_pct"} <= set(report["sft"])
+    assert {"steps_per_s_ratio", "peak_rss_ratio", "preference_accuracy_delta"} <= set(report["dpo"])
+    assert report["device"] == "cpu" and report["model"]
+    for method in ("sft", "dpo"):
+        for arm in report[method]["arms"].values():
+            assert arm["train_s"] > 0 and arm["peak_rss_mb"] > 0 and arm["final_loss"] > 0
+    assert report["sft"]["arms"]["trl"]["tokens_per_s"] > 0 and report["sft"]["tokens_per_s_ratio"] > 0
