@@ -33,7 +33,8 @@ def train_cpt(config: CptConfig, model_path: str, data_dir: str | Path, out_dir:
     """
     from datasets import Dataset
     from trl import SFTConfig as TrlSFTConfig
-    from trl import SFTTrainer
+
+    from tasks.sft import scored_sft_trainer
 
     run = start_run("cpt", config, model_path, data_dir, device, seed)
     device, precision, tokenizer, out_dir = run.device, run.precision, run.tokenizer, Path(out_dir)
@@ -45,8 +46,9 @@ def train_cpt(config: CptConfig, model_path: str, data_dir: str | Path, out_dir:
                         dataset_text_field="text", packing=True, packing_strategy="bfd_split",
                         completion_only_loss=False, include_num_input_tokens_seen="all")  # packed: no padding
     history: list[dict[str, float]] = []
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[history_callback(history)])
+    trainer = scored_sft_trainer()(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                                   processing_class=tokenizer, peft_config=peft_config,
+                                   callbacks=[history_callback(history)])
     info.update(device=device, precision=precision, packing="bfd_split",
                 train_sequences=len(trainer.train_dataset))
     if val_ds is None:

@@ -29,18 +29,22 @@ def _batch(tok, rows, max_length=96):
     return ids, attn, labels
 
 
-def _lora_model(tiny_model_dir):
+def _model(tiny_model_dir, lora: bool = True):
+    """LoRA (frozen head: the frozen-head path) or every weight training (trl's kernel on the scored rows)."""
     from peft import LoraConfig, get_peft_model
 
     from tasks.models import load_model
 
     torch.manual_seed(0)
-    model = get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=4, target_modules="all-linear",
-                                                                        lora_dropout=0.0, init_lora_weights=False))
-    return model
+    model = load_model(str(tiny_model_dir))
+    if not lora:
+        return model
+    return get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0,
+                                            init_lora_weights=False))
 
 
-def test_scored_head_gives_the_full_computations_loss_and_gradients(tiny_model_dir, garden_rows):
+@pytest.mark.parametrize("lora", [True, False])
+def test_scored_head_gives_the_full_computations_loss_and_gradients(tiny_model_dir, garden_rows, lora):
     from trl.trainer.utils import add_fused_lm_head
 
     from tasks.models import load_tokenizer
@@ -61,9 +65,9 @@ def test_scored_head_gives_the_full_computations_loss_and_gradients(tiny_model_d
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    full = _lora_model(tiny_model_dir)
+    full = _model(tiny_model_dir, lora)
     reference, reference_grads = loss_and_grads(full, fused=False)
-    scored = _lora_model(tiny_model_dir)
+    scored = _model(tiny_model_dir, lora)
     add_fused_lm_head(unwrapped(scored))  # what trl's trainers install first
     assert install(unwrapped(scored))
     loss, grads = loss_and_grads(scored, fused=True)
@@ -76,7 +80,8 @@ def test_scored_head_gives_the_full_computations_loss_and_gradients(tiny_model_d
     assert logits.shape[:2] == ids[:1].shape
 
 
-def test_scored_head_projects_only_the_scored_positions(tiny_model_dir, garden_rows, monkeypatch):
+@pytest.mark.parametrize("lora", [True, False])
+def test_scored_head_projects_only_the_scored_positions(tiny_model_dir, garden_rows, monkeypatch, lora):
     from trl.kernels import ChunkedLogProbFunction
 
     from tasks import scored_head
@@ -85,12 +90,17 @@ def test_scored_head_projects_only_the_scored_positions(tiny_model_dir, garden_r
     tok = load_tokenizer(str(tiny_model_dir))
     ids, attn, labels = _batch(tok, garden_rows[:4])
     seen = []
-    real = ChunkedLogProbFunction.apply
-    monkeypatch.setattr(ChunkedLogProbFunction, "apply", lambda hidden, *a: seen.append(hidden.shape[0]) or
-                        real(hidden, *a))
-    model = _lora_model(tiny_model_dir)
+    if lora:  # a frozen head: the forward computes the gradient too
+        real = scored_head.frozen_head_logprobs
+        monkeypatch.setattr(scored_head, "frozen_head_logprobs", lambda hidden, *a: seen.append(hidden.shape[0]) or
+                            real(hidden, *a))
+    else:  # a head that trains: trl's kernel, given the scored rows only
+        real = ChunkedLogProbFunction.apply
+        monkeypatch.setattr(ChunkedLogProbFunction, "apply", lambda hidden, *a: seen.append(hidden.shape[0]) or
+                            real(hidden, *a))
+    model = _model(tiny_model_dir, lora)
     scored_head.install(scored_head.unwrapped(model))
-    model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True)
+    model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True).loss.backward()
     assert seen == [int((labels[:, 1:] != -100).sum())]
 
 
