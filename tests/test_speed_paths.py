@@ -104,13 +104,23 @@ def test_scored_head_projects_only_the_scored_positions(tiny_model_dir, garden_r
     assert seen == [int((labels[:, 1:] != -100).sum())]
 
 
-def test_perplexity_with_scored_logits_only_equals_the_full_logits(tiny_model_dir, garden_rows):
-    from tasks.evaluation import answer_nll, scored_tokens
+@pytest.mark.parametrize("system", [None, "You are Fern, a gardening helper who answers briefly and warmly, with "
+                                            "organic methods only."])
+def test_perplexity_with_scored_logits_only_equals_the_full_logits(tiny_model_dir, garden_rows, system, monkeypatch):
+    from tasks.evaluation import answer_nll, perplexity_metric, scored_tokens
     from tasks.models import load_model, load_tokenizer
 
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
-    encoded = [scored_tokens(tok, r) for r in garden_rows[:8]]
+    rows = [{"messages": ([{"role": "system", "content": system}] if system else []) + r["messages"]}
+            for r in garden_rows[:8]]
+    encoded = [scored_tokens(tok, r) for r in rows]
+    metric = perplexity_metric()
+    reused = []
+    real = metric.shared_prefix
+    monkeypatch.setattr(metric, "shared_prefix", lambda *a: reused.append(real(*a)[0]) or real(*a))
     fast = answer_nll(model, tok, encoded, window=512, batch_size=3)
+    # With a system prompt every row shares, its tokens are encoded once (the path under test); without, nothing.
+    assert (reused[0] >= metric.MIN_SHARED_PREFIX) == (system is not None)
     for e, (nll, n) in zip(encoded, fast):
         ids = torch.tensor([e["input_ids"]])
         with torch.no_grad():

@@ -8,11 +8,14 @@ Fast and exact: texts are cut into windows (texts longer than `window` tokens ar
 every `stride` tokens, each token scored once, with at least `window - stride` tokens of context after the first
 window), all windows are sorted by length and batched with right padding that is never scored, and the result is
 token-weighted: exp(sum of negative log-likelihoods / number of scored tokens). Logits are computed only at the
-positions whose next token is scored (the model's `logits_to_keep` mask), with no KV cache. tunery's eval stage uses
+positions whose next token is scored (the model's `logits_to_keep` mask), and a prefix that every example shares (a
+chat template's default system turn, a persona) is encoded once, its KV cache copied into each batch; nothing else
+is cached. tunery's eval stage uses
 `windowed_nll` with a mask of the tokens to score (the answer tokens of a chat example).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import datasets
@@ -73,23 +76,32 @@ def windowed_nll(model, examples: list[dict], window: int, stride: int | None = 
     device = next(model.parameters()).device
     totals = [[0.0, 0] for _ in examples]
     model.eval()
+    # Chat examples usually open with the same tokens (a template's default system turn, a persona): encode that
+    # shared prefix once and give each batch a copy of its KV cache. Its last token is fed again with each row,
+    # since its logits predict the first token after the prefix.
+    shared, cache = shared_prefix(model, pieces, device)
     for start in tqdm(range(0, len(pieces), batch_size), desc="perplexity", unit="batch", disable=not progress):
-        batch = pieces[start:start + batch_size]
+        batch = [(i, piece[shared:], target[shared:]) for i, piece, target in pieces[start:start + batch_size]]
         width = max(len(p[1]) for p in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        attn = torch.zeros((len(batch), shared + width), dtype=torch.long)
+        attn[:, :shared] = 1
         scored = torch.zeros((len(batch), width), dtype=torch.bool)
         for row, (_, piece, target) in enumerate(batch):
             ids[row, :len(piece)] = torch.tensor(piece)
-            attn[row, :len(piece)] = 1
+            attn[row, shared:shared + len(piece)] = 1
             scored[row, :len(piece)] = torch.tensor(target, dtype=torch.bool)
         # Position t predicts token t+1: only the positions whose next token is a target get logits at all
-        # (transformers' boolean `logits_to_keep`), and no KV cache is built for a single forward pass.
+        # (transformers' boolean `logits_to_keep`), and no KV cache is built beyond the shared prefix's.
         keep = torch.zeros_like(scored)
         keep[:, :-1] = scored[:, 1:]
+        past = {}
+        if cache is not None:
+            past = {"past_key_values": copy.deepcopy(cache), "use_cache": True}
+            past["past_key_values"].batch_repeat_interleave(len(batch))
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False,
-                           logits_to_keep=keep.to(device)).logits
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), logits_to_keep=keep.to(device),
+                           **(past or {"use_cache": False})).logits
             picked = torch.log_softmax(logits.float(), dim=-1)
             mask = scored[:, 1:].to(device)
             token_nll = -picked.gather(-1, ids[:, 1:].to(device)[mask].unsqueeze(-1)).squeeze(-1).double()
@@ -100,6 +112,32 @@ def windowed_nll(model, examples: list[dict], window: int, stride: int | None = 
             totals[i][1] += n
             offset += n
     return [(nll, n) for nll, n in totals]
+
+
+# A shared prefix shorter than this is recomputed with each batch: copying its cache would cost about as much.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix(model, pieces: list[tuple[int, list[int], list[int]]], device) -> tuple[int, object]:
+    """(tokens to drop from the front of every piece, the KV cache of the tokens before them), or (0, None) when the
+    pieces share fewer than MIN_SHARED_PREFIX leading tokens that no piece scores. The last shared token is not
+    dropped: each row feeds it again, and its logits score the first token after the prefix."""
+    import torch
+    from transformers import DynamicCache
+
+    if not pieces:
+        return 0, None
+    first = pieces[0][1]
+    n = min(len(p[1]) for p in pieces) - 1  # every row keeps at least two tokens
+    for _, ids, target in pieces:
+        scored_at = next((t for t, flag in enumerate(target) if flag), len(target))
+        n = min(n, scored_at - 1)  # a scored token's predictor must be fed, not cached
+        n = next((k for k in range(n) if ids[k] != first[k]), n)
+    if n < MIN_SHARED_PREFIX:
+        return 0, None
+    with torch.inference_mode():
+        cache = model(input_ids=torch.tensor([first[:n]], device=device), use_cache=True).past_key_values
+    return (n, cache) if isinstance(cache, DynamicCache) else (0, None)
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
