@@ -105,8 +105,8 @@ class TrainingConfig(BaseModel):
     )
     base_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="dtype of the frozen base weights under LoRA (adapters, optimizer state and the loss "
-                            "stay fp32). auto: bf16 where the hardware has bf16 units (CUDA sm80+, a CPU with "
-                            "avx512_bf16 or AMX), else fp32; full and Spectrum fine-tunes and QLoRA ignore it.")
+                            "stay fp32). auto: bf16 on CUDA GPUs with bf16 units, fp32 elsewhere; bf16 on a CPU "
+                            "with avx512_bf16 or AMX is opt-in. Full and Spectrum fine-tunes and QLoRA ignore it.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (~30% slower).")
 
     @model_validator(mode="after")
@@ -195,19 +195,26 @@ def trainable_model(config: TrainingConfig, model_path: str, device: str):
 
 
 def resolve_base_precision(config: TrainingConfig, device: str) -> str:
-    """The dtype a stage loads its frozen LoRA base in: `config.base_precision`, with auto meaning bf16 where the
-    device computes bf16 natively and fp32 elsewhere (MPS, older GPUs, CPUs without bf16 units). Weights that train
-    (full, Spectrum) and 4/8-bit bases keep their own dtype."""
+    """The dtype a stage loads its frozen LoRA base in. auto: bf16 on CUDA GPUs with bf16 units, where the
+    trainer's autocast already runs every matmul in bf16 (the stored copy then halves the weights' memory); fp32
+    elsewhere. On a CPU bf16 is opt-in: the parity gate (bench/parity.py) has not yet been run on a CPU with bf16
+    units, and without them torch emulates bf16 matmuls (0.3 GFLOP/s against 176 in fp32 on an AVX2-only CPU
+    here), so asking for it there is refused. Weights that train (full, Spectrum) and 4/8-bit bases keep their
+    own dtype. Raises TuneryError for bf16 on a device without bf16 units."""
     if config.method != "lora" or config.quantized:
         return "fp32"
-    if config.base_precision != "auto":
-        return config.base_precision
-    return "bf16" if has_bf16_units(device) else "fp32"
+    if config.base_precision == "auto":
+        return "bf16" if device == "cuda" and has_bf16_units(device) else "fp32"
+    if config.base_precision == "bf16" and device in ("cpu", "cuda") and not has_bf16_units(device):
+        raise TuneryError(f"base_precision bf16: this {device.upper()} has no bf16 units (a CPU needs avx512_bf16 "
+                          "or AMX, a GPU compute capability 8.0), so bf16 matmuls would be emulated, many times "
+                          "slower than fp32; use base_precision: fp32 or auto")
+    return config.base_precision
 
 
 def has_bf16_units(device: str) -> bool:
     """Whether `device` multiplies bf16 natively: CUDA with compute capability 8.0+, or a CPU with avx512_bf16 or
-    AMX. Without them torch emulates bf16 matmuls: on an AVX2-only CPU here, 0.3 GFLOP/s against 176 in fp32."""
+    AMX."""
     import torch
 
     if device == "cuda":

@@ -207,3 +207,34 @@ def test_train_speed_bench_quick_mode_prints_its_json_document():
         for arm in report[method]["arms"].values():
             assert arm["train_s"] > 0 and arm["peak_rss_mb"] > 0 and arm["final_loss"] > 0
     assert report["sft"]["arms"]["trl"]["tokens_per_s"] > 0 and report["sft"]["tokens_per_s_ratio"] > 0
+
+
+def test_base_precision_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
+    from tasks import training
+    from tasks.common import TuneryError
+    from tasks.sft import SftConfig
+
+    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx2", "fma"})
+    assert training.resolve_base_precision(SftConfig(), "cpu") == "fp32"
+    with pytest.raises(TuneryError, match="base_precision bf16: this CPU has no bf16 units"):
+        training.resolve_base_precision(SftConfig(base_precision="bf16"), "cpu")
+    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx512_bf16"})
+    assert training.resolve_base_precision(SftConfig(), "cpu") == "fp32"  # opt-in on a CPU: no gate run there yet
+    assert training.resolve_base_precision(SftConfig(base_precision="bf16"), "cpu") == "bf16"
+    # Weights that train, and quantized bases, keep their own dtype whatever is asked.
+    assert training.resolve_base_precision(SftConfig(method="full", base_precision="bf16"), "cpu") == "fp32"
+
+
+def test_a_bf16_frozen_base_keeps_fp32_adapters_and_trains(tiny_model_dir, prepared, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from tasks import training
+    from tasks.sft import SftConfig, train_sft
+
+    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx512_bf16"})  # emulated here if absent: tiny, so fine
+    result = train_sft(SftConfig(base_precision="bf16", max_steps=3, batch_size=4, learning_rate=5e-3,
+                                 max_length=128), str(tiny_model_dir), prepared.artifact_path, tmp_path / "out", "cpu")
+    assert result.info["base_precision"] == "bf16"
+    adapter = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in adapter.values())
+    assert all(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k)
