@@ -182,14 +182,16 @@ def teacher_answers(model, tokenizer, contexts: list[Context], max_new_tokens: i
 
 def gguf_teacher_answers(gguf: Path, tokenizer, contexts: list[Context], max_new_tokens: int = 256,
                          no_repeat_ngram: int = 0, progress: bool = False) -> list[Answer]:
-    """Greedy answers from llama.cpp on a GGUF export, prompted with the same chat-template tokens as HF."""
+    """Greedy answers from llama.cpp on a GGUF export, prompted with the same chat-template tokens as HF; the KV
+    cache of the prompt prefix the requests share (persona, examples) is computed once and kept."""
     from tasks.verify import greedy_ids, open_gguf
 
     stop = turn_end_ids(tokenizer)
     prompts = [prompt_ids(tokenizer, c) for c in contexts]
     llm = open_gguf(gguf, n_ctx=max(len(p) for p in prompts) + max_new_tokens + 1)
     try:
-        return [_answer(tokenizer, greedy_ids(llm, p, max_new_tokens, stop, no_repeat_ngram)[0], stop)
+        return [_answer(tokenizer, greedy_ids(llm, p, max_new_tokens, stop, no_repeat_ngram, reuse_prefix=True)[0],
+                        stop)
                 for p in tqdm(prompts, desc="teacher answers (llama.cpp)", unit="prompt", disable=not progress)]
     finally:
         llm.close()

@@ -140,13 +140,24 @@ def last_logits(llm) -> np.ndarray:
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
 
 
-def greedy_ids(llm, prompt: list[int], max_new_tokens: int, stop: set[int], no_repeat_ngram: int = 0
-               ) -> tuple[list[int], float, float]:
+def greedy_ids(llm, prompt: list[int], max_new_tokens: int, stop: set[int], no_repeat_ngram: int = 0,
+               reuse_prefix: bool = False) -> tuple[list[int], float, float]:
     """llama.cpp greedy continuation of `prompt`: (tokens, seconds to first token, decode tokens/s). With
-    `no_repeat_ngram`, a token that would repeat an n-gram of the continuation is skipped."""
-    llm.reset()
+    `no_repeat_ngram`, a token that would repeat an n-gram of the continuation is skipped. With `reuse_prefix`, the
+    KV cache of the tokens `prompt` shares with what the context last held (a persona, few-shot examples) is kept
+    and only the rest is evaluated, as llama-cpp-python's own `generate` does (`eval` drops the cache from
+    `n_tokens` on); the time to first token then measures the rest only."""
+    from tasks.models import common_prefix
+
+    kept = 0
+    if reuse_prefix and llm.n_tokens > 0:
+        kept = min(len(common_prefix([llm.input_ids[:llm.n_tokens].tolist(), prompt])), len(prompt) - 1)
+    if kept > 0:
+        llm.n_tokens = kept
+    else:
+        llm.reset()
     began = time.perf_counter()
-    llm.eval(prompt)
+    llm.eval(prompt[kept:])
     out: list[int] = []
     first = time.perf_counter() - began
     decode_began = time.perf_counter()

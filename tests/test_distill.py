@@ -62,15 +62,25 @@ def test_batched_teacher_answers_equal_one_at_a_time_greedy(chatty):
         assert answer.finished == (end < len(out))
 
 
-def test_llama_cpp_teacher_answers_equal_hf_on_an_f32_export(chatty, tmp_path):
+def test_llama_cpp_teacher_answers_equal_hf_on_an_f32_export(chatty, tmp_path, monkeypatch):
+    from llama_cpp import Llama
+
     from tasks.export import write_gguf
 
     gguf = write_gguf(chatty, tmp_path / "tiny.gguf", "f32")
     model, tok = load_model(str(chatty)), load_tokenizer(str(chatty))
     contexts = [conversation(PERSONA, p) for p in PROMPTS]
+    evaluated = []
+    real_eval = Llama.eval
+    monkeypatch.setattr(Llama, "eval", lambda self, tokens: evaluated.append(len(tokens)) or real_eval(self, tokens))
     for no_repeat in (0, 2):
         hf = teacher_answers(model, tok, contexts, 10, no_repeat_ngram=no_repeat)
+        evaluated.clear()
         assert all(a.text for a in hf) and gguf_teacher_answers(gguf, tok, contexts, 10, no_repeat) == hf
+        # The persona's tokens are evaluated for the first request only; later ones evaluate their own question.
+        prompts = [evaluated[i] for i, n in enumerate(evaluated) if n > 1]
+        persona = len(prompt_ids(tok, conversation(PERSONA, "x"))) - 8
+        assert len(prompts) == len(contexts) and prompts[0] > persona and max(prompts[1:]) < persona
 
 
 def test_no_repeat_bans_only_tokens_that_would_repeat_an_ngram_of_the_answer(chatty):
