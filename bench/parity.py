@@ -11,6 +11,7 @@ then may it be a default; the report says which it is, with the numbers and the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -82,7 +83,8 @@ def main() -> None:
         data = prepare_data(Path(model_dir))["sft"]
         for seed in args.seeds:
             for name, settings in arms.items():  # interleaved, so machine noise hits both arms alike
-                record = run(settings, model_dir, data, seed, Path(tmp) / f"{name}-{seed}")
+                with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its logs; stdout is the report
+                    record = run(settings, model_dir, data, seed, Path(tmp) / f"{name}-{seed}")
                 results[name].append(record)
                 print(f"seed {seed} {name}: {record}", file=sys.stderr)
     mean = {name: {k: statistics.fmean(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
