@@ -109,11 +109,27 @@ def _vmhwm_mb() -> float:
     return float("nan")
 
 
+def _script_args(plan: dict, out: Path) -> dict:
+    """The trainer arguments a user's script passes, the same for SFTConfig and DPOConfig."""
+    return dict(output_dir=str(out / "trainer"), max_steps=plan["steps"],
+                per_device_train_batch_size=plan["batch_size"], learning_rate=plan["learning_rate"],
+                lr_scheduler_type=plan["lr_scheduler"],
+                warmup_steps=plan["warmup_ratio"], seed=plan["seed"], max_length=plan["max_length"], logging_steps=1,
+                save_strategy="no", report_to="none", bf16=plan["precision"] == "bf16",
+                use_cpu=plan["device"] == "cpu", gradient_checkpointing=False, disable_tqdm=True)
+
+
+def _script_lora(plan: dict):
+    from peft import LoraConfig
+
+    return LoraConfig(r=plan["r"], lora_alpha=plan["alpha"], lora_dropout=plan["dropout"],
+                      target_modules=plan["target_modules"], task_type="CAUSAL_LM")
+
+
 def _plain_sft(plan: dict, model_dir: str, data_dir: str, out: Path) -> None:
     """A user's TRL script: prompt/completion rows from the same prepared data, SFTTrainer with a peft LoRA."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
@@ -123,16 +139,8 @@ def _plain_sft(plan: dict, model_dir: str, data_dir: str, out: Path) -> None:
     rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in train]
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(plan["device"])
-    args = SFTConfig(output_dir=str(out / "trainer"), max_steps=plan["steps"],
-                     per_device_train_batch_size=plan["batch_size"], learning_rate=plan["learning_rate"],
-                     lr_scheduler_type=plan["lr_scheduler"], warmup_steps=plan["warmup_ratio"], seed=plan["seed"],
-                     max_length=plan["max_length"], logging_steps=1, save_strategy="no", report_to="none",
-                     bf16=plan["precision"] == "bf16", use_cpu=plan["device"] == "cpu",
-                     gradient_checkpointing=False, disable_tqdm=True)
-    lora = LoraConfig(r=plan["r"], lora_alpha=plan["alpha"], lora_dropout=plan["dropout"],
-                      target_modules=plan["target_modules"], task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         peft_config=lora)
+    trainer = SFTTrainer(model=model, args=SFTConfig(**_script_args(plan, out)), train_dataset=Dataset.from_list(rows),
+                         processing_class=tok, peft_config=_script_lora(plan))
     trainer.train()
     trainer.model.save_pretrained(out / "adapter")
 
@@ -141,7 +149,6 @@ def _plain_dpo(plan: dict, model_dir: str, data_dir: str, out: Path) -> None:
     """A user's DPO script: the prepared pairs as they are, DPOTrainer with a peft LoRA (reference = adapter off)."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
@@ -153,16 +160,8 @@ def _plain_dpo(plan: dict, model_dir: str, data_dir: str, out: Path) -> None:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(plan["device"])
-    args = DPOConfig(output_dir=str(out / "trainer"), max_steps=plan["steps"],
-                     per_device_train_batch_size=plan["batch_size"], learning_rate=plan["learning_rate"],
-                     lr_scheduler_type=plan["lr_scheduler"], warmup_steps=plan["warmup_ratio"], seed=plan["seed"],
-                     max_length=plan["max_length"], logging_steps=1, save_strategy="no", report_to="none",
-                     bf16=plan["precision"] == "bf16", use_cpu=plan["device"] == "cpu", beta=plan["beta"],
-                     gradient_checkpointing=False, disable_tqdm=True)
-    lora = LoraConfig(r=plan["r"], lora_alpha=plan["alpha"], lora_dropout=plan["dropout"],
-                      target_modules=plan["target_modules"], task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         peft_config=lora)
+    trainer = DPOTrainer(model=model, args=DPOConfig(**_script_args(plan, out), beta=plan["beta"]),
+                         train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=_script_lora(plan))
     trainer.train()
     trainer.model.save_pretrained(out / "adapter")
 

@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.common import StageResult
-from tasks.evaluation import pair_loglik, preference_accuracy
+from tasks.evaluation import pair_loglik, preference_stats
 from tasks.models import load_model
 from tasks.training import (TrainingConfig, history_callback, run_training, start_run, trainable_model,
                             trainer_arguments)
@@ -118,7 +118,7 @@ def train_dpo(config: DpoConfig, model_path: str, data_dir: str | Path, out_dir:
     start, reference = {}, None
     if val_rows:
         reference = pair_loglik(model, tokenizer, val_rows, config.max_length, config.batch_size)
-        before = preference_accuracy(model, tokenizer, val_rows, scores=reference)
+        before = preference_stats(reference)
         start = {f"{k}_start": v for k, v in before.items()}
     # LoRA: trl uses the start model with the adapter disabled as the reference; otherwise it needs its own copy.
     needs_ref = config.loss not in REFERENCE_FREE and peft_config is None
@@ -134,7 +134,7 @@ def train_dpo(config: DpoConfig, model_path: str, data_dir: str | Path, out_dir:
         if not val_rows:
             return {}
         scores = pair_loglik(trainer.model, tokenizer, val_rows, config.max_length, config.batch_size)
-        metrics = preference_accuracy(trainer.model, tokenizer, val_rows, scores=scores)
+        metrics = preference_stats(scores)
         if config.loss not in REFERENCE_FREE:
             metrics.update(implicit_rewards(scores, reference, config.beta))
         return metrics

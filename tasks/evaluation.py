@@ -100,16 +100,19 @@ def pair_loglik(model, tokenizer, rows: list[dict], max_length: int = 512, batch
     return [(-c[0], c[1], -r[0], r[1]) for c, r in zip(scores[0::2], scores[1::2])]
 
 
-def preference_accuracy(model, tokenizer, rows: list[dict], max_length: int = 512, batch_size: int = 8,
-                        scores: list[tuple[float, int, float, int]] | None = None) -> dict[str, float]:
+def preference_accuracy(model, tokenizer, rows: list[dict], max_length: int = 512, batch_size: int = 8
+                        ) -> dict[str, float]:
     """How often the model itself prefers the chosen answer: its mean log-likelihood per answer token is higher
     for `chosen` than for `rejected` (per token, so a longer answer is not penalised for its length).
 
-    `rows` are prepared preference examples (or `scores`, their `pair_loglik` already measured). Returns
-    preference_accuracy (share of pairs) and preference_margin (mean difference of the per-token
-    log-likelihoods, chosen minus rejected).
+    `rows` are prepared preference examples. Returns preference_accuracy (share of pairs) and preference_margin
+    (mean difference of the per-token log-likelihoods, chosen minus rejected).
     """
-    scores = scores if scores is not None else pair_loglik(model, tokenizer, rows, max_length, batch_size)
+    return preference_stats(pair_loglik(model, tokenizer, rows, max_length, batch_size))
+
+
+def preference_stats(scores: list[tuple[float, int, float, int]]) -> dict[str, float]:
+    """`preference_accuracy`'s figures from pairs already scored by `pair_loglik`."""
     margins = [(cl / cn if cn else float("-inf")) - (rl / rn if rn else float("-inf")) for cl, cn, rl, rn in scores]
     finite = [m for m in margins if math.isfinite(m)]
     return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),

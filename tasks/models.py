@@ -243,7 +243,7 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prefix = common_prefix(prompts)[:min((len(p) for p in prompts), default=0) - 1]  # every row keeps a token
     cached = None
-    if len(prefix) >= MIN_SHARED_PREFIX:
+    if len(prompts) > 1 and len(prefix) >= MIN_SHARED_PREFIX:  # one prompt alone gains nothing from a copy
         with torch.inference_mode():
             cached = model(torch.tensor([prefix], device=device), use_cache=True).past_key_values
         if not isinstance(cached, DynamicCache):

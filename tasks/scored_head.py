@@ -58,10 +58,12 @@ def frozen_head_logprobs(hidden, weight, bias, targets, outputs: tuple[str, ...]
                     extras["mean_logits"][s:e] = z.mean(-1)
                 if "is_top1" in extras:
                     extras["is_top1"][s:e] = z.argmax(-1) == t
-                if "entropy" in extras:  # H = lse - sum(p z)
-                    extras["entropy"][s:e] = lse - (torch.softmax(z, -1) * z).sum(-1)
+                if "entropy" in extras or want_grad:
+                    log_p = z.sub_(lse.unsqueeze(-1))  # in place: the logits are not needed any more
+                    if "entropy" in extras:  # H = -sum(p log p)
+                        extras["entropy"][s:e] = -(log_p.exp() * log_p).sum(-1)
                 if want_grad:
-                    p = z.sub_(lse.unsqueeze(-1)).exp_()  # the softmax, in place of the logits
+                    p = log_p.exp_()
                     p[torch.arange(e - s, device=p.device), t] -= 1  # softmax - onehot = -d log p / d logits
                     grad[s:e] = (p.to(weight.dtype) @ weight).float().neg_()
             ctx.save_for_backward(grad)

@@ -125,7 +125,7 @@ def shared_prefix(model, pieces: list[tuple[int, list[int], list[int]]], device)
     import torch
     from transformers import DynamicCache
 
-    if not pieces:
+    if len(pieces) < 2:  # one piece alone gains nothing from a copy
         return 0, None
     first = pieces[0][1]
     n = min(len(p[1]) for p in pieces) - 1  # every row keeps at least two tokens
