@@ -20,8 +20,13 @@ class SftConfig(TrainingConfig):
 
 def scored_sft_trainer():
     """trl's SFTTrainer with the LM head and log-softmax only at the answer tokens, and no per-step entropy or
-    top-1 accuracy over the vocabulary (trl computes both for its logs; tunery records neither)."""
+    top-1 accuracy over the vocabulary (trl computes both for its logs; tunery records neither).
+
+    Its length-grouped batch order comes from its own generator seeded with the run's seed, so the batches a run
+    sees do not depend on how many random numbers dropout drew before (transformers' sampler takes the global
+    generator), and two runs that differ only in a numeric setting train on the same batches."""
     import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import SFTTrainer
 
     from tasks.scored_head import install, unwrapped
@@ -30,6 +35,13 @@ def scored_sft_trainer():
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.scored_head = install(unwrapped(self.model))
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, LengthGroupedSampler) and sampler.generator is None:
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                sampler.generator = torch.Generator().manual_seed(seed)
+            return sampler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not self.scored_head:

@@ -238,3 +238,30 @@ def test_a_bf16_frozen_base_keeps_fp32_adapters_and_trains(tiny_model_dir, prepa
     adapter = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert all(t.dtype == torch.float32 for t in adapter.values())
     assert all(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k)
+
+
+def test_sft_batch_order_is_length_grouped_and_independent_of_dropouts_random_draws(tiny_model_dir, garden_rows,
+                                                                                   tmp_path):
+    """Two runs that differ only in a numeric setting (LoRA dropout draws random numbers, no dropout draws none)
+    must train on the same batches, or the parity gate compares different data."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from tasks.models import encode_chat, load_model, load_tokenizer
+    from tasks.sft import scored_sft_trainer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    rows = [encode_chat(tok, r["messages"], 96) for r in garden_rows]
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, seed=3, use_cpu=True,
+                     train_sampling_strategy="group_by_length", report_to="none", completion_only_loss=True)
+    trainer = scored_sft_trainer()(model=load_model(str(tiny_model_dir)), args=args,
+                                   train_dataset=Dataset.from_list(rows), processing_class=tok)
+    orders = []
+    for draws in (0, 1000):  # what dropout would have consumed of the global generator before the next epoch
+        torch.manual_seed(3)
+        torch.rand(draws)
+        orders.append(list(trainer._get_train_sampler()))
+    assert orders[0] == orders[1]
+    assert sorted(orders[0]) == list(range(len(rows)))
+    lengths = [len(rows[i]["input_ids"]) for i in orders[0]]
+    assert max(lengths[:4]) == max(lengths)  # grouped by length, the longest batch first
