@@ -54,7 +54,9 @@ class LoraSettings(BaseModel):
 
     r: int = Field(16, ge=1, le=1024, description="Rank of the update matrices.")
     alpha: float = Field(32, gt=0, description="Scaling numerator: the update is multiplied by alpha / r.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input during training.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input during training. 0 (no copy of "
+                           "each adapted layer's input) trains 1.3x faster at the same loss and held-out perplexity "
+                           "as 0.05 (bench/parity.py).")
     target_modules: str | list[str] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the head."
     )
