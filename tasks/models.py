@@ -232,12 +232,14 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     out as prefix, padding, own tokens: positions come from the attention mask, so the padding in the middle is
     invisible. A row that has ended keeps generating padding until its batch ends: what follows its first
     end-of-turn token is not an answer (see `answer_length`).
-    """
-    import copy
 
+    Each batch decodes into a transformers `StaticCache` sized for the batch (its longest prompt plus
+    `max_new_tokens`), written in place: the default dynamic cache concatenates every layer's keys and values at
+    each new token, which took 60% of the decoding time on a 2-core CPU (torch.profiler, 16 rows of ~470 tokens).
+    """
     import torch
     from tqdm.auto import tqdm
-    from transformers import DynamicCache, LogitsProcessorList
+    from transformers import DynamicCache, LogitsProcessorList, StaticCache
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -259,16 +261,17 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         rows = [prompts[picked[0]][:shared] + [pad] * (width - len(o)) + o for o in own]
         masks = [[1] * shared + [0] * (width - len(o)) + [1] * len(o) for o in own]
         ids, mask = torch.tensor(rows, device=device), torch.tensor(masks, device=device)
-        kwargs = {}
-        if cached is not None:
-            kwargs["past_key_values"] = copy.deepcopy(cached)
-            kwargs["past_key_values"].batch_repeat_interleave(len(picked))
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + max_new_tokens)
+        if cached is not None:  # the shared prefix's keys and values fill the first positions of every row
+            for layer, prefix_layer in zip(cache.layers, cached.layers):
+                layer.update(prefix_layer.keys.expand(len(picked), -1, -1, -1),
+                             prefix_layer.values.expand(len(picked), -1, -1, -1))
         processors = LogitsProcessorList([_no_repeat_in_answer(no_repeat_ngram, ids.shape[1])]
                                          if no_repeat_ngram else [])
         with torch.inference_mode():
             generated = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=pad, logits_processor=processors,
-                                       **kwargs)[:, ids.shape[1]:].tolist()
+                                       past_key_values=cache)[:, ids.shape[1]:].tolist()
         for i, g in zip(picked, generated):
             out[i] = g
         bar.update(len(picked))
