@@ -61,8 +61,13 @@ def test_max_length_that_cuts_every_answer_is_refused(tiny_model_dir, prepared, 
                   tmp_path / "out", "cpu")
 
 
-def test_gradient_checkpointing_with_lora_still_trains(tiny_model_dir, prepared, tmp_path):
-    cfg = SftConfig(gradient_checkpointing=True, **{**FAST, "max_steps": 2})
-    train_sft(cfg, str(tiny_model_dir), prepared.artifact_path, tmp_path / "out", "cpu")
+@pytest.mark.parametrize("mode", [True, "selective"])
+def test_gradient_checkpointing_with_lora_still_trains(tiny_model_dir, prepared, tmp_path, mode):
+    from tasks.training import checkpointing
+
+    assert checkpointing(SftConfig(), "cpu") is False and checkpointing(SftConfig(), "cuda") == "selective"
+    cfg = SftConfig(gradient_checkpointing=mode, **{**FAST, "max_steps": 2})
+    result = train_sft(cfg, str(tiny_model_dir), prepared.artifact_path, tmp_path / "out", "cpu")
+    assert result.info["gradient_checkpointing"] == mode
     adapter = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert all(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k)

@@ -266,3 +266,48 @@ def test_sft_batch_order_is_length_grouped_and_independent_of_dropouts_random_dr
     assert sorted(orders[0]) == list(range(len(rows)))
     lengths = [len(rows[i]["input_ids"]) for i in orders[0]]
     assert max(lengths[:4]) == max(lengths)  # grouped by length, the longest batch first
+
+
+_CHECKPOINTING = """
+import json, sys
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+from tasks.training import keep_matmuls_checkpointing
+
+def vmhwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+
+mode, hidden, layers, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                                     num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2))
+if mode == "selective":
+    keep_matmuls_checkpointing(model)
+model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+model.train()
+ids = torch.randint(0, 256, (4, tokens // 4))
+before = vmhwm()
+loss = model(input_ids=ids, labels=ids).loss
+loss.backward()
+grads = {n: p.grad.flatten()[:64].tolist() for n, p in model.named_parameters() if p.requires_grad}
+print(json.dumps({"loss": loss.item(), "grads": grads, "activation_mb": vmhwm() - before}))
+"""
+
+
+def test_selective_checkpointing_gives_the_same_gradients_and_keeps_less(tmp_path):
+    """tunery's default keeps the projections' and attention's outputs and recomputes the rest: the loss and every
+    LoRA gradient are the plain computation's, and the step's peak memory is much lower."""
+    runs = {}
+    for mode in ("plain", "selective"):
+        proc = subprocess.run([sys.executable, "-c", _CHECKPOINTING, mode, "256", "4", "8192"], capture_output=True,
+                              text=True, cwd=REPO, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    plain, selective = runs["plain"], runs["selective"]
+    assert selective["loss"] == pytest.approx(plain["loss"], abs=1e-6)
+    assert selective["grads"].keys() == plain["grads"].keys() and len(plain["grads"]) == 4 * 7 * 2
+    for name, g in plain["grads"].items():
+        torch.testing.assert_close(torch.tensor(selective["grads"][name]), torch.tensor(g), atol=1e-6, rtol=1e-5,
+                                   msg=name)
+    assert selective["activation_mb"] < 0.7 * plain["activation_mb"], runs
