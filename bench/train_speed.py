@@ -19,6 +19,7 @@ Measured per arm, the same way in both (the hooks are installed on `transformers
   base, and scored with tunery's perplexity (sft) or preference accuracy (dpo) on the held-out split.
 
 A speed-up counts only at equal quality: the report gives the loss and perplexity differences next to the ratios.
+`--checkpointing selective` sets tunery's `gradient_checkpointing` (default: the stage's auto, off on the CPU).
 `--model-shape qwen2.5-0.5b` trains a random-initialised Qwen2 with Qwen2.5-0.5B's shapes (hidden 896, 24 layers,
 vocabulary 151936), where the LM head and the loss dominate; `--quick` uses a tiny random model and 2 steps (the
 test suite runs it).
@@ -171,6 +172,7 @@ def tunery_config(plan: dict):
     """The stage config of tunery's arm: what the plain arm pins, the stage's own defaults for the rest."""
     lora = {"r": plan["r"], "alpha": plan["alpha"], "target_modules": plan["target_modules"]}
     common = dict(lora=lora, max_steps=plan["steps"], batch_size=plan["batch_size"],
+                  gradient_checkpointing=plan.get("gradient_checkpointing", "auto"),
                   learning_rate=plan["learning_rate"], lr_scheduler=plan["lr_scheduler"],
                   warmup_ratio=plan["warmup_ratio"], max_length=plan["max_length"])
     if plan["method"] == "sft":
@@ -321,6 +323,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each runs every arm once)")
     parser.add_argument("--only", choices=["sft", "dpo"], default=None)
     parser.add_argument("--quick", action="store_true", help="a tiny random model, 2 steps, 1 round (for tests)")
+    parser.add_argument("--checkpointing", choices=["auto", "selective", "true", "false"], default="auto",
+                        help="tunery's gradient_checkpointing (the plain arm never checkpoints)")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
@@ -357,7 +361,11 @@ def main() -> None:
                     out = tmp / f"{name}-{rnd}"
                     out.mkdir()
                     spec = out / "spec.json"
-                    spec.write_text(json.dumps({"plan": arm_plan(method, family, args.device, shared[method]),
+                    plan = arm_plan(method, family, args.device, shared[method])
+                    if family == "tunery":
+                        plan["gradient_checkpointing"] = {"true": True, "false": False}.get(args.checkpointing,
+                                                                                              args.checkpointing)
+                    spec.write_text(json.dumps({"plan": plan,
                                                 "model_dir": str(model_dir), "data": data, "out": str(out)}))
                     log(f"round {rnd + 1}/{args.rounds}: {name} ...")
                     proc = subprocess.run([sys.executable, __file__, "--arm", str(spec)], cwd=REPO,
@@ -372,6 +380,7 @@ def main() -> None:
 
         report = {m: summarise(arms, m) for m in methods}
         report.update(device=args.device, model=model_name, steps=args.steps, rounds=args.rounds,
+                      tunery_checkpointing=args.checkpointing,
                       threads=torch.get_num_threads(), settings={m: shared[m] for m in methods})
     if args.json:
         print(json.dumps(report, indent=2))
