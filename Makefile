@@ -62,6 +62,7 @@ ui: setup
 bench: setup
 	$(BIN)/python bench/train_speed.py
 	$(BIN)/python bench/perplexity_speed.py
+	$(BIN)/python bench/stage_speed.py
 	$(BIN)/python bench/export_speed.py
 	$(BIN)/python bench/dashboard_render.py --browser
 	$(BIN)/python bench/prefect_overhead.py
