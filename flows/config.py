@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.common import TuneryError, check_name
+from tasks.common import TuneryError, check_name, read_utf8
 from tasks.cpt import CptConfig
 from tasks.distill import DistillModelConfig, DistillPromptConfig
 from tasks.dpo import DpoConfig
@@ -172,7 +172,7 @@ def load_config(path: str | Path) -> tuple[PipelineConfig, Path]:
     if not path.is_file():
         raise TuneryError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_utf8(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

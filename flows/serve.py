@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from tasks.common import TuneryError
+from tasks.common import TuneryError, read_utf8
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -25,7 +25,7 @@ def read_deployments(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
 
     if not path.exists():
         raise TuneryError(f"{path}: not found")
-    doc = yaml.safe_load(path.read_text()) or {}
+    doc = yaml.safe_load(read_utf8(path)) or {}
     found = []
     for i, d in enumerate(doc.get("deployments") or []):
         where = f"{path.name}: deployments[{i}] ({d.get('name', '?')})"

@@ -79,6 +79,17 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's contents; TuneryError naming the file and the line of the first byte that is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise TuneryError(f"{path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as "
+                          "UTF-8") from None
+
+
 def write_json(path: Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.common import StageResult, TuneryError, atomic_dir, datasets_dir, read_json, write_json
+from tasks.common import StageResult, TuneryError, atomic_dir, datasets_dir, read_json, read_utf8, write_json
 
 FORMATS = ("chat", "prompt", "alpaca", "preference", "text")
 ROLES = ("system", "user", "assistant")
@@ -96,20 +96,36 @@ def read_rows(path: Path, max_rows: int | None = None) -> Iterator[Row]:
         raise TuneryError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .csv, .parquet or a datasets folder")
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A line that could not be read as a row (bad encoding, invalid JSON): reported with the file's other bad rows
+    instead of stopping the scan at the first one."""
+
+    problem: str
+
+
 def _read_jsonl(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Row(where, Unreadable(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
+                                            "the line); save the file as UTF-8"))
+                continue
             if not line.strip():
                 continue
-            where = f"{path} line {number}"
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as e:
-                raise TuneryError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                yield Row(where, Unreadable(f"invalid JSON ({e.msg} at column {e.colno})"))
+                continue
             yield Row(where, data)
 
 
 def _read_csv(path: Path) -> Iterator[Row]:
+    read_utf8(path)  # names the line of a bad byte; the csv reader would stop with a traceback
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         start = 2  # line 1 is the header
@@ -304,6 +320,9 @@ def load_examples(paths: list[Path], fmt: str = "auto", system_prompt: str | Non
     for path in paths:
         file_fmt = None if fmt == "auto" else fmt
         for row in read_rows(path, max_rows):
+            if isinstance(row.data, Unreadable):
+                errors.append(f"{row.source}: {row.data.problem}")
+                continue
             try:
                 if file_fmt is None:
                     file_fmt = detect_format(row.data)
@@ -311,7 +330,7 @@ def load_examples(paths: list[Path], fmt: str = "auto", system_prompt: str | Non
             except RowError as e:
                 errors.append(f"{row.source}: {e}")
         if file_fmt is None:
-            errors.append(f"{path}: no rows")
+            errors.append(f"{path}: no usable rows")
         else:
             kinds[str(path)] = example_kind(file_fmt)
     if errors:

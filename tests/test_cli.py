@@ -72,6 +72,29 @@ def test_bad_row_is_named_by_the_cli(tmp_path, tunery_home, tiny_model_dir):
     assert "d.jsonl line 2: field 'completion': missing" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_every_unreadable_line_of_a_file_is_named_by_the_cli(tmp_path, tunery_home, tiny_model_dir):
+    """Bad encodings and invalid JSON do not stop the scan: each bad line is listed with the row errors, and the
+    command ends with exit code 1, no traceback and nothing prepared."""
+    good = b'{"prompt": "Hi", "completion": "Yo"}\n'
+    (tmp_path / "d.jsonl").write_bytes(good + b'{"prompt": "caf\xe9", "completion": "Yo"}\n' + b'{not json\n'
+                                       + good.replace(b"Hi", b"Hey") + b'{"prompt": "Hi"}\n')
+    (tmp_path / "e.csv").write_bytes(b"prompt,completion\nHi,Yo\nCaf\xe9,Yo\n")
+    for data, expected in (("d.jsonl", ["d.jsonl line 2: not valid UTF-8 (byte 0xe9", "d.jsonl line 3: invalid JSON",
+                                        "d.jsonl line 5: field 'completion': missing", "3 bad row(s)"]),
+                           ("e.csv", ["e.csv line 3: not valid UTF-8 (byte 0xe9)"])):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump({"name": "x", "base_model": str(tiny_model_dir), "data": {"train": data}}))
+        proc = tunery("prep", str(cfg), home=tunery_home, check_exit=1)
+        for message in expected:
+            assert message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr + proc.stdout
+        assert not (tunery_home / "datasets").exists() or not any((tunery_home / "datasets").iterdir())
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"name: x\ndata: {train: d.jsonl}\n# caf\xe9\n")
+    proc = tunery("run", str(bad), home=tunery_home, check_exit=1)
+    assert "bad.yaml line 3: not valid UTF-8 (byte 0xe9)" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_models_show_compare_json_shapes(tunery_home):
     base = registry.create_version("smol", "base")
     registry.finish_version(base, "/m")
