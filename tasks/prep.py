@@ -309,8 +309,10 @@ def example_kind(fmt: str) -> str:
 
 
 def load_examples(paths: list[Path], fmt: str = "auto", system_prompt: str | None = None,
-                  max_rows: int | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """Read, validate and normalise every row of `paths`; return (kind, examples).
+                  max_rows: int | None = None, sources: dict[int, str] | None = None
+                  ) -> tuple[str, list[dict[str, Any]]]:
+    """Read, validate and normalise every row of `paths`; return (kind, examples). With `sources`, each example's
+    location ("file line N") is recorded there under `id(example)`, so later checks can name it.
 
     All files must hold the same kind of example. Raises TuneryError listing the bad rows (file, line, field).
     """
@@ -327,6 +329,8 @@ def load_examples(paths: list[Path], fmt: str = "auto", system_prompt: str | Non
                 if file_fmt is None:
                     file_fmt = detect_format(row.data)
                 examples.append(normalise(row.data, file_fmt, system_prompt))
+                if sources is not None:
+                    sources[id(examples[-1])] = row.source
             except RowError as e:
                 errors.append(f"{row.source}: {e}")
         if file_fmt is None:
@@ -411,14 +415,17 @@ def prepare(config: PrepConfig, base_dir: Path | None = None, tokenizer_path: st
     """
     base_dir = Path(base_dir or ".")
     train_paths = [base_dir / p for p in config.train]
-    kind, train = load_examples(train_paths, config.format, config.system_prompt, config.max_rows)
+    files = ", ".join(str(p) for p in train_paths)
+    sources: dict[int, str] = {}
+    kind, train = load_examples(train_paths, config.format, config.system_prompt, config.max_rows, sources)
     n_raw = len(train)
     train = deduplicate(train)
     duplicates = n_raw - len(train)
     overlap = 0
     if config.validation:
         val_paths = [base_dir / p for p in config.validation]
-        val_kind, validation = load_examples(val_paths, config.format, config.system_prompt, config.max_rows)
+        val_kind, validation = load_examples(val_paths, config.format, config.system_prompt, config.max_rows,
+                                             sources)
         if val_kind != kind:
             raise TuneryError(f"validation data holds {val_kind} examples but training data holds {kind}")
         validation = deduplicate(validation)
@@ -427,9 +434,13 @@ def prepare(config: PrepConfig, base_dir: Path | None = None, tokenizer_path: st
         overlap = sum(canonical(ex) in held for ex in train)
         train = [ex for ex in train if canonical(ex) not in held]
     else:
+        if len(train) < 2:
+            raise TuneryError(f"{files}: need at least 2 distinct examples to hold some out, got {len(train)} "
+                              f"({n_raw} read, {duplicates} duplicate(s) removed)")
         train, validation = split(train, config.val_fraction, config.seed)
     if not train:
-        raise TuneryError("no training examples left after removing duplicates and held-out rows")
+        raise TuneryError(f"{files}: no training examples left after removing duplicates and the {overlap} "
+                          "example(s) that are also in the validation data")
     digest = content_hash(kind, train, validation)
     out = datasets_dir() / digest[:16]
     meta = {
@@ -443,7 +454,7 @@ def prepare(config: PrepConfig, base_dir: Path | None = None, tokenizer_path: st
         "validation_rows": len(validation),
     }
     if tokenizer_path and kind == "chat":
-        meta.update(_template_check(tokenizer_path, train + validation))
+        meta.update(_template_check(tokenizer_path, train + validation, sources))
     if not (out / "meta.json").exists():
         with atomic_dir(out) as tmp:
             for name, part in (("train", train), ("validation", validation)):
@@ -457,7 +468,7 @@ def prepare(config: PrepConfig, base_dir: Path | None = None, tokenizer_path: st
     return StageResult(stage="prep", artifact_path=str(out), metrics=metrics, info=meta)
 
 
-def _template_check(tokenizer_path: str, examples: list[dict]) -> dict[str, Any]:
+def _template_check(tokenizer_path: str, examples: list[dict], sources: dict[int, str]) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -468,7 +479,8 @@ def _template_check(tokenizer_path: str, examples: list[dict]) -> dict[str, Any]
         try:
             ids = tok.apply_chat_template(ex["messages"], tokenize=True, return_dict=True)["input_ids"]
         except Exception as e:  # jinja raises TemplateError for e.g. an unsupported role
-            raise TuneryError(f"example {i + 1}: the chat template rejected it: {e}") from None
+            raise TuneryError(f"{sources.get(id(ex), f'example {i + 1}')}: the chat template of {tokenizer_path} "
+                              f"rejected it: {e}") from None
         total += len(ids)
     return {"tokens": total, "chat_template_sha256": hashlib.sha256(tok.chat_template.encode()).hexdigest()}
 

@@ -166,6 +166,19 @@ def test_chat_template_that_rejects_data_fails_in_prep(tmp_path, tiny_model_dir)
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
                          "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
     tok.save_pretrained(strict)
-    write_jsonl(tmp_path / "d.jsonl", [chat("Q1", "A1"), chat("Q2", "A2", system="Be brief.")])
-    with pytest.raises(TuneryError, match="chat template rejected it: System role not supported"):
+    # A duplicate first, so "example N" after de-duplication would name the wrong row: the file's line is named.
+    write_jsonl(tmp_path / "d.jsonl", [chat("Q1", "A1"), chat("Q1", "A1"), chat("Q3", "A3"),
+                                       chat("Q2", "A2", system="Be brief.")])
+    with pytest.raises(TuneryError, match=r"d\.jsonl line 4: the chat template of .*strict rejected it: "
+                                          "System role not supported"):
         prepare(PrepConfig(train="d.jsonl"), tmp_path, str(strict))
+
+
+def test_data_too_small_to_split_names_the_file(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [chat("Q1", "A1"), chat("Q1", "A1 ")])
+    with pytest.raises(TuneryError, match=r"d\.jsonl: need at least 2 distinct examples to hold some out, got 1 "
+                                          r"\(2 read, 1 duplicate\(s\) removed\)"):
+        prepare(PrepConfig(train="d.jsonl"), tmp_path)
+    write_jsonl(tmp_path / "v.jsonl", [chat("Q1", "A1")])
+    with pytest.raises(TuneryError, match=r"d\.jsonl: no training examples left .* 1 example\(s\) that are also in"):
+        prepare(PrepConfig(train="d.jsonl", validation="v.jsonl"), tmp_path)
