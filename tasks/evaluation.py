@@ -42,8 +42,9 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="Examples per forward pass for perplexity.")
     max_length: int = Field(512, ge=16, description="Tokens per perplexity window; longer examples are scored in "
                                                    "sliding windows (stride half a window), never truncated.")
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS),
-                               description="User prompts for the latency measurement (batch 1, greedy).")
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1,
+                               description="User prompts for the latency measurement (batch 1, greedy); the "
+                                           "export checks answer them too, so at least one.")
     max_new_tokens: int = Field(32, ge=2, le=4096, description="Tokens generated per latency run.")
     repeats: int = Field(3, ge=1, description="Timed runs per prompt; the median is reported.")
     warmup: int = Field(1, ge=0, description="Untimed runs first (allocator, kernels, caches).")

@@ -180,6 +180,8 @@ def check_greedy(llm, model, tokenizer, prompts: list[list[int]], max_new_tokens
                  ) -> dict[str, Any]:
     import torch
 
+    if not prompts:  # nothing compared is not a pass: the gate counts "not run" as not passed
+        return check("greedy", None, 0, "not run: no prompts to compare")
     same = 0
     first_bad = ""
     for number, prompt in enumerate(prompts, 1):
@@ -278,6 +280,9 @@ def check_answers(llm, template: str, stops: list[str], prompts: list[str], syst
                   max_new_tokens: int) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, str]]]:
     """Answer each prompt the way Ollama would: the Go template renders it, llama.cpp tokenizes and decodes greedily
     until a stop string. Returns (answers check, decode speed, samples)."""
+    if not prompts:  # nothing answered is not a pass: the gate counts "not run" as not passed
+        return (check("answers_stop", None, 0, "not run: no prompts to answer"),
+                check("decode_tokens_per_s", None, None, "not run: no prompts to answer"), [])
     rendered = render_go(template, [conversation(system, p) for p in prompts])
     stop_ids = {t for s in stops for t in llm.tokenize(s.encode(), add_bos=False, special=True)[:1]}
     samples, stopped, speeds = [], 0, []

@@ -120,3 +120,23 @@ def test_holder_from_another_base_model_is_not_compared(tiny_model_dir, prepared
     assert [v["name"] for v in failed] == ["perplexity_vs_holder"]
     assert "not comparable" in failed[0]["detail"]
     assert export_store.get_alias("tiny", "production")["version"] == "tiny:1"
+
+
+def test_checks_with_nothing_to_check_are_not_run_and_the_gate_refuses_them(prepared):
+    """0 of 0 prompts compared or answered is "not run" (passed None), never a pass; the gate counts it as failed;
+    and an eval section without prompts is refused before anything runs."""
+    from pydantic import ValidationError
+
+    from tasks import verify
+    from tasks.evaluation import EvalConfig
+
+    greedy = verify.check_greedy(None, None, None, [], 8, set())
+    answers, speed, samples = verify.check_answers(None, "", [], [], None, 8)
+    assert (greedy["passed"], answers["passed"], samples) == (None, None, [])
+    assert "not run" in greedy["detail"] and "not run" in answers["detail"]
+    candidate = {"checks": [dict(c, file="x.gguf") for c in (greedy, answers, speed)]}
+    gate = GateConfig(require_checks=["greedy", "answers_stop"])
+    verdicts = {v["name"]: v for v in promotion.gate(candidate, None, prepared, gate)}
+    assert not verdicts["check greedy"]["passed"] and not verdicts["check answers_stop"]["passed"]
+    with pytest.raises(ValidationError, match="prompts"):
+        EvalConfig(prompts=[])
