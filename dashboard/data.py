@@ -21,6 +21,7 @@ TTL = 5  # seconds a query result is reused across reruns and sessions
 
 @st.cache_data(ttl=TTL, show_spinner=False)
 def version_table(**filters: Any) -> pd.DataFrame:
+    registry.settle_interrupted()  # a version whose process was killed shows as failed, not running forever
     rows = registry.version_table(**filters)
     columns = ["version", "name", "number", "stage", "status", "base_model", "created_utc", "error", "aliases",
                *TABLE_METRICS]

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tasks.common import TuneryError, home
+from tasks.common import TuneryError, home, registry_path
 
 # Stdout carries a command's own output only (one JSON document with --json); whatever libraries print while a
 # command runs (trainer log lines, progress) goes to stderr.
@@ -42,6 +42,11 @@ def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             with contextlib.redirect_stdout(sys.stderr):
+                if registry_path().exists():  # versions whose process was killed: settle them as failed first
+                    import registry
+
+                    for version in registry.settle_interrupted():
+                        err.print(f"{version}: its process ended before it finished; marked failed (interrupted)")
                 return fn(*args, **kwargs)
         except TuneryError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)

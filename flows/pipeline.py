@@ -15,9 +15,23 @@ from flows.config import BASE_REF, load_config
 from tasks.common import RegistryBusy, TuneryError, sha256_json
 from tasks.distill import summary as distill_summary
 
-# Tasks that use the accelerator carry this tag; `tunery serve` sets a concurrency limit of 1 on it, so two
-# trainings or evaluations never share one machine's GPU (or CPU) at once.
+# Tasks that use the accelerator carry this tag; every pipeline run (and `tunery serve`) makes sure the server has a
+# concurrency limit of 1 on it, so two trainings or evaluations never share one machine's GPU (or CPU) at once.
 ACCELERATOR_TAG = "tunery-accelerator"
+
+
+def ensure_accelerator_limit() -> None:
+    """Create the concurrency limit of 1 on ACCELERATOR_TAG on the server runs report to, when it is missing (a
+    limit someone set stays as it is). The flow calls it, so runs picked up by workers that `prefect deploy`
+    started are limited too, not only those of `tunery serve`."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_concurrency_limit_by_tag(ACCELERATOR_TAG)
+        except ObjectNotFound:
+            client.create_concurrency_limit(tag=ACCELERATOR_TAG, concurrency_limit=1)
 
 
 def transient_only(task, task_run, state) -> bool:
@@ -184,6 +198,9 @@ def pipeline(config_path: str) -> dict[str, Any]:
     """base -> prep -> eval(base) -> each stage in order, each followed by its eval -> (with `promote:`) export and
     promote the run's best version; returns versions, metrics and the gate's decision."""
     cfg, config_dir = load_config(config_path)
+    ensure_accelerator_limit()
+    for settled in registry.settle_interrupted():
+        get_run_logger().warning(f"{settled}: its process ended before it finished; marked failed (interrupted)")
     base = base_task(cfg, config_dir)
     data = prep_task(cfg, config_dir, base)
     eval_cfg = cfg.eval_config()

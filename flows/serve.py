@@ -57,16 +57,6 @@ def runner_deployments(path: Path = PREFECT_YAML) -> list:
             for d in read_deployments(path)]
 
 
-def ensure_accelerator_limit() -> None:
-    """A concurrency limit of 1 on the tag of the tasks that train or evaluate, on the server runs report to."""
-    from prefect.client.orchestration import get_client
-
-    from flows.pipeline import ACCELERATOR_TAG
-
-    with get_client(sync_client=True) as client:
-        client.create_concurrency_limit(tag=ACCELERATOR_TAG, concurrency_limit=1)
-
-
 def serve(path: Path = PREFECT_YAML) -> None:
     """Serve the deployments of `path` with their schedules, one run at a time (what `tunery serve` runs)."""
     from prefect import serve as prefect_serve
@@ -75,5 +65,7 @@ def serve(path: Path = PREFECT_YAML) -> None:
     for d in deployments:
         crons = ", ".join(f"{s.schedule.cron} {s.schedule.timezone}" for s in d.schedules) or "no schedule"
         print(f"serving {d.name}: {d.parameters['config_path']} ({crons})", file=sys.stderr)
+    from flows.pipeline import ensure_accelerator_limit
+
     ensure_accelerator_limit()
     prefect_serve(*deployments, limit=1)  # one pipeline at a time from this process, too

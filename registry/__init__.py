@@ -23,5 +23,6 @@ from registry.store import (  # noqa: F401
     record_metrics,
     record_samples,
     resolve,
+    settle_interrupted,
     version_table,
 )

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import socket
 from typing import Any
 
 from registry.db import connect, utcnow
@@ -31,13 +34,55 @@ def create_version(name: str, stage: str, *, base_model: str | None = None, pare
         version = f"{name}:{number}"
         con.execute(
             "INSERT INTO versions (version, name, number, stage, status, base_model, hyperparameters_json, "
-            "data_hash, info_json, flow_run_id, created_utc) VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+            "data_hash, info_json, flow_run_id, created_utc, owner_json) "
+            "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
             [version, name, number, stage, base_model, json.dumps(hyperparameters or {}, sort_keys=True),
-             data_hash, json.dumps(info or {}, sort_keys=True), flow_run_id, utcnow()],
+             data_hash, json.dumps(info or {}, sort_keys=True), flow_run_id, utcnow(), json.dumps(this_process())],
         )
         for position, parent in enumerate(parents):
             con.execute("INSERT INTO version_parents VALUES (?, ?, ?)", [version, parent, position])
     return version
+
+
+def this_process() -> dict[str, Any]:
+    """Who owns a running version: host, pid and the process's start time (a pid alone is reused)."""
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def _alive(owner: dict[str, Any]) -> bool:
+    import psutil
+
+    try:
+        return abs(psutil.Process(owner["pid"]).create_time() - owner["started"]) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError):
+        return False
+
+
+def settle_interrupted() -> list[str]:
+    """Mark `failed` (error "interrupted: ...") every running version whose owning process on this host is gone
+    (SIGKILL, the OOM killer, a power cut), and remove the temporary folder it was writing. A version owned by a
+    process on another host is left alone: this process cannot see whether that one is alive. Returns the settled
+    versions."""
+    from tasks.common import artifacts_dir
+
+    here = socket.gethostname()
+    with connect() as con:
+        rows = con.execute("SELECT version, name, number, owner_json FROM versions WHERE status = 'running' "
+                           "AND owner_json IS NOT NULL").fetchall()
+        settled = []
+        for version, name, number, owner_json in rows:
+            owner = json.loads(owner_json)
+            if owner.get("host") != here or _alive(owner):
+                continue
+            con.execute("UPDATE versions SET status = 'failed', error = ?, finished_utc = ? WHERE version = ?",
+                        [f"interrupted: its process (pid {owner.get('pid')} on {here}) ended before it finished",
+                         utcnow(), version])
+            settled.append((version, artifacts_dir() / name / f".{number}.tmp-{owner.get('pid')}"))
+    for _, tmp in settled:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [version for version, _ in settled]
 
 
 def _next_number(con, name: str) -> int:

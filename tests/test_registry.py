@@ -1,6 +1,7 @@
 """The DuckDB registry: numbering, lineage, failure records, reopening, bound parameters, lock handling."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -142,3 +143,43 @@ def test_lineage_follows_every_parent_to_the_root():
     assert path == ["fern:2", "fern:1", "base:1"]
     assert registry.children("fern:2") == ["fern:3", "fern:4"]
     assert registry.lineage("base:1")["parents"] == []
+
+
+def test_a_version_whose_process_was_killed_is_settled_as_failed_interrupted(tunery_home):
+    """SIGKILL leaves a version `running` and its temporary folder behind; the next process that opens the
+    registry (here `tunery models`) marks it failed (interrupted) and removes the folder. A version whose process
+    is alive, or that runs on another host, is left running."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from tasks.common import artifacts_dir
+
+    script = ("import os, time, registry; from tasks.common import artifacts_dir; "
+              "v = registry.create_version('doomed', 'sft'); "
+              "(artifacts_dir() / 'doomed' / f'.1.tmp-{os.getpid()}').mkdir(parents=True); "
+              "print(v, flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TUNERY_HOME": str(tunery_home)})
+    assert proc.stdout.readline().strip() == "doomed:1"
+    alive = registry.create_version("alive", "sft")  # this process: still running
+    elsewhere = registry.create_version("remote", "sft")
+    with registry.store.connect() as con:
+        con.execute("UPDATE versions SET owner_json = ? WHERE version = ?",
+                    [json.dumps({"host": "another-host", "pid": 1, "started": 0.0}), elsewhere])
+    tmp = artifacts_dir() / "doomed" / f".1.tmp-{proc.pid}"
+    assert registry.settle_interrupted() == [] and tmp.is_dir()  # its process is still alive
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    shown = subprocess.run([sys.executable, "-m", "flows.cli", "models", "--json"], cwd=REPO, capture_output=True,
+                           text=True, env={**os.environ, "TUNERY_HOME": str(tunery_home)}, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "doomed:1: its process ended before it finished" in shown.stderr
+    rows = {r["version"]: r for r in json.loads(shown.stdout)}
+    assert rows["doomed:1"]["status"] == "failed"
+    assert registry.get_version("doomed:1")["error"].startswith("interrupted")
+    assert not tmp.exists()
+    assert registry.get_version(alive)["status"] == "running" and registry.get_version(elsewhere)["status"] == \
+        "running"

@@ -2,6 +2,7 @@
 `tunery serve` registers them with a Prefect server."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -107,15 +108,20 @@ def test_a_process_worker_picks_up_and_completes_a_run(prefect_server, tmp_path,
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
     import registry
     from conftest import REPO
     from test_flow import tiny_config
 
+    from flows.pipeline import ACCELERATOR_TAG
+
     config = tiny_config(tmp_path, tiny_model_dir, garden_rows)
     pool = f"tunery-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        with contextlib.suppress(ObjectNotFound):  # no `tunery serve` ran against this server: no limit yet
+            client.delete_concurrency_limit_by_tag(ACCELERATOR_TAG)
     source = flow.from_source(source=str(REPO), entrypoint="flows/pipeline.py:pipeline")
     deployment_id = source.deploy(name="tiny-on-a-worker", work_pool_name=pool, parameters={"config_path": config},
                                   print_next_steps=False)
@@ -128,16 +134,19 @@ def test_a_process_worker_picks_up_and_completes_a_run(prefect_server, tmp_path,
     assert final.state.is_completed(), worker.stdout[-3000:] + worker.stderr[-3000:]
     assert final.name == "tiny-fern -> tiny-fern:1"
     assert registry.get_version("tiny-fern:1")["status"] == "ready"
+    with get_client(sync_client=True) as client:  # the flow itself created the accelerator limit
+        assert client.read_concurrency_limit_by_tag(ACCELERATOR_TAG).concurrency_limit == 1
 
 
 def test_training_tasks_share_one_accelerator_slot_and_retry_only_transient_errors(prefect_server):
     from prefect.client.orchestration import get_client
     from prefect.states import Failed
 
-    from flows.pipeline import ACCELERATOR_TAG, eval_task, prep_task, stage_task, transient_only
+    from flows.pipeline import (ACCELERATOR_TAG, ensure_accelerator_limit, eval_task, prep_task, stage_task,
+                                transient_only)
     from tasks.common import RegistryBusy
 
-    serve.ensure_accelerator_limit()
+    ensure_accelerator_limit()
     with get_client(sync_client=True) as client:
         assert client.read_concurrency_limit_by_tag(ACCELERATOR_TAG).concurrency_limit == 1
     assert ACCELERATOR_TAG in stage_task.tags and ACCELERATOR_TAG in eval_task.tags
