@@ -42,50 +42,75 @@ def test_a_schedule_that_differs_from_the_configured_one_is_off_schedule():
     assert health.learning_rate_verdict(points, "constant", 1e-3, 0.0, 10)["verdict"] == "off schedule"
 
 
-def _poison_after(calls: int):
-    """Wrap trainable_model so the model's hidden states turn NaN after `calls` forward passes."""
-    from tasks import training
+def _poison(monkeypatch, kind: str, clean_steps: int) -> dict[str, int]:
+    """Make step `clean_steps + 1` of the sft stage go bad in one way, and count the forward passes that ran:
+    - "nan loss": the final norm's output (every forward path, trl's fused head included) turns NaN;
+    - "inf loss": the trainer's loss is multiplied by infinity;
+    - "nan grad norm": the loss stays finite but the gradient flowing back from the final norm turns NaN."""
+    from tasks import sft, training
 
-    real = training.trainable_model
+    seen = {"forward": 0, "backward": 0}
+    real_model, real_trainer = training.trainable_model, sft.scored_sft_trainer
 
-    def patched(config, model_path, device):
-        model, peft_config, info = real(config, model_path, device)
-        seen = {"n": 0}
+    def patched_model(config, model_path, device):
+        model, peft_config, info = real_model(config, model_path, device)
+        norm = model.get_decoder().norm
 
-        def hook(module, args, output):
-            seen["n"] += 1
-            return output * float("nan") if seen["n"] > calls else output
+        def forward_hook(module, args, output):
+            seen["forward"] += 1
+            return output * float("nan") if kind == "nan loss" and seen["forward"] > clean_steps else output
 
-        # The final norm runs on every forward path, including trl's fused loss head.
-        model.get_decoder().norm.register_forward_hook(hook)
+        def backward_hook(module, grad_input, grad_output):
+            seen["backward"] += 1
+            if seen["backward"] > clean_steps:
+                return tuple(None if g is None else g * float("nan") for g in grad_input)
+
+        norm.register_forward_hook(forward_hook)
+        if kind == "nan grad norm":
+            norm.register_full_backward_hook(backward_hook)
         return model, peft_config, info
 
-    return patched
+    def patched_trainer():
+        class Poisoned(real_trainer()):
+            def compute_loss(self, *args, **kwargs):
+                loss = super().compute_loss(*args, **kwargs)
+                return loss * float("inf") if kind == "inf loss" and seen["forward"] > clean_steps else loss
+
+        return Poisoned
+
+    monkeypatch.setattr(sft, "trainable_model", patched_model)
+    monkeypatch.setattr(sft, "scored_sft_trainer", patched_trainer)
+    return seen
 
 
-def test_nan_loss_stops_training_at_once_and_fails_the_version(tiny_model_dir, garden_rows, tmp_path,
-                                                                monkeypatch, tunery_home):
+@pytest.mark.parametrize("kind, message", [
+    ("nan loss", "the loss became nan at step 3"),
+    ("inf loss", "the loss became inf at step 3"),
+    ("nan grad norm", "the gradient norm became nan at step 3"),
+])
+def test_a_bad_step_stops_training_there_and_fails_the_version(tiny_model_dir, garden_rows, tmp_path, monkeypatch,
+                                                               tunery_home, kind, message):
     import yaml
 
     from conftest import write_jsonl
     from flows import steps
     from flows.config import load_config
-    from tasks import sft
 
-    # Two clean forward passes (steps 1 and 2; the estimate needs no probe passes of its own), then NaN from step 3.
-    monkeypatch.setattr(sft, "trainable_model", _poison_after(2))
+    # Two clean steps (the estimate needs no probe passes of its own), then a bad one at step 3 of 20.
+    seen = _poison(monkeypatch, kind, clean_steps=2)
     write_jsonl(tmp_path / "g.jsonl", garden_rows)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({
-        "name": "nan", "base_model": str(tiny_model_dir), "device": "cpu", "data": {"train": "g.jsonl"},
+        "name": "bad", "base_model": str(tiny_model_dir), "device": "cpu", "data": {"train": "g.jsonl"},
         "stages": [{"stage": "sft", "max_steps": 20, **FAST}]}))
     cfg, config_dir = load_config(tmp_path / "c.yaml")
     base = steps.run_base(cfg, config_dir)
     data = steps.run_prep(cfg, config_dir, base["artifact_path"])
-    with pytest.raises(TuneryError, match=r"the loss became nan at step 3, so training stopped there"):
+    with pytest.raises(TuneryError, match=message + ", so training stopped there"):
         steps.run_train(cfg, cfg.stages[0], base, data)
-    failed = registry.get_version("nan:1")
-    assert failed["status"] == "failed" and "loss became nan at step 3" in failed["error"]
-    assert not (tunery_home / "artifacts" / "nan" / "1").exists()
+    assert seen["forward"] == 3  # training stopped: steps 4-20 never ran
+    failed = registry.get_version("bad:1")
+    assert failed["status"] == "failed" and message in failed["error"]
+    assert not (tunery_home / "artifacts" / "bad" / "1").exists()
 
 
 def test_preflight_estimate_is_recorded_next_to_the_actual_figures(tiny_model_dir, prepared, tmp_path):
