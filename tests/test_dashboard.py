@@ -228,6 +228,16 @@ def served(filled, tunery_home, tmp_path):
     log.close()
 
 
+def test_the_dashboard_listens_on_127_0_0_1_only(served):
+    """Connecting to 127.0.0.1 also works when a server listens on every interface: look at the listening socket."""
+    import psutil
+
+    port = int(served.rsplit(":", 1)[1])
+    listening = {c.laddr.ip for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert listening == {"127.0.0.1"}
+
+
 @pytest.fixture
 def browser(tmp_path):
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
