@@ -343,14 +343,15 @@ def dashboard(host: str = typer.Option("127.0.0.1", help="Address to listen on; 
                                                          "machine. Use 0.0.0.0 only on a network you trust."),
               port: int = typer.Option(8501, help="Port to listen on.")) -> None:
     """Serve the Streamlit dashboard: versions, comparisons, quality vs speed, lineage, promote and roll back."""
-    import subprocess
-
     app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
     err.print(f"tunery dashboard on http://{host}:{port} (registry {home() / 'registry.duckdb'})")
-    raise typer.Exit(subprocess.call([
+    sys.stderr.flush()
+    # This process becomes the Streamlit server (no child): SIGTERM or Ctrl-C stop the server itself, and nothing
+    # is left holding the port.
+    os.execv(sys.executable, [
         sys.executable, "-m", "streamlit", "run", str(app), "--server.address", host, "--server.port", str(port),
         "--server.headless", "true", "--browser.gatherUsageStats", "false", "--global.developmentMode", "false",
-        "--client.toolbarMode", "viewer"]))
+        "--client.toolbarMode", "viewer"])
 
 
 @command

@@ -203,39 +203,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def served(filled, tunery_home, tmp_path):
-    """`tunery dashboard` as a user starts it, on a free port of 127.0.0.1."""
+def _start_dashboard(tunery_home, tmp_path) -> tuple[str, subprocess.Popen]:
+    """`tunery dashboard` as a user starts it, on a free port of 127.0.0.1, once it answers."""
     port = _free_port()
     env = {**os.environ, "TUNERY_HOME": str(tunery_home), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     log = (tmp_path / "dashboard.log").open("w")
     proc = subprocess.Popen([str(Path(os.sys.executable).parent / "tunery"), "dashboard", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:
         try:
             urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
-            break
+            return url, proc
         except OSError:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
                 pytest.fail(f"dashboard did not start: {(tmp_path / 'dashboard.log').read_text()[-2000:]}")
             time.sleep(0.5)
+
+
+def _listening(port: int) -> set[str]:
+    import psutil
+
+    return {c.laddr.ip for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+@pytest.fixture
+def served(filled, tunery_home, tmp_path):
+    url, proc = _start_dashboard(tunery_home, tmp_path)
     yield url
     proc.terminate()
     proc.wait(timeout=20)
-    log.close()
+
+
+def test_stopping_the_dashboard_stops_its_server(filled, tunery_home, tmp_path):
+    """SIGTERM to `tunery dashboard` leaves no Streamlit server behind holding the port."""
+    import psutil
+
+    url, proc = _start_dashboard(tunery_home, tmp_path)
+    port = int(url.rsplit(":", 1)[1])
+    started = psutil.Process(proc.pid).children(recursive=True)
+    proc.terminate()
+    proc.wait(timeout=20)
+    deadline = time.time() + 20
+    while _listening(port) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _listening(port) and not [p for p in started if p.is_running()]
 
 
 def test_the_dashboard_listens_on_127_0_0_1_only(served):
     """Connecting to 127.0.0.1 also works when a server listens on every interface: look at the listening socket."""
-    import psutil
-
-    port = int(served.rsplit(":", 1)[1])
-    listening = {c.laddr.ip for c in psutil.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-    assert listening == {"127.0.0.1"}
+    assert _listening(int(served.rsplit(":", 1)[1])) == {"127.0.0.1"}
 
 
 @pytest.fixture
