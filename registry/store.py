@@ -68,21 +68,27 @@ def settle_interrupted() -> list[str]:
     from tasks.common import artifacts_dir
 
     here = socket.gethostname()
-    with connect() as con:
+    # Read-only first: every CLI command and dashboard view calls this, and the write lock is taken only when
+    # there is something to settle.
+    with connect(read_only=True) as con:
         rows = con.execute("SELECT version, name, number, owner_json FROM versions WHERE status = 'running' "
                            "AND owner_json IS NOT NULL").fetchall()
-        settled = []
-        for version, name, number, owner_json in rows:
-            owner = json.loads(owner_json)
-            if owner.get("host") != here or _alive(owner):
-                continue
-            con.execute("UPDATE versions SET status = 'failed', error = ?, finished_utc = ? WHERE version = ?",
+    dead = []
+    for version, name, number, owner_json in rows:
+        owner = json.loads(owner_json)
+        if owner.get("host") == here and not _alive(owner):
+            dead.append((version, name, number, owner))
+    if not dead:
+        return []
+    with connect() as con:
+        for version, _, _, owner in dead:
+            con.execute("UPDATE versions SET status = 'failed', error = ?, finished_utc = ? "
+                        "WHERE version = ? AND status = 'running'",
                         [f"interrupted: its process (pid {owner.get('pid')} on {here}) ended before it finished",
                          utcnow(), version])
-            settled.append((version, artifacts_dir() / name / f".{number}.tmp-{owner.get('pid')}"))
-    for _, tmp in settled:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return [version for version, _ in settled]
+    for _, name, number, owner in dead:
+        shutil.rmtree(artifacts_dir() / name / f".{number}.tmp-{owner.get('pid')}", ignore_errors=True)
+    return [version for version, _, _, _ in dead]
 
 
 def _next_number(con, name: str) -> int:

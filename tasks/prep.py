@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -125,8 +126,8 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
 
 
 def _read_csv(path: Path) -> Iterator[Row]:
-    read_utf8(path)  # names the line of a bad byte; the csv reader would stop with a traceback
-    with path.open(encoding="utf-8", newline="") as f:
+    # read_utf8 names the line of a bad byte, where the csv reader would stop with a traceback.
+    with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.DictReader(f)
         start = 2  # line 1 is the header
         for record in reader:

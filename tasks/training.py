@@ -182,18 +182,18 @@ def trainable_model(config: TrainingConfig, model_path: str, device: str):
     base_precision = resolve_base_precision(config, device)
     model = load_model(model_path, device=device, precision=base_precision,
                        quantization=config.quantization if config.quantized else None)
+    recompute = checkpointing(config, device)
     info: dict[str, Any] = {"method": config.method, "quantization": config.quantization.mode,
                             "adapter": config.adapter, "base_precision": base_precision,
-                            "gradient_checkpointing": checkpointing(config, device)}
+                            "gradient_checkpointing": recompute}
     if config.quantized:
         info["quantization_config"] = config.quantization.model_dump()
-    if checkpointing(config, device) == "selective":
+    if recompute == "selective":
         keep_matmuls_checkpointing(model)
     peft_config = None
     if config.method == "lora":
         if config.quantized:
-            model = prepare_model_for_kbit_training(model,
-                                                    use_gradient_checkpointing=checkpointing(config, device) is True)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recompute is True)
         peft_config = LoraConfig(
             r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
             target_modules=config.lora.target_modules, task_type="CAUSAL_LM",
