@@ -1,7 +1,9 @@
 """Export a version to GGUF + Modelfile with its llama.cpp checks; promote it behind a gate; roll an alias back.
 
 Layout under TUNERY_HOME/exports/NAME/: one folder per export, `vN-QUANT/` (the GGUF, the Modelfile, checks.json,
-llama.cpp.log), and one symlink per alias, `ALIAS -> vN-QUANT`, switched atomically. Ollama reads
+llama.cpp.log), and one symlink per alias, `ALIAS -> vN-QUANT`, switched atomically. Exports are immutable: exporting
+the same version and quantization again writes `vN-QUANT-2/` (then `-3`, ...) with its own registry rows, and never
+touches an earlier export's files or rows. Ollama reads
 `exports/NAME/ALIAS/Modelfile`; where an `ollama` executable is on PATH, promotion and rollback run
 `ollama create NAME:ALIAS` from it before the alias moves.
 """
@@ -48,6 +50,17 @@ def heldout_examples(tokenizer, data: StageResult, rows: int) -> list[dict[str, 
     return [scored_tokens(tokenizer, row) for row in validation[:rows]]
 
 
+def _free_tag(name: str, number: int, quant: str) -> str:
+    """`vN-QUANT` for a version's first export at QUANT, `vN-QUANT-2`, `-3`, ... for the next: no folder or row
+    of that name exists yet."""
+    taken = {e["export_id"] for e in export_store.list_exports()}
+    tag, n = f"v{number}-{quant}", 1
+    while f"{name}/{tag}" in taken or (exports_dir() / name / tag).exists():
+        n += 1
+        tag = f"v{number}-{quant}-{n}"
+    return tag
+
+
 def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list[str],
                    progress: Progress = print) -> dict[str, Any]:
     """Write exports/NAME/vN-QUANT (GGUF + Modelfile), run every check on it, record export and checks."""
@@ -58,7 +71,7 @@ def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list
     if version["status"] != "ready":
         raise TuneryError(f"{version['version']} is {version['status']}; only ready versions can be exported")
     name, number = version["name"], version["number"]
-    tag = f"v{number}-{cfg.quant}"
+    tag = _free_tag(name, number, cfg.quant)
     folder = Path(model_folder(version))
     tokenizer = load_tokenizer(str(folder))
     examples = heldout_examples(tokenizer, data, cfg.heldout_rows)

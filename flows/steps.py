@@ -92,7 +92,7 @@ def model_folder(version: dict[str, Any]) -> str:
         return version["artifact_path"]
     folder = home() / "cache" / "merged" / version["name"] / str(version["number"])
     if not (folder / "config.json").exists():
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, replace=True) as tmp:  # a cache
             fold_adapter(version, tmp)
     return str(folder)
 

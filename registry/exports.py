@@ -10,11 +10,12 @@ from tasks.common import TuneryError
 
 
 def record_export(export: dict[str, Any], checks: list[dict[str, Any]]) -> None:
-    """Store an export and the checks run on it, in one transaction (a re-export of the same tag replaces both)."""
+    """Store a new export and the checks run on it, in one transaction. Exports are immutable: an id already
+    recorded is an error, never replaced."""
     with connect() as con:
         _require(con, export["version"])
-        con.execute("DELETE FROM export_checks WHERE export_id = ?", [export["export_id"]])
-        con.execute("DELETE FROM exports WHERE export_id = ?", [export["export_id"]])
+        if con.execute("SELECT 1 FROM exports WHERE export_id = ?", [export["export_id"]]).fetchone():
+            raise TuneryError(f"export {export['export_id']} is already recorded; exports are never replaced")
         con.execute(
             "INSERT INTO exports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [export["export_id"], export["version"], export["quant"], export["path"], export["gguf_file"],

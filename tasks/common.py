@@ -56,18 +56,28 @@ def base_models_dir() -> Path:
 
 
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder that becomes `final` only if the block succeeds.
 
-    A crash or an error leaves no half-written artifact behind: the temporary folder is removed.
+    A crash or an error leaves no half-written artifact behind: the temporary folder is removed. What a user
+    recorded is never replaced: an existing `final` is an error, unless `replace` says it is a cache (rebuilt when
+    its completion marker is missing).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+
+    def refuse() -> None:
+        if (final.exists() or final.is_symlink()) and not replace:
+            raise TuneryError(f"{final} already exists; tunery never replaces a recorded folder (move it away "
+                              "if it is not needed)")
+
+    refuse()
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        refuse()
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

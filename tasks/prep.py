@@ -457,7 +457,7 @@ def prepare(config: PrepConfig, base_dir: Path | None = None, tokenizer_path: st
     if tokenizer_path and kind == "chat":
         meta.update(_template_check(tokenizer_path, train + validation, sources))
     if not (out / "meta.json").exists():
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, replace=True) as tmp:  # content-addressed
             for name, part in (("train", train), ("validation", validation)):
                 with (tmp / f"{name}.jsonl").open("w", encoding="utf-8") as f:
                     for ex in part:

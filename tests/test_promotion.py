@@ -140,3 +140,48 @@ def test_checks_with_nothing_to_check_are_not_run_and_the_gate_refuses_them(prep
     assert not verdicts["check greedy"]["passed"] and not verdicts["check answers_stop"]["passed"]
     with pytest.raises(ValidationError, match="prompts"):
         EvalConfig(prompts=[])
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
+    import hashlib
+
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.iterdir())}
+
+
+def test_re_export_is_a_new_export_and_a_refused_gate_touches_nothing(tiny_model_dir, prepared, tunery_home):
+    """Exports are immutable: exporting or promoting the same version and quant again writes vN-QUANT-2 and keeps
+    every file and row of vN-QUANT, which the alias still points to when the gate refuses the new one."""
+    version = _register(tiny_model_dir)
+    first = promotion.promote(version, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)
+    assert first["promoted"] and first["export"]["export_id"] == "tiny/v1-f32"
+    folder = tunery_home / "exports/tiny/v1-f32"
+    before, rows_before = _snapshot(folder), export_store.get_export("tiny/v1-f32")
+
+    again = promotion.export_version(version, prepared, EXPORT, PROMPTS, progress=_quiet)
+    assert again["export_id"] == "tiny/v1-f32-2" and again["path"].endswith("exports/tiny/v1-f32-2")
+    assert (tunery_home / "exports/tiny/v1-f32-2" / again["gguf_file"]).exists()
+    assert _snapshot(folder) == before and export_store.get_export("tiny/v1-f32") == rows_before
+
+    # A gate that cannot pass (the random model's answers never stop): refused, and nothing of the holder moves.
+    strict = GATE.model_copy(update={"require_checks": [*GATE.require_checks, "answers_stop"]})
+    link = tunery_home / "exports/tiny/production"
+    link_before = (link.readlink(), link.lstat().st_mtime_ns)
+    refused = promotion.promote(version, prepared, EXPORT, strict, PROMPTS, progress=_quiet)
+    assert not refused["promoted"] and refused["export"]["export_id"] == "tiny/v1-f32-3"
+    assert (link.readlink(), link.lstat().st_mtime_ns) == link_before
+    assert export_store.get_alias("tiny", "production")["export_id"] == "tiny/v1-f32"
+    assert _snapshot(folder) == before and export_store.get_export("tiny/v1-f32") == rows_before
+    assert [e["export_id"] for e in export_store.list_exports()] == ["tiny/v1-f32", "tiny/v1-f32-2", "tiny/v1-f32-3"]
+
+
+def test_an_existing_folder_is_never_replaced(tmp_path):
+    from tasks.common import atomic_dir
+
+    final = tmp_path / "v1-f32"
+    final.mkdir()
+    (final / "model.gguf").write_text("recorded")
+    with pytest.raises(TuneryError, match="already exists; tunery never replaces"):
+        with atomic_dir(final) as tmp:
+            (tmp / "model.gguf").write_text("new")
+    assert (final / "model.gguf").read_text() == "recorded" and [p.name for p in tmp_path.iterdir()] == ["v1-f32"]
