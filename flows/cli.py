@@ -5,6 +5,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,6 +34,14 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, like Ctrl-C's KeyboardInterrupt."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
     """Register a CLI command whose TuneryError becomes a one-line message and exit status 1."""
     if fn is None:
@@ -40,6 +49,10 @@ def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # SIGTERM unwinds like Ctrl-C, so what the command started (Prefect's temporary server, a training child)
+        # is stopped by its own clean-up and exit handlers instead of outliving it. Prefect's runner (`tunery
+        # serve`) installs its own graceful handler over this one.
+        signal.signal(signal.SIGTERM, _terminated)
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 if registry_path().exists():  # versions whose process was killed: settle them as failed first
@@ -51,9 +64,9 @@ def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
         except TuneryError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            err.print("terminated" if isinstance(e, Terminated) else "interrupted")
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
 
     return app.command(name=name)(wrapper)
 
@@ -413,14 +426,20 @@ def show(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bo
         out.print("[bold]hyperparameters[/]")
         out.print_json(json.dumps(v["hyperparameters"]))
     if v["metrics"]:
-        out.print("[bold]metrics[/]")
+        data = f" (evaluated on data {v['eval_data_hash'][:12]})" if v["eval_data_hash"] else ""
+        out.print(f"[bold]metrics[/]{data}", highlight=False)
         for k, val in sorted(v["metrics"].items()):
+            out.print(f"{k:>22}  {_fmt(val)}")
+    for data, measured in v["metrics_on_other_data"].items():
+        out.print(f"[bold]metrics on other data[/] ({data[:12]}; not used by compare, best-version or the gate)",
+                  highlight=False)
+        for k, val in sorted(measured.items()):
             out.print(f"{k:>22}  {_fmt(val)}")
     health = v["info"].get("health")
     if health:
         out.print("[bold]training health[/]")
         for check, verdict in health.items():
-            colour = "green" if verdict["ok"] else "yellow"
+            colour = {True: "green", False: "yellow", None: "dim"}[verdict["ok"]]
             out.print(f"{check:>22}  [{colour}]{verdict['verdict']}[/]  {verdict['detail']}", highlight=False)
     if v.get("samples"):
         out.print("[bold]sample answers[/]")
@@ -490,6 +509,11 @@ def compare(a: str = typer.Argument(..., help="The version before (NAME:N)."),
             t.add_row(row[kind], _fmt(row["a"]), _fmt(row["b"]), f"[{colour}]{change}[/]" if colour else change, rel)
         return t
 
+    if not result["eval_data"]["same"]:
+        out.print(f"[yellow]{result['a']} and {result['b']} were never evaluated on the same data "
+                  f"({(result['eval_data']['a'] or '-')[:12]} vs {(result['eval_data']['b'] or '-')[:12]}): their "
+                  "evaluation metrics are shown without verdicts; `tunery eval` one on the other's config[/]",
+                  highlight=False)
     out.print(table("metric", result["metrics"]))
     if result["hyperparameters"]:
         out.print(table("hyperparameter", result["hyperparameters"]))

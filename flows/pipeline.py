@@ -13,7 +13,7 @@ import registry
 from flows import promotion, steps
 from flows.config import BASE_REF, load_config
 from tasks.common import RegistryBusy, TuneryError, sha256_json
-from tasks.distill import summary as distill_summary
+from tasks.distill import summary as distill_summary, teacher_label
 
 # Tasks that use the accelerator carry this tag; every pipeline run (and `tunery serve`) makes sure the server has a
 # concurrency limit of 1 on it, so two trainings or evaluations never share one machine's GPU (or CPU) at once.
@@ -93,7 +93,7 @@ def _describe_stage(version: dict[str, Any]) -> str:
             lines.append(f"- {key}: {m[key]:.3f}")
     distilled = distill_summary(m)
     if distilled:
-        lines += [f"\nteacher {info['teacher']} ({info['teacher_backend']}), {m['distill_train_answers']:.0f} "
+        lines += [f"\nteacher {info['teacher']} ({teacher_label(info)}), {m['distill_train_answers']:.0f} "
                   f"answers learned, {m['distill_heldout_answers']:.0f} held out\n",
                   "| | teacher | start | student | change |", "|---|---|---|---|---|"]
         lines += [f"| {r['measure']} | " + " | ".join("" if r[k] is None else f"{r[k]:.4g}"
@@ -229,9 +229,10 @@ def pipeline(config_path: str) -> dict[str, Any]:
     _rename(f"{cfg.name} -> {previous['version']}" + (" (nothing changed)" if reused else ""))
     promoted = None
     if cfg.promote is not None:
-        best = promotion.best_version([registry.get_version(v["version"]) for v, _ in results[1:]])
+        best = promotion.best_version([v["version"] for v, _ in results[1:]], data.info["data_hash"])
         holder = registry.exports.get_alias(cfg.name, cfg.promote.alias)
-        if holder and holder["version"] == best["version"] and holder["export_id"].endswith(f"-{cfg.export.quant}"):
+        if holder and holder["version"] == best["version"] and \
+                registry.exports.get_export(holder["export_id"])["quant"] == cfg.export.quant:
             logger.info(f"{cfg.name}@{cfg.promote.alias} already holds {best['version']}: nothing to promote")
         else:
             promoted = promote_task.with_options(task_run_name=f"promote {best['version']} to "

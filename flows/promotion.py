@@ -139,7 +139,8 @@ def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list
             full_path.unlink()
         passed = all(c["passed"] is not False for c in checks)
         info = {"config": cfg.model_dump(), "stops": stops, "template_source": "config" if cfg.template else
-                "derived", "answers": samples, "model_folder": str(folder)}
+                "derived", "answers": samples, "model_folder": str(folder),
+                "eval_data_hash": data.info["data_hash"]}
         write_json(tmp / "checks.json", {"version": version["version"], "checks": checks, "answers": samples})
         sha = _sha256(gguf)
         size = gguf.stat().st_size
@@ -163,6 +164,11 @@ def gate(candidate: dict[str, Any], holder: dict[str, Any] | None, data: StageRe
     from tasks.models import load_tokenizer
 
     verdicts = []
+    measured_on = candidate.get("info", {}).get("eval_data_hash")
+    if measured_on is not None and measured_on != data.info["data_hash"]:
+        verdicts.append({"name": "eval data", "passed": False, "value": measured_on[:12],
+                         "threshold": data.info["data_hash"][:12],
+                         "detail": "the export's held-out checks were measured on other data than the config's"})
     by_name = {c["name"]: c for c in candidate["checks"]}
     for name in cfg.require_checks:
         c = by_name.get(name)
@@ -272,11 +278,13 @@ def rollback(target: str) -> dict[str, Any]:
             "ollama": ollama, "path": str(exports_dir() / name / alias)}
 
 
-def best_version(versions: list[dict[str, Any]]) -> dict[str, Any]:
-    """The version with the lowest held-out perplexity (what `tunery run` promotes)."""
+def best_version(refs: list[str], eval_data: str) -> dict[str, Any]:
+    """The version with the lowest perplexity on the data hashed `eval_data` (what `tunery run` promotes); a
+    perplexity measured on other data does not count."""
+    versions = [registry.get_version(ref, eval_data) for ref in refs]
     scored = [v for v in versions if v["status"] == "ready" and "perplexity" in v["metrics"]]
     if not scored:
-        raise TuneryError("no evaluated version to promote")
+        raise TuneryError(f"no version evaluated on data {eval_data[:12]} to promote")
     return min(scored, key=lambda v: v["metrics"]["perplexity"])
 
 

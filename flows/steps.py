@@ -174,19 +174,34 @@ def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], da
 GGUF_ORDER = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q4_k_m", "q4_k_s", "q4_0")
 
 
-def teacher_gguf(teacher: dict[str, Any], backend: str) -> Path | None:
-    """The GGUF export the teacher answers through (backend auto or llama.cpp), or None for HF generation."""
+def teacher_gguf(teacher: dict[str, Any], backend: str, allow_failed: bool = False
+                 ) -> tuple[Path | None, dict[str, Any]]:
+    """The GGUF export the teacher answers through (backend auto or llama.cpp), or None for HF generation, and what
+    the version records about it: the export, its file and its check status.
+
+    Only an export that passed its llama.cpp checks is used, unless `allow_failed` (then the best failed one)."""
     if backend == "hf":
-        return None
-    files = [(not e["passed"], GGUF_ORDER.index(e["quant"]) if e["quant"] in GGUF_ORDER else len(GGUF_ORDER),
-              Path(e["path"]) / e["gguf_file"]) for e in registry.exports.list_exports(teacher["version"])]
-    files = sorted(f for f in files if f[2].exists())
-    if files:
-        return files[0][2]
+        return None, {}
+    found = sorted(((not e["passed"], GGUF_ORDER.index(e["quant"]) if e["quant"] in GGUF_ORDER else len(GGUF_ORDER),
+                     e["export_id"], e) for e in registry.exports.list_exports(teacher["version"])
+                    if (Path(e["path"]) / e["gguf_file"]).exists()), key=lambda f: f[:3])
+    passed = [e for failed, _, _, e in found if not failed]
+    failed = [e for bad, _, _, e in found if bad]
+
+    def status(e: dict[str, Any]) -> str:
+        names = [c["name"] for c in e["checks"] if c["passed"] is False]
+        return "passed" if e["passed"] else f"failed: {', '.join(names) or 'checks'}"
+
+    chosen = passed[0] if passed else failed[0] if failed and allow_failed else None
+    if chosen is not None:
+        return Path(chosen["path"]) / chosen["gguf_file"], {
+            "teacher_export": chosen["export_id"], "teacher_gguf_checks": status(chosen)}
+    skipped = f"{failed[0]['export_id']} ({status(failed[0])})" if failed else None
     if backend == "llama.cpp":
-        raise TuneryError(f"teacher {teacher['version']} has no GGUF export; run `tunery export "
-                          f"{teacher['version']} --quant f16`, or set teacher_backend: hf")
-    return None
+        raise TuneryError(f"teacher {teacher['version']} has no GGUF export that passed its checks"
+                          + (f"; {skipped}: set teacher_allow_failed_export: true to use it anyway" if skipped else
+                             f"; run `tunery export {teacher['version']} --quant f16`") + ", or set teacher_backend: hf")
+    return None, ({"teacher_export_skipped": skipped} if skipped else {})
 
 
 def stage_teacher(stage: Stage, done: dict[str, dict[str, Any]], start: dict[str, Any], config_dir: Path
@@ -220,7 +235,7 @@ def run_distill(cfg: PipelineConfig, stage: Stage, start: dict[str, Any], teache
         rows = (train, held)
     contexts = prompt_contexts(stage, rows)
     start_folder, teacher_folder = model_folder(start), model_folder(teacher)
-    gguf = teacher_gguf(teacher, stage.teacher_backend)
+    gguf, teacher_export = teacher_gguf(teacher, stage.teacher_backend, stage.teacher_allow_failed_export)
     # What the teacher's raw answers depend on (how they are trimmed and learned from is applied afterwards).
     generation = {"max_new_tokens", "generation_batch_size", "no_repeat_ngram", "teacher_backend", "system",
                   "examples"}
@@ -230,7 +245,7 @@ def run_distill(cfg: PipelineConfig, stage: Stage, start: dict[str, Any], teache
     registry.record_dataset(dataset.info, dataset.artifact_path)
     info = {"teacher": teacher["version"], "dataset": dataset.artifact_path,
             **{k: dataset.info[k] for k in ("teacher_backend", "teacher_gguf", "generation_s", "unfinished_answers",
-                                            "trimmed_answers", "dropped_answers")}}
+                                            "trimmed_answers", "dropped_answers")}, **teacher_export}
     if getattr(stage, "preference_pairs", False):
         pairs = preference_pairs(stage, start_folder, dataset.artifact_path, cfg.device)
         registry.record_dataset(pairs.info, pairs.artifact_path)

@@ -181,7 +181,7 @@ def resolve(ref: str) -> str:
     return row[0]
 
 
-def _version_objects(con, where: str, params: list[Any]) -> list[dict[str, Any]]:
+def _version_objects(con, where: str, params: list[Any], eval_data: str | None = None) -> list[dict[str, Any]]:
     # `where` is a fixed SQL fragment chosen by this module, never user text; values come through `params`.
     rows = con.execute(
         "SELECT version, name, number, stage, status, base_model, hyperparameters_json, data_hash, artifact_path, "
@@ -197,36 +197,49 @@ def _version_objects(con, where: str, params: list[Any]) -> list[dict[str, Any]]
         [names],
     ).fetchall():
         parents[child].append(parent)
+    # Metrics belong to the data they were measured on. A version's `metrics` are its training figures (no data
+    # hash) and its evaluation on `eval_data` (by default the data of its first evaluation: in a pipeline run, the
+    # config's held-out split), the newest value of each; evaluations on other data are kept apart, by hash.
     metrics: dict[str, dict[str, float]] = {v: {} for v in names}
-    # The newest value of each metric wins.
-    for v, key, value in con.execute(
-        "SELECT version, name, value FROM metrics WHERE version IN (SELECT unnest(?)) ORDER BY recorded_utc",
-        [names],
+    by_data: dict[str, dict[str, dict[str, float]]] = {v: {} for v in names}
+    for v, key, value, data in con.execute(
+        "SELECT version, name, value, eval_data_hash FROM metrics WHERE version IN (SELECT unnest(?)) "
+        "ORDER BY recorded_utc", [names],
     ).fetchall():
-        metrics[v][key] = value
+        if data is None:
+            metrics[v][key] = value
+        else:
+            by_data[v].setdefault(data, {})[key] = value
+    reference = {v: eval_data if eval_data is not None else next(iter(by_data[v]), None) for v in names}
     samples: dict[str, list[dict[str, str]]] = {v: [] for v in names}
-    # Only the newest evaluation's set of samples of each version.
-    for v, prompt, answer in con.execute(
-        "SELECT version, prompt, answer FROM samples s WHERE version IN (SELECT unnest(?)) AND recorded_utc = "
-        "(SELECT max(recorded_utc) FROM samples WHERE version = s.version) ORDER BY version, position",
-        [names],
+    # Only the newest set of samples of each version on its evaluation data.
+    for v, prompt, answer, data in con.execute(
+        "SELECT version, prompt, answer, eval_data_hash FROM samples s WHERE version IN (SELECT unnest(?)) AND "
+        "recorded_utc = (SELECT max(recorded_utc) FROM samples WHERE version = s.version AND eval_data_hash IS NOT "
+        "DISTINCT FROM s.eval_data_hash) ORDER BY version, position", [names],
     ).fetchall():
-        samples[v].append({"prompt": prompt, "answer": answer})
+        if data is None or data == reference[v]:
+            samples[v].append({"prompt": prompt, "answer": answer})
     out = []
     for (version, name, number, stage, status, base_model, hp, data_hash, artifact, info, error, flow_run,
          created, finished) in rows:
         out.append({
             "version": version, "name": name, "number": number, "stage": stage, "status": status,
             "parents": parents[version], "base_model": base_model, "hyperparameters": json.loads(hp),
-            "data_hash": data_hash, "metrics": metrics[version], "artifact_path": artifact,
+            "data_hash": data_hash, "eval_data_hash": reference[version],
+            "metrics": {**metrics[version], **by_data[version].get(reference[version], {})},
+            "metrics_on_other_data": {h: m for h, m in by_data[version].items() if h != reference[version]},
+            "artifact_path": artifact,
             "info": json.loads(info), "samples": samples[version], "error": error, "flow_run_id": flow_run,
             "created_at": created.isoformat() + "Z", "finished_at": finished.isoformat() + "Z" if finished else None,
         })
     return out
 
 
-def list_versions(name: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
-    """Every version (optionally of one name or status) as the JSON objects PRODUCT.md describes."""
+def list_versions(name: str | None = None, status: str | None = None,
+                  eval_data: str | None = None) -> list[dict[str, Any]]:
+    """Every version (optionally of one name or status) as the JSON objects PRODUCT.md describes; `eval_data`
+    (a data hash) picks which evaluation fills `metrics`, instead of each version's first."""
     clauses, params = [], []
     if name is not None:
         clauses.append("name = ?")
@@ -236,14 +249,15 @@ def list_versions(name: str | None = None, status: str | None = None) -> list[di
         params.append(status)
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
     with connect(read_only=True) as con:
-        return _version_objects(con, where, params)
+        return _version_objects(con, where, params, eval_data)
 
 
-def get_version(ref: str) -> dict[str, Any]:
-    """One version object by `NAME:N` or `NAME`; raises TuneryError for an unknown one."""
+def get_version(ref: str, eval_data: str | None = None) -> dict[str, Any]:
+    """One version object by `NAME:N` or `NAME`; raises TuneryError for an unknown one. `eval_data` as in
+    list_versions."""
     version = resolve(ref)
     with connect(read_only=True) as con:
-        return _version_objects(con, "WHERE version = ?", [version])[0]
+        return _version_objects(con, "WHERE version = ?", [version], eval_data)[0]
 
 
 def lineage(ref: str) -> dict[str, Any]:
@@ -313,13 +327,23 @@ def compare_versions(a: str, b: str) -> dict[str, Any]:
     """Every metric and hyperparameter of two versions side by side, with absolute and relative change (b vs a)
     and, for metrics with a known direction, whether b is better."""
     va, vb = get_version(a), get_version(b)
+    # Compare on data both were measured on: b's evaluation data, else a's, else none (then no verdicts).
+    measured_a = {va["eval_data_hash"], *va["metrics_on_other_data"]} - {None}
+    measured_b = {vb["eval_data_hash"], *vb["metrics_on_other_data"]} - {None}
+    common = [h for h in (vb["eval_data_hash"], va["eval_data_hash"]) if h in measured_a & measured_b]
+    if common:
+        va, vb = get_version(a, common[0]), get_version(b, common[0])
+    same_data = bool(common) or not (measured_a or measured_b)
+    with connect(read_only=True) as con:  # training figures (no data hash) compare whatever the data
+        training = {r[0] for r in con.execute("SELECT DISTINCT name FROM metrics WHERE eval_data_hash IS NULL AND "
+                                               "version IN (?, ?)", [va["version"], vb["version"]]).fetchall()}
     rows = []
     for key in sorted(set(va["metrics"]) | set(vb["metrics"])):
         x, y = va["metrics"].get(key), vb["metrics"].get(key)
         change, relative = _change(x, y)
         family = key.split("/")[0]
         better = None
-        if change:
+        if change and (same_data or key in training):
             if family in LOWER_IS_BETTER:
                 better = change < 0
             elif family in HIGHER_IS_BETTER:
@@ -333,7 +357,9 @@ def compare_versions(a: str, b: str) -> dict[str, Any]:
         change, relative = _change(x, y)
         hp.append({"hyperparameter": key, "a": x, "b": y, "change": change, "relative_change": relative,
                    "changed": x != y})
-    return {"a": va["version"], "b": vb["version"], "metrics": rows, "hyperparameters": hp}
+    return {"a": va["version"], "b": vb["version"], "metrics": rows, "hyperparameters": hp,
+            "eval_data": {"a": va["eval_data_hash"], "b": vb["eval_data_hash"], "same": same_data}}
+
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -358,10 +384,12 @@ def version_table(names: list[str] = (), stages: list[str] = (), base_models: li
     """
     metric_cols = ", ".join(f"max(CASE WHEN m.name = '{k}' THEN m.value END) AS {k}" for k in TABLE_METRICS)
     sql = f"""
-        WITH latest AS (
+        WITH latest AS (  -- training figures and the evaluation on each version's first evaluation data
             SELECT version, name, value,
                    row_number() OVER (PARTITION BY version, name ORDER BY recorded_utc DESC) AS rn
-            FROM metrics WHERE name IN (SELECT unnest(?))
+            FROM metrics m WHERE name IN (SELECT unnest(?)) AND (eval_data_hash IS NULL OR eval_data_hash = (
+                SELECT f.eval_data_hash FROM metrics f WHERE f.version = m.version AND f.eval_data_hash IS NOT NULL
+                ORDER BY f.recorded_utc LIMIT 1))
         ), tags AS (
             SELECT version, string_agg(name || '@' || alias, ', ' ORDER BY alias) AS aliases
             FROM aliases GROUP BY version

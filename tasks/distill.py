@@ -65,7 +65,11 @@ class DistillSettings(SftConfig):
         "trim", description="A teacher answer still going at max_new_tokens: trim it back to its last full sentence, "
                             "keep it cut mid-sentence, or drop it. A student learns to stop where its answers stop.")
     teacher_backend: Literal["auto", "hf", "llama.cpp"] = Field(
-        "auto", description="auto: llama.cpp on the teacher's GGUF export when it has one, else HF generation.")
+        "auto", description="auto: llama.cpp on the teacher's GGUF export when one passed its checks, else HF "
+                            "generation; llama.cpp: such an export is required.")
+    teacher_allow_failed_export: bool = Field(
+        False, description="Let the teacher answer through a GGUF export whose llama.cpp checks failed (when no "
+                           "export passed); the version records the file and the checks that failed.")
 
 
 class Exchange(BaseModel):
@@ -376,6 +380,14 @@ def distill_metrics(config: DistillSettings, teacher: str, start: str, student: 
     if "distill_tokens_per_s_teacher" in m:
         m["distill_speedup"] = m["distill_tokens_per_s_student"] / m["distill_tokens_per_s_teacher"]
     return m
+
+
+def teacher_label(info: dict[str, Any]) -> str:
+    """How the teacher answered, in words: `hf`, or `llama.cpp on NAME/TAG (passed)` or `(failed: CHECKS)`."""
+    if info.get("teacher_export"):
+        return f"llama.cpp on {info['teacher_export']} ({info['teacher_gguf_checks']})"
+    return info["teacher_backend"] + (f"; skipped {info['teacher_export_skipped']}" if info.get(
+        "teacher_export_skipped") else "")
 
 
 def summary(metrics: dict[str, float]) -> list[dict[str, Any]]:

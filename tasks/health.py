@@ -1,6 +1,7 @@
 """Was a training run healthy? Verdicts from its logged history, plus a guard that stops a run whose loss is NaN.
 
-Each verdict is {"verdict": short word, "ok": bool, "detail": one sentence with the numbers behind it}:
+Each verdict is {"verdict": short word, "ok": bool or None, "detail": one sentence with the numbers behind it}; `ok`
+is None ("too short", "not logged") when the history holds too little to judge: not a warning, and not healthy either.
 - loss: falling / flat / rising (mean of the last quarter of logged losses against the first quarter);
 - grad_norm: healthy / spiking / vanishing (any step above 10x the median norm is a spike);
 - learning_rate: as configured / off schedule (every logged rate against the configured scheduler's own values);
@@ -42,7 +43,8 @@ def _quarters(values: list[float]) -> tuple[list[float], list[float], list[float
 
 def loss_verdict(losses: list[float]) -> dict[str, Any]:
     if len(losses) < 4:
-        return {"verdict": "too short", "ok": True, "detail": f"only {len(losses)} logged losses"}
+        return {"verdict": "too short", "ok": None,
+                "detail": f"only {len(losses)} logged losses; 4 or more are needed for a trend"}
     first, _, last = _quarters(losses)
     a, b = statistics.fmean(first), statistics.fmean(last)
     change = (b - a) / abs(a) if a else 0.0
@@ -53,7 +55,7 @@ def loss_verdict(losses: list[float]) -> dict[str, Any]:
 
 def grad_norm_verdict(norms: list[float]) -> dict[str, Any]:
     if not norms:
-        return {"verdict": "not logged", "ok": True, "detail": "no grad norms were logged"}
+        return {"verdict": "not logged", "ok": None, "detail": "no grad norms were logged"}
     median = statistics.median(norms)
     if median < 1e-8:
         return {"verdict": "vanishing", "ok": False, "detail": f"median grad norm {median:.2e}"}
@@ -87,7 +89,7 @@ def expected_learning_rates(scheduler: str, learning_rate: float, warmup_ratio: 
 def learning_rate_verdict(points: list[tuple[int, float]], scheduler: str, learning_rate: float,
                           warmup_ratio: float, total_steps: int) -> dict[str, Any]:
     if not points or total_steps < 1:
-        return {"verdict": "not logged", "ok": True, "detail": "no learning rates were logged"}
+        return {"verdict": "not logged", "ok": None, "detail": "no learning rates were logged"}
     expected = expected_learning_rates(scheduler, learning_rate, warmup_ratio, total_steps)
     worst = 0.0
     for step, rate in points:
@@ -101,7 +103,8 @@ def learning_rate_verdict(points: list[tuple[int, float]], scheduler: str, learn
 
 def memory_verdict(rss: list[float]) -> dict[str, Any]:
     if len(rss) < 8:
-        return {"verdict": "too short", "ok": True, "detail": f"only {len(rss)} memory readings"}
+        return {"verdict": "too short", "ok": None,
+                "detail": f"only {len(rss)} memory readings; 8 or more are needed for a trend"}
     _, second, last = _quarters(rss)
     a, b = statistics.median(second), statistics.median(last)
     growth = (b - a) / a

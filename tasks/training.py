@@ -457,7 +457,8 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
         "train_runtime_s": runtime,
         "train_peak_rss_mb": peak_rss_mb(),
         "trainable_params": float(sum(p.numel() for p in trained.parameters() if p.requires_grad)),
-        "health_warnings": float(sum(not v["ok"] for v in info["health"].values())),
+        "health_warnings": float(sum(v["ok"] is False for v in info["health"].values())),
+        "health_not_judged": float(sum(v["ok"] is None for v in info["health"].values())),
     }
     if tokens_seen:
         metrics["train_tokens"] = tokens_seen

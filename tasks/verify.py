@@ -114,9 +114,33 @@ def check_loads(path: Path, tokenizer) -> tuple[Any, dict[str, Any]]:
         llm = open_gguf(path)
     except TuneryError as e:
         return None, check("loads", False, detail=str(e))
-    expected = len(tokenizer)
-    ok = llm.n_vocab() >= expected
-    return llm, check("loads", ok, llm.n_vocab(), f"vocabulary {llm.n_vocab()} tokens (tokenizer: {expected})")
+    return llm, check_vocabulary(llm, tokenizer)
+
+
+def check_vocabulary(llm, tokenizer) -> dict[str, Any]:
+    """The `loads` verdict: llama.cpp's vocabulary is the tokenizer's, token for token (same id, same text);
+    ids past the tokenizer's (embedding rows padded to a round size) must be padding entries."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+    n = llm.n_vocab()
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    size = max(by_id) + 1
+    differ = [i for i in range(min(n, size)) if i in by_id and
+              llama_cpp.llama_vocab_get_text(vocab, i) != by_id[i].encode("utf-8")]
+    extra = [i for i in range(size, n) if not llama_cpp.llama_vocab_get_text(vocab, i).startswith(b"[PAD")]
+    problems = []
+    if n < size:
+        problems.append(f"{size - n} of the tokenizer's ids are missing")
+    if differ:
+        i = differ[0]
+        problems.append(f"{len(differ)} token texts differ, first id {i}: "
+                        f"{llama_cpp.llama_vocab_get_text(vocab, i)!r} vs the tokenizer's {by_id[i]!r}")
+    if extra:
+        problems.append(f"{len(extra)} ids past the tokenizer's {size} are not padding, first {extra[0]}")
+    detail = (f"vocabulary {n} tokens, the tokenizer's {len(by_id)} identical by id and text"
+              + (f", {n - size} padding" if n > size else "")) if not problems else "; ".join(problems)
+    return check("loads", not problems, n, detail)
 
 
 def check_tokenization(llm, tokenizer, extra: list[str] = ()) -> dict[str, Any]:

@@ -4,6 +4,7 @@ count difference, and each stage registers a version with the teacher as a paren
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -316,3 +317,34 @@ def test_distill_prompt_in_the_prefect_flow_reports_and_is_cached(tmp_path, chat
         second = pipeline(config)
     assert [r["this run"] for r in second["rows"]] == ["base", "reused"]
     assert [v["version"] for v in registry.list_versions(name="tiny-fern")] == ["tiny-fern:1"]
+
+
+def test_a_teacher_export_that_failed_its_checks_is_used_only_on_request(tmp_path):
+    """auto falls back to HF and records which export it skipped; llama.cpp refuses naming the export and its
+    failed checks; teacher_allow_failed_export uses it and the record says it failed; a passed export wins."""
+    from registry import exports as export_store
+
+    teacher = registry.create_version("tiny-base", "base")
+    registry.finish_version(teacher, str(tmp_path))
+
+    def export(tag: str, quant: str, passed: bool) -> Path:
+        (tmp_path / tag).mkdir()
+        (tmp_path / tag / "t.gguf").write_bytes(b"GGUF")
+        export_store.record_export(
+            {"export_id": f"tiny-base/{tag}", "version": teacher, "quant": quant, "path": str(tmp_path / tag),
+             "gguf_file": "t.gguf", "size_bytes": 4, "sha256": "0", "modelfile": "", "passed": passed},
+            [{"name": "answers_stop", "file": "t.gguf", "passed": passed, "value": 0.0, "detail": ""}])
+        return tmp_path / tag / "t.gguf"
+
+    failed = export("v1-f16", "f16", False)
+    version = registry.get_version(teacher)
+    assert steps.teacher_gguf(version, "auto") == (
+        None, {"teacher_export_skipped": "tiny-base/v1-f16 (failed: answers_stop)"})
+    with pytest.raises(TuneryError, match=r"no GGUF export that passed its checks; tiny-base/v1-f16 \(failed: "
+                                          r"answers_stop\): set teacher_allow_failed_export: true"):
+        steps.teacher_gguf(version, "llama.cpp")
+    assert steps.teacher_gguf(version, "llama.cpp", allow_failed=True) == (
+        failed, {"teacher_export": "tiny-base/v1-f16", "teacher_gguf_checks": "failed: answers_stop"})
+    passed = export("v1-q8_0", "q8_0", True)
+    assert steps.teacher_gguf(version, "auto", allow_failed=True) == (
+        passed, {"teacher_export": "tiny-base/v1-q8_0", "teacher_gguf_checks": "passed"})

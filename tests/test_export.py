@@ -133,3 +133,35 @@ def test_llama_cpp_matches_hf_on_the_smollm2_f16_export(smollm2_dir, tmp_path):
         assert greedy["passed"], greedy
     finally:
         llm.close()
+
+
+def test_loads_compares_the_vocabulary_token_for_token(tiny_model_dir, tmp_path):
+    """A tokenizer smaller than the GGUF's vocabulary used to pass `loads`; now every id's text must match, and
+    ids past the tokenizer's must be padding rows (as in a model whose embeddings are padded to a round size)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import _corpus
+    from tasks import verify
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    padded = tmp_path / "padded"
+    model = load_model(str(tiny_model_dir))
+    model.resize_token_embeddings(len(tok) + 40)
+    model.save_pretrained(padded, safe_serialization=True)
+    tok.save_pretrained(padded)
+    (tmp_path / "out").mkdir()
+    path = write_gguf(padded, tmp_path / "out" / "padded.gguf", "f32")
+    llm, loads = verify.check_loads(path, tok)
+    try:
+        assert loads["passed"] and loads["value"] == len(tok) + 40 and "40 padding" in loads["detail"], loads
+        other = Tokenizer(models.BPE())
+        other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        other.train_from_iterator(_corpus()[::-1], trainers.BpeTrainer(
+            vocab_size=500, special_tokens=["<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        smaller = PreTrainedTokenizerFast(tokenizer_object=other)
+        assert len(smaller) < llm.n_vocab()  # the old `loads` passed on this
+        wrong = verify.check_vocabulary(llm, smaller)
+        assert wrong["passed"] is False and "token texts differ, first id 0" in wrong["detail"], wrong
+    finally:
+        llm.close()

@@ -18,7 +18,17 @@ def test_a_healthy_run_gets_healthy_verdicts(tiny_model_dir, prepared, tmp_path)
     h = result.info["health"]
     assert h["loss"]["verdict"] == "falling" and h["learning_rate"]["verdict"] == "as configured"
     assert h["grad_norm"]["ok"] and h["memory"]["verdict"] in ("flat", "growing")
-    assert result.metrics["health_warnings"] == sum(not v["ok"] for v in h.values())
+    assert result.metrics["health_warnings"] == sum(v["ok"] is False for v in h.values())
+
+
+def test_a_run_too_short_to_judge_says_so_and_is_not_counted_healthy(tiny_model_dir, prepared, tmp_path):
+    result = train_sft(SftConfig(method="full", **FAST, max_steps=2), str(tiny_model_dir), prepared.artifact_path,
+                       tmp_path / "out", "cpu")
+    h = result.info["health"]
+    assert (h["loss"]["verdict"], h["loss"]["ok"]) == ("too short", None), h["loss"]
+    assert (h["memory"]["verdict"], h["memory"]["ok"]) == ("too short", None), h["memory"]
+    assert "4 or more" in h["loss"]["detail"]
+    assert result.metrics["health_not_judged"] >= 2 and result.metrics["health_warnings"] == 0
 
 
 @pytest.mark.parametrize("losses, verdict", [([4, 3.5, 3, 2.5, 2, 1.5, 1, 0.9], "falling"),

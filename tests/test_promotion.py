@@ -185,3 +185,11 @@ def test_an_existing_folder_is_never_replaced(tmp_path):
         with atomic_dir(final) as tmp:
             (tmp / "model.gguf").write_text("new")
     assert (final / "model.gguf").read_text() == "recorded" and [p.name for p in tmp_path.iterdir()] == ["v1-f32"]
+
+
+def test_the_gate_refuses_checks_measured_on_other_data(prepared):
+    candidate = {"version": "tiny:1", "checks": [], "info": {"eval_data_hash": "0" * 64}}
+    verdicts = {v["name"]: v for v in promotion.gate(candidate, None, prepared, GateConfig(require_checks=[]))}
+    assert verdicts["eval data"]["passed"] is False and "other data" in verdicts["eval data"]["detail"]
+    matching = dict(candidate, info={"eval_data_hash": prepared.info["data_hash"]})
+    assert "eval data" not in {v["name"] for v in promotion.gate(matching, None, prepared, GateConfig())}

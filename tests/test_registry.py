@@ -183,3 +183,41 @@ def test_a_version_whose_process_was_killed_is_settled_as_failed_interrupted(tun
     assert not tmp.exists()
     assert registry.get_version(alive)["status"] == "running" and registry.get_version(elsewhere)["status"] == \
         "running"
+
+
+def test_metrics_belong_to_the_data_they_were_measured_on():
+    """An evaluation on other data (`tunery eval X --config other.yaml`) is listed apart: it does not replace the
+    perplexity that show, compare, the best-version choice and the dashboard's table use."""
+    from flows.promotion import best_version
+
+    v1, v2, v3 = (registry.create_version("fern", "sft") for _ in range(3))
+    for v in (v1, v2, v3):
+        registry.finish_version(v, "/models/x")
+    registry.record_metrics(v1, {"train_loss": 1.5})
+    registry.record_metrics(v1, {"perplexity": 20.0}, eval_data_hash="d1")
+    registry.record_metrics(v2, {"perplexity": 15.0}, eval_data_hash="d1")
+    registry.record_metrics(v1, {"perplexity": 5.0}, eval_data_hash="d2")  # newer, on other data
+    registry.record_metrics(v3, {"perplexity": 9.0}, eval_data_hash="d3")
+
+    shown = registry.get_version(v1)
+    assert shown["eval_data_hash"] == "d1"
+    assert shown["metrics"] == {"train_loss": 1.5, "perplexity": 20.0}
+    assert shown["metrics_on_other_data"] == {"d2": {"perplexity": 5.0}}
+    assert registry.get_version(v1, "d2")["metrics"] == {"train_loss": 1.5, "perplexity": 5.0}
+    assert best_version([v1, v2], "d1")["version"] == v2
+    assert best_version([v1, v2], "d2")["version"] == v1
+    with pytest.raises(TuneryError, match="no version evaluated on data d9"):
+        best_version([v1, v2], "d9")
+    table = {r["version"]: r for r in registry.version_table()}
+    assert table[v1]["perplexity"] == 20.0
+
+    same = registry.compare_versions(v1, v2)
+    row = {r["metric"]: r for r in same["metrics"]}["perplexity"]
+    assert (row["a"], row["b"], row["better"], same["eval_data"]["same"]) == (20.0, 15.0, True, True)
+    apart = registry.compare_versions(v2, v3)  # never measured on the same data: values, but no verdict
+    row = {r["metric"]: r for r in apart["metrics"]}["perplexity"]
+    assert (row["a"], row["b"], row["better"], apart["eval_data"]["same"]) == (15.0, 9.0, None, False)
+    registry.record_metrics(v3, {"perplexity": 14.0}, eval_data_hash="d1")
+    both = registry.compare_versions(v2, v3)  # now they share d1 (v2's data): compared there
+    row = {r["metric"]: r for r in both["metrics"]}["perplexity"]
+    assert (row["a"], row["b"], row["better"]) == (15.0, 14.0, True)

@@ -22,6 +22,9 @@ rows: dict[str, dict] = {}
 hp_rows: dict[str, dict] = {}
 for other in others:
     result = compare(base, other)
+    if not result["eval_data"]["same"]:
+        st.warning(f"{base} and {other} were never evaluated on the same data: their evaluation metrics are shown "
+                   "without verdicts.")
     for m in result["metrics"]:
         row = rows.setdefault(m["metric"], {"metric": m["metric"], base: m["a"]})
         row[other], row[f"Δ {other}"], row[f"Δ% {other}"] = m["b"], m["change"], m["relative_change"]

@@ -7,7 +7,7 @@ import streamlit as st
 
 from dashboard.data import aliases, history, refresh, version, version_table, version_url
 from tasks.common import TuneryError
-from tasks.distill import summary
+from tasks.distill import summary, teacher_label
 
 known = version_table()["version"].tolist()
 wanted = st.query_params.get("v")
@@ -36,16 +36,23 @@ with right:
     st.subheader("Metrics")
     metrics = pd.DataFrame(sorted(v["metrics"].items()), columns=["metric", "value"])
     st.dataframe(metrics, hide_index=True, width="stretch", height=320)
+    if v["eval_data_hash"]:
+        st.caption(f"evaluated on data `{v['eval_data_hash'][:16]}`")
+    for data, measured in v["metrics_on_other_data"].items():
+        st.markdown(f"**Measured on other data** `{data[:16]}` (not used to compare, pick or gate)")
+        st.dataframe(pd.DataFrame(sorted(measured.items()), columns=["metric", "value"]), hide_index=True,
+                     width="stretch")
     health = v["info"].get("health")
     if health:
         st.subheader("Training health")
         for check, verdict in health.items():
-            (st.success if verdict["ok"] else st.warning)(f"{check}: {verdict['verdict']} ({verdict['detail']})")
+            show = {True: st.success, False: st.warning, None: st.info}[verdict["ok"]]
+            show(f"{check}: {verdict['verdict']} ({verdict['detail']})")
 
 distilled = summary(v["metrics"])
 if distilled:
     st.subheader("Distillation")
-    st.caption(f"teacher {v['info']['teacher']} ({v['info']['teacher_backend']}), start {v['parents'][0]}; measured on "
+    st.caption(f"teacher {v['info']['teacher']} ({teacher_label(v['info'])}), start {v['parents'][0]}; measured on "
                f"{v['metrics']['distill_heldout_answers']:.0f} held-out teacher answers"
                + (": the teacher with its long system prompt, start and student without" if v["stage"] ==
                   "distill-prompt" else ""))
