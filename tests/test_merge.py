@@ -79,16 +79,63 @@ def test_slerp_at_t0_reproduces_its_first_source(tiny_model_dir, tuned_copy, tmp
     assert (tmp_path / "m" / "mergekit_config.yml").exists()
 
 
-@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "task_arithmetic"])
-def test_mergekit_methods_produce_a_loadable_model_between_the_sources(method, tiny_model_dir, tuned_copy,
-                                                                       tmp_path):
-    other = _perturbed_copy(tuned_copy, tmp_path / "other", 0.01, seed=2, only="proj")
-    cfg = MergeConfig(method=method, sources=["a", "b"], density=0.7)
-    info = merge_models(cfg, {"ft:1": str(tuned_copy), "ft:2": str(other)}, tmp_path / "m",
-                        base=("base:1", str(tiny_model_dir)), seed=1)
-    assert info["merge"] == method
-    assert all(m["model"] in ("ft:1", "ft:2") for m in info["mergekit_config"]["models"])
-    assert torch.isfinite(_logits(load_model(str(tmp_path / "m")))).all()
+def _with_deltas(tiny_model_dir, tmp_path) -> tuple[dict, dict, dict, dict]:
+    """The tiny model as base B, plus A = B + dA with every delta positive (0.02..0.03) and C = B + dC with deltas
+    of either sign and at most 0.005: known tensors whose merges have known values."""
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    gen = torch.Generator().manual_seed(3)
+    d_a = {k: 0.02 + 0.01 * torch.rand(v.shape, generator=gen) for k, v in base.items()}
+    d_c = {k: 0.005 * (2 * torch.rand(v.shape, generator=gen) - 1) for k, v in base.items()}
+    for name, delta in (("a", d_a), ("c", d_c)):
+        shutil.copytree(tiny_model_dir, tmp_path / name)
+        save_file({k: (base[k] + delta[k]).contiguous() for k in base}, str(tmp_path / name / "model.safetensors"),
+                  metadata={"format": "pt"})
+    return base, d_a, d_c, {"a:1": str(tmp_path / "a"), "c:1": str(tmp_path / "c")}
+
+
+def _ties(base, d_a, d_c, w_a, w_c):
+    """TIES at density 1: the sign of w_a*dA + w_c*dC is elected (here always dA's, +); only deltas of that sign
+    count, divided by the weights that count."""
+    out = {}
+    for k in base:
+        agrees = (d_c[k] > 0).float()
+        out[k] = base[k] + (w_a * d_a[k] + w_c * d_c[k] * agrees) / (w_a + w_c * agrees)
+    return out
+
+
+@pytest.mark.parametrize("method, weights, expected", [
+    ("linear", [1.0, 3.0], lambda b, a, c: {k: b[k] + (a[k] + 3 * c[k]) / 4 for k in b}),
+    ("task_arithmetic", [0.3, 0.7], lambda b, a, c: {k: b[k] + 0.3 * a[k] + 0.7 * c[k] for k in b}),
+    ("ties", [0.3, 0.7], lambda b, a, c: _ties(b, a, c, 0.3, 0.7)),
+    ("dare_ties", [0.3, 0.7], lambda b, a, c: _ties(b, a, c, 0.3, 0.7)),  # density 1: DARE drops nothing
+])
+def test_each_mergekit_method_computes_its_arithmetic_on_known_tensors(method, weights, expected, tiny_model_dir,
+                                                                      tmp_path):
+    base, d_a, d_c, sources = _with_deltas(tiny_model_dir, tmp_path)
+    cfg = MergeConfig(method=method, sources=["a", "c"], weights=weights, density=1.0)
+    info = merge_models(cfg, sources, tmp_path / "m", base=("base:1", str(tiny_model_dir)), seed=1)
+    assert info["merge"] == method and [m["model"] for m in info["mergekit_config"]["models"]] == ["a:1", "c:1"]
+    merged, want = _all_weights(tmp_path / "m"), expected(base, d_a, d_c)
+    assert set(merged) == set(want)
+    worst = max((merged[k] - want[k]).abs().max().item() for k in want)
+    assert worst < 1e-6, (method, worst)
+    copies = [max((merged[k] - base[k] - d[k]).abs().max().item() for k in base) for d in (d_a, d_c)]
+    assert min(copies) > 1e-3  # not a copy of either source
+
+
+def test_dare_drops_a_seeded_share_of_each_difference(tiny_model_dir, tmp_path):
+    """DARE at density 0.5: about half of A's deltas are dropped where C disagrees in sign (there the result is
+    the base or A's rescaled delta), reproducibly for one seed and differently for another."""
+    base, d_a, d_c, sources = _with_deltas(tiny_model_dir, tmp_path)
+    cfg = MergeConfig(method="dare_ties", sources=["a", "c"], weights=[0.3, 0.7], density=0.5)
+    runs = {}
+    for name, seed in (("s1", 1), ("s1b", 1), ("s2", 2)):
+        merge_models(cfg, sources, tmp_path / name, base=("base:1", str(tiny_model_dir)), seed=seed)
+        runs[name] = _all_weights(tmp_path / name)
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(runs["s1"][key], runs["s1b"][key]) and not torch.equal(runs["s1"][key], runs["s2"][key])
+    kept = ((runs["s1"][key] - base[key]).abs() > 1e-7).float().mean().item()
+    assert 0.6 < kept < 0.9, kept  # dropped only where both A's and C's deltas were dropped or masked (~1/4)
 
 
 def test_merging_different_architectures_is_refused(tiny_model_dir, tmp_path):

@@ -64,10 +64,37 @@ def test_dpo_raises_held_out_preference_accuracy(tiny_model_dir, preference_data
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("loss", ["ipo", "kto", "orpo", "simpo"])
-def test_other_preference_losses_train(tiny_model_dir, preference_data, tmp_path, loss):
-    cfg = DpoConfig(**FAST, max_steps=2, learning_rate=5e-3, loss=loss)
+def _softplus(x: float) -> float:
+    import math
+
+    return math.log1p(math.exp(x))
+
+
+# What each objective's first logged step must show (beta 0.1, SimPO gamma 0.5). At step 1 the LoRA policy is the
+# start model, which is also the reference, so the DPO family's losses take their closed form at a zero margin;
+# the reference-free ones are checked against the terms their own trainer logs.
+FIRST_STEP = {
+    "sigmoid": (lambda h: h["loss"] == pytest.approx(0.693147, abs=1e-5), "rewards/margins", "kl"),
+    "ipo": (lambda h: h["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2), "rewards/margins", "kl"),
+    "hinge": (lambda h: h["loss"] == pytest.approx(1.0), "rewards/margins", "kl"),
+    "kto": (lambda h: h["loss"] == pytest.approx(0.5, abs=1e-5), "kl", "rewards/margins"),  # KTOTrainer
+    "orpo": (lambda h: h["loss"] == pytest.approx(h["nll_loss"] - 0.1 * h["log_odds_ratio"], abs=1e-4),
+             "log_odds_ratio", "kl"),  # ORPOTrainer: NLL minus beta * log sigmoid(log odds ratio)
+    "simpo": (lambda h: h["nll_loss"] == 0 and h["loss"] == pytest.approx(
+        _softplus(0.5 - h["rewards/margins"]), abs=0.02), "rewards/margins", "log_odds_ratio"),  # CPOTrainer
+}
+
+
+@pytest.mark.parametrize("loss", list(FIRST_STEP))
+def test_each_preference_loss_runs_the_trainer_and_loss_it_names(tiny_model_dir, preference_data, tmp_path, loss):
+    """Sent to another trainer or loss (KTO, ORPO or SimPO computed by DPOTrainer, IPO as sigmoid), the first
+    step's loss or the trainer's own logged terms would differ."""
+    cfg = DpoConfig(**FAST, max_steps=2, learning_rate=5e-3, loss=loss, beta=0.1, simpo_gamma=0.5)
     result = train_dpo(cfg, str(tiny_model_dir), preference_data.artifact_path, tmp_path / "out", "cpu")
+    first = result.history[0]
+    holds, logged, absent = FIRST_STEP[loss]
+    assert first["step"] == 1 and holds(first), first
+    assert logged in first and absent not in first, sorted(first)
     adapter = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert all(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k)
     assert result.info["loss"] == loss and "preference_accuracy" in result.metrics
