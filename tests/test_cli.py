@@ -173,8 +173,9 @@ def test_run_on_smollm2_registers_base_and_a_better_fine_tune(tmp_path, tunery_h
     cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     cfg["base_model"] = str(smollm2_dir)
     cfg["data"]["train"] = str(REPO / "data/demo/garden_chat.jsonl")
-    cfg["stages"] = [{"stage": "sft", "method": "lora", "max_steps": 6, "batch_size": 8, "max_length": 256,
-                      "learning_rate": 1.0e-3, "warmup_ratio": 0.0}]
+    # Enough steps that the fine-tune ends its answers (6 still looped past the gate's answer_tokens).
+    cfg["stages"] = [{"stage": "sft", "method": "lora", "max_steps": 14, "batch_size": 8, "max_length": 256,
+                      "learning_rate": 2.0e-3, "warmup_ratio": 0.0}]
     cfg["eval"].update({"prompts": ["When should I plant garlic?"], "max_new_tokens": 8, "repeats": 1})
     (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(cfg))
     run = tunery("run", str(tmp_path / "e2e.yaml"), "--json", home=tunery_home)
@@ -204,13 +205,21 @@ def test_run_on_smollm2_registers_base_and_a_better_fine_tune(tmp_path, tunery_h
     checks = {c["name"]: c for c in promotion["export"]["checks"]}
     for name in ("modelfile", "loads", "tokenization", "greedy", "template"):
         assert checks[name]["passed"], checks[name]
-    assert checks["mean_kl"]["value"] < 0.2 and checks["decode_tokens_per_s"]["value"] > 0
-    assert promotion["promoted"] == all(v["passed"] for v in promotion["gate"])
+    # The promotion must pass the gate's own limits (the demo config's `promote:`), each verdict checked here.
+    gate = cfg["promote"]
+    verdicts = {v["name"]: v for v in promotion["gate"]}
+    assert promotion["promoted"] is True and all(v["passed"] for v in promotion["gate"]), promotion["gate"]
+    assert checks["mean_kl"]["value"] <= gate["max_mean_kl"] and verdicts["mean_kl"]["threshold"] == gate["max_mean_kl"]
+    assert checks["decode_tokens_per_s"]["value"] >= gate["min_decode_tokens_per_s"]
+    assert checks["answers_stop"]["passed"], checks["answers_stop"]
+    assert {f"check {n}" for n in ("modelfile", "loads", "tokenization", "greedy", "template", "answers_stop")} <= \
+        set(verdicts)
     folder = tunery_home / "exports" / "fern" / "v1-q4_k_m"
     assert (folder / "fern-v1-q4_k_m.gguf").exists() and (folder / "Modelfile").exists()
     assert "PARAMETER stop <|im_end|>" in (folder / "Modelfile").read_text()
     history = registry.exports.promotion_history("fern", "production")
-    assert [h["action"] for h in history] == ["promote" if promotion["promoted"] else "refused"]
+    assert [h["action"] for h in history] == ["promote"]
     shown = json.loads(tunery("show", "fern:1", "--json", home=tunery_home).stdout)
     assert shown["exports"][0]["export_id"] == "fern/v1-q4_k_m"
-    assert shown["aliases"] == (["fern@production"] if promotion["promoted"] else [])
+    assert shown["aliases"] == ["fern@production"]
+    assert (tunery_home / "exports/fern/production").resolve() == folder.resolve()

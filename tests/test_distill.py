@@ -223,6 +223,9 @@ def test_distill_model_learns_from_a_local_teacher_and_feeds_dpo_pairs(tmp_path,
     for key in ("distill_perplexity_teacher", "distill_perplexity_student", "distill_tokens_per_s_teacher",
                 "distill_tokens_per_s_student", "distill_speedup", "distill_params_teacher", "distill_params_student"):
         assert key in m, key
+    # Measured on the teacher's answers to the held-out prompts, the student moved towards its teacher.
+    assert m["distill_perplexity_student"] < m["distill_perplexity_start"], m
+    assert m["distill_heldout_answers"] == len(load_prepared(student["info"]["dataset"])[2]) > 0
     pairs = student["info"]["preference_pairs"]
     meta, train_pairs, _ = load_prepared(pairs)
     assert meta["kind"] == "preference" and train_pairs
