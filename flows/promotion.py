@@ -121,7 +121,7 @@ def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list
             rendered = [hf_render(tokenizer, c, frames) for c in SAMPLE_CONVERSATIONS] if frames else []
             add(gguf, verify.check_tokenization(llm, tokenizer, rendered))
             answered, speed, samples = verify.check_answers(llm, template, stops, prompts, cfg.system,
-                                                            cfg.answer_tokens)
+                                                            cfg.answer_tokens, parameters)
             add(gguf, answered, speed)
         finally:
             llm.close()
@@ -130,7 +130,8 @@ def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list
         full_llm = verify.open_gguf(full_path, threads=cfg.threads)
         try:
             progress(f"greedy tokens of {full_path.name} vs HF")
-            add(full_path, verify.check_greedy(full_llm, model, tokenizer, ids, cfg.max_new_tokens, stop_ids))
+            add(full_path, verify.check_greedy(full_llm, model, tokenizer, ids, cfg.max_new_tokens, stop_ids,
+                                               full))
         finally:
             full_llm.close()
         progress("perplexity and KL against the fp32 model")

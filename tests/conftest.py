@@ -100,3 +100,46 @@ def smollm2_dir() -> Path:
             os.environ.pop("TUNERY_HOME")
         else:
             os.environ["TUNERY_HOME"] = saved
+
+
+# Every process the suite starts inherits this mark, so one left behind is found even after its parent is gone.
+SESSION_MARK = os.environ.setdefault("TUNERY_TEST_SESSION", f"{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def processes_of_this_session() -> list:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE and \
+                    p.environ().get("TUNERY_TEST_SESSION") == SESSION_MARK:
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_no_process_behind():
+    """The suite leaves no process behind: after the last test (and Prefect's temporary server, which it stops at
+    exit, stopped now), no process started by the suite may still run; the leftovers are named and stopped."""
+    yield
+    import time
+
+    import psutil
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()
+    deadline = time.time() + 20
+    while (left := processes_of_this_session()) and time.time() < deadline:
+        time.sleep(0.5)
+    names = []
+    for p in left:
+        try:
+            names.append(f"{p.pid}: {' '.join(p.cmdline())[:200]}")
+            p.kill()
+        except psutil.Error:
+            pass
+    assert not names, "processes left behind by the test suite:\n" + "\n".join(names)

@@ -165,3 +165,77 @@ def test_loads_compares_the_vocabulary_token_for_token(tiny_model_dir, tmp_path)
         assert wrong["passed"] is False and "token texts differ, first id 0" in wrong["detail"], wrong
     finally:
         llm.close()
+
+
+def test_repeat_penalty_decoding_is_llama_cpp_s_own(tiny_model_dir, tmp_path):
+    """greedy_ids with a repeat penalty picks the tokens llama.cpp's penalties sampler picks (temperature 0)."""
+    from tasks import verify
+
+    path = write_gguf(tiny_model_dir, tmp_path / "tiny.gguf", "f32")
+    llm = verify.open_gguf(path, threads=2)
+    try:
+        prompt = llm.tokenize(b"<|im_start|>user\nWater basil?<|im_end|>\n<|im_start|>assistant\n", add_bos=False,
+                              special=True)
+        plain, _, _ = verify.greedy_ids(llm, prompt, 24, set())
+        ours, _, _ = verify.greedy_ids(llm, prompt, 24, set(), repeat_penalty=1.5, repeat_last_n=64,
+                                       penalize_prompt=False)
+        theirs = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.5, reset=True):
+            theirs.append(token)
+            if len(theirs) == 24:
+                break
+        assert ours == theirs and ours != plain  # the penalty changed the answer, exactly as llama.cpp does
+    finally:
+        llm.close()
+
+
+def test_greedy_parts_only_at_a_near_tie_or_it_fails_with_the_gap(tiny_model_dir, tmp_path, monkeypatch):
+    """A file of another model parts from HF's greedy tokens at a clear choice: the check fails and names HF's
+    log-probability margin there; the same parting counts as a near-tie only under a tolerance above that margin."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tasks import verify
+    from tasks.models import prompt_ids
+
+    shutil.copytree(tiny_model_dir, tmp_path / "other")
+    weights = load_file(str(tmp_path / "other" / "model.safetensors"))
+    torch.manual_seed(0)
+    save_file({k: (v + 0.5 * torch.randn_like(v) if v.ndim == 2 else v).contiguous() for k, v in weights.items()},
+              str(tmp_path / "other" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "out").mkdir()
+    path = write_gguf(tmp_path / "other", tmp_path / "out" / "other.gguf", "f32")
+    tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir)).eval()
+    prompts = [prompt_ids(tok, [{"role": "user", "content": "Water basil?"}])]
+    llm = verify.open_gguf(path, threads=2)
+    try:
+        failed = verify.check_greedy(llm, model, tok, prompts, 12, set(), "f32")
+        assert failed["passed"] is False and "HF prefers its token by" in failed["detail"], failed
+        margin = float(failed["detail"].rsplit("by ", 1)[1].split(" nats")[0])
+        assert margin > verify.NEAR_TIE_NATS["f32"]
+        monkeypatch.setitem(verify.NEAR_TIE_NATS, "f32", margin + 1.0)
+        tie = verify.check_greedy(llm, model, tok, prompts, 12, set(), "f32")
+        assert tie["passed"] is True and "near-tie" in tie["detail"] and tie["value"] == 1, tie
+    finally:
+        llm.close()
+
+
+def test_answers_are_decoded_with_the_modelfile_s_repeat_penalty(tiny_model_dir, tmp_path):
+    from tasks import verify
+    from tasks.modelfile import chat_frames, go_template
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    template = go_template(chat_frames(tok))
+    path = write_gguf(tiny_model_dir, tmp_path / "tiny.gguf", "f32")
+    llm = verify.open_gguf(path, threads=2)
+    try:
+        plain, _, plain_samples = verify.check_answers(llm, template, ["<|im_end|>"], ["Water basil?"], None, 24)
+        penalised, _, samples = verify.check_answers(llm, template, ["<|im_end|>"], ["Water basil?"], None, 24,
+                                                     {"repeat_penalty": 1.5, "num_ctx": 2048})
+    finally:
+        llm.close()
+    assert "no repeat penalty" in plain["detail"]
+    assert "repeat_penalty 1.5 over the last 64 tokens, as the Modelfile sets" in penalised["detail"]
+    assert samples[0]["answer"] != plain_samples[0]["answer"]

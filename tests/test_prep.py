@@ -182,3 +182,21 @@ def test_data_too_small_to_split_names_the_file(tmp_path):
     write_jsonl(tmp_path / "v.jsonl", [chat("Q1", "A1")])
     with pytest.raises(TuneryError, match=r"d\.jsonl: no training examples left .* 1 example\(s\) that are also in"):
         prepare(PrepConfig(train="d.jsonl", validation="v.jsonl"), tmp_path)
+
+
+def test_a_file_with_no_usable_rows_and_a_capped_list_of_bad_rows(tmp_path):
+    """An empty file, or one of blank lines, is named; past the cap, the rest of the bad rows are counted."""
+    from tasks.prep import MAX_REPORTED_ERRORS
+
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n  \n\n")
+    for name in ("empty.jsonl", "blank.jsonl"):
+        with pytest.raises(TuneryError, match=rf"{name}: no usable rows"):
+            load_examples([tmp_path / name])
+    n = MAX_REPORTED_ERRORS + 7
+    (tmp_path / "bad.jsonl").write_text("".join('{"prompt": "x"}\n' for _ in range(n)))
+    with pytest.raises(TuneryError) as e:
+        load_examples([tmp_path / "bad.jsonl"])
+    text = str(e.value)
+    assert f"{n} bad row(s)" in text and text.endswith("... and 7 more")
+    assert text.count("bad.jsonl line ") == MAX_REPORTED_ERRORS and f"line {MAX_REPORTED_ERRORS}:" in text

@@ -57,7 +57,14 @@ def _stop_and_check(proc: subprocess.Popen, started: list[psutil.Process], log: 
     while left and time.time() < deadline:
         left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         time.sleep(0.5)
-    assert not left, [(p.pid, p.cmdline()) for p in left] + [log.read_text()[-2000:]]
+    names = []
+    for p in left:  # named, then stopped, so a failure here leaves nothing running either
+        try:
+            names.append((p.pid, p.cmdline()))
+            p.kill()
+        except psutil.Error:
+            pass
+    assert not names, names + [log.read_text()[-2000:]]
     return code
 
 
