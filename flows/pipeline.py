@@ -6,13 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.filesystems import LocalFileSystem
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 import registry
 from flows import promotion, steps
+from flows.plan import PlannedStage, code_version, plan_stage
 from flows.config import BASE_REF, load_config
-from tasks.common import RegistryBusy, TuneryError, sha256_json
+from tasks.common import RegistryBusy, TuneryError, home, resolve_device, sha256_json
 from tasks.distill import summary as distill_summary, teacher_label
 
 # Tasks that use the accelerator carry this tag; every pipeline run (and `tunery serve`) makes sure the server has a
@@ -110,32 +112,37 @@ def _describe_stage(version: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def result_storage() -> str:
+    """Where cached stage and eval results live: with the registry they describe (TUNERY_HOME/prefect/results),
+    whichever Prefect server records the run. Prefect wants the storage saved as a block on that server: one per
+    registry, saved (again) by each run, so a run against another server finds the same results."""
+    name = f"tunery-results-{registry.instance_id()[:12].lower()}"
+    LocalFileSystem(basepath=str(home() / "prefect" / "results")).save(name, overwrite=True)
+    return f"local-file-system/{name}"
+
+
 def stage_cache_key(context, parameters: dict[str, Any]) -> str:
-    """Prefect's cache key for a stage: its fingerprint (settings, data hash, start and source versions, seed,
-    device, code version, registry). Results persist under TUNERY_HOME/prefect/storage, so the key outlives the
-    flow run: a later run with unchanged inputs finds it and skips the stage (state Cached)."""
-    p = parameters
-    data = steps.stage_data(p["cfg"], p["index"], p["done"], p["data"], p["config_dir"])
-    refs = steps.stage_refs(p["cfg"].stages[p["index"]], p["done"], p["previous"], p["config_dir"])
-    return "stage-" + steps.stage_fingerprint(p["cfg"], p["index"], refs, data)
+    """Prefect's cache key for a stage: its planned fingerprint (settings, data hash, start and source versions,
+    seed, device, code and library versions, registry). Results persist under TUNERY_HOME/prefect/results, so the
+    key outlives the flow run and the Prefect server: a later run with unchanged inputs skips the stage (Cached)."""
+    return "stage-" + parameters["plan"].fingerprint
 
 
 def eval_cache_key(context, parameters: dict[str, Any]) -> str:
     """An evaluation is the same while the version, the held-out data, the eval settings and the code are."""
     p = parameters
     return "eval-" + sha256_json({"version": p["version"]["version"], "data": p["data"].info["data_hash"],
-                                  "eval": p["eval_cfg"].model_dump(mode="json"), "code": steps.code_version(),
+                                  "eval": p["eval_cfg"].model_dump(mode="json"), "code": code_version(),
+                                  "device": resolve_device(p["eval_cfg"].device),
                                   "registry": registry.instance_id()})
 
 
-@task(task_run_name="{kind} {cfg.name} stage {index}", cache_key_fn=stage_cache_key, persist_result=True,
+@task(task_run_name="{plan.kind} {cfg.name} stage {plan.index}", cache_key_fn=stage_cache_key, persist_result=True,
       result_serializer="json", tags=[ACCELERATOR_TAG])
-def stage_task(cfg, index: int, kind: str, done: dict[str, dict[str, Any]], previous: dict[str, Any], data,
-               config_dir: Path) -> dict[str, Any]:
-    version = steps.run_stage(cfg, index, done, previous, data, config_dir, flow_run_id=str(flow_run.get_id() or ""),
-                              reuse=True)
-    create_markdown_artifact(key=_key(cfg.name, cfg.stage_id(index)), markdown=_describe_stage(version),
-                             description=f"{kind} stage")
+def stage_task(cfg, plan: PlannedStage, data, config_dir: Path) -> dict[str, Any]:
+    version = steps.run_planned(cfg, plan, data, config_dir, flow_run_id=str(flow_run.get_id() or ""), reuse=True)
+    create_markdown_artifact(key=_key(cfg.name, plan.stage_id), markdown=_describe_stage(version),
+                             description=f"{plan.kind} stage")
     return version
 
 
@@ -204,14 +211,16 @@ def pipeline(config_path: str) -> dict[str, Any]:
     base = base_task(cfg, config_dir)
     data = prep_task(cfg, config_dir, base)
     eval_cfg = cfg.eval_config()
-    results = [(base, eval_task(base, data, eval_cfg))]
+    storage = result_storage()
+    evaluate = eval_task.with_options(result_storage=storage)
+    results = [(base, evaluate(base, data, eval_cfg))]
     done: dict[str, dict[str, Any]] = {BASE_REF: base}
     previous = base
     for index, stage in enumerate(cfg.stages):
-        name = f"{stage.stage} {cfg.name} from {stage.from_ or previous['version']}"
-        version = stage_task.with_options(task_run_name=name)(cfg, index, stage.stage, done, previous, data,
-                                                              config_dir)
-        results.append((version, eval_task(version, data, eval_cfg)))
+        plan = plan_stage(cfg, index, done, previous, data, config_dir)  # once, with no side effects
+        name = f"{stage.stage} {cfg.name} from {plan.start}"
+        version = stage_task.with_options(task_run_name=name, result_storage=storage)(cfg, plan, data, config_dir)
+        results.append((version, evaluate(version, data, eval_cfg)))
         done[cfg.stage_id(index)] = previous = version
     this_run = str(flow_run.get_id() or "")
     logger = get_run_logger()

@@ -5,23 +5,22 @@ then moved into place and marked `ready`; any error marks it `failed` with the r
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import shutil
 import time
 import traceback
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import registry
-from flows.config import BASE_REF, DISTILL, DpoStage, MergeStage, PipelineConfig, Stage, StageFields, is_path
-from tasks.common import StageResult, TuneryError, artifacts_dir, atomic_dir, home, resolve_device, sha256_json
+from flows.config import DISTILL, MergeStage, PipelineConfig, Stage, StageFields
+from flows.plan import PlannedStage, plan_stage
+from tasks.common import StageResult, TuneryError, artifacts_dir, atomic_dir, home, resolve_device
 from tasks.cpt import train_cpt
 from tasks.distill import make_dataset, preference_pairs, prompt_contexts, train_student
 from tasks.dpo import train_dpo
 from tasks.evaluation import EvalConfig, evaluate
 from tasks.launched import launch
-from tasks.merge import NEEDS_BASE, check_sources, merge_adapter, merge_models
+from tasks.merge import check_sources, merge_adapter, merge_models
 from tasks.models import DEFAULT_BASE, DEFAULT_NAME, check_model_folder, resolve_base_model
 from tasks.prep import PrepConfig, load_prepared, prepare
 from tasks.sft import train_sft
@@ -72,14 +71,6 @@ def register_model(name: str, path: str, identity: str, source: str) -> dict[str
     version = registry.create_version(name, "base", base_model=identity, info={"source": source})
     registry.finish_version(version, path)
     return registry.get_version(version)
-
-
-def resolve_ref(ref: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """A stage reference: 'base', an earlier stage's id (from `done`), or a registered version NAME:N / NAME."""
-    version = done[ref] if ref in done else registry.get_version(ref)
-    if version["status"] != "ready":
-        raise TuneryError(f"{version['version']} is {version['status']}; only ready versions can be used")
-    return version
 
 
 def model_folder(version: dict[str, Any]) -> str:
@@ -204,21 +195,13 @@ def teacher_gguf(teacher: dict[str, Any], backend: str, allow_failed: bool = Fal
     return None, ({"teacher_export_skipped": skipped} if skipped else {})
 
 
-def stage_teacher(stage: Stage, done: dict[str, dict[str, Any]], start: dict[str, Any], config_dir: Path
-                  ) -> dict[str, Any] | None:
-    """A distill stage's teacher: a stage id, 'base' or a registered version; a local model folder, registered as a
-    base version the first time; for distill-prompt without one, the model the stage starts from."""
-    if stage.stage not in DISTILL:
-        return None
-    if not stage.teacher:
-        return start
-    if not is_path(stage.teacher):
-        return resolve_ref(stage.teacher, done)
-    folder = (config_dir / stage.teacher).resolve()
-    if not folder.is_dir():
-        raise TuneryError(f"teacher {stage.teacher}: no such model folder ({folder})")
+def teacher_version(ref: str) -> dict[str, Any]:
+    """A planned teacher's version; a local model folder (`folder:<path>`) is registered the first time."""
+    if not ref.startswith("folder:"):
+        return registry.get_version(ref)
+    folder = Path(ref.removeprefix("folder:"))
     check_model_folder(folder)
-    return register_model(folder.name[:64], str(folder), str(folder), stage.teacher)
+    return register_model(folder.name[:64], str(folder), str(folder), str(folder))
 
 
 def run_distill(cfg: PipelineConfig, stage: Stage, start: dict[str, Any], teacher: dict[str, Any],
@@ -295,94 +278,41 @@ def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | No
     return _record(version, merge)
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """A hash of the code that trains, merges and measures (tasks/ and this file): a change retrains."""
-    root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for path in sorted([*(root / "tasks").glob("*.py"), root / "flows" / "steps.py"]):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
+def run_planned(cfg: PipelineConfig, plan: PlannedStage, data: StageResult | None, config_dir: Path,
+                flow_run_id: str | None = None, reuse: bool = False) -> dict[str, Any]:
+    """Run a planned stage: prepare its own data, register a local teacher, then train, distill or merge.
 
-
-def stage_data(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], data: StageResult | None,
-               config_dir: Path) -> StageResult | None:
-    """The prepared data stage `index` trains on: its own `data`, else the config's (a merge, or a distill stage
-    given `prompts`, takes none; a dpo stage with `pairs_from` the pairs a distill-model stage wrote)."""
-    stage = cfg.stages[index]
-    if isinstance(stage, MergeStage) or (stage.stage in DISTILL and stage.prompts):
-        return None
-    if isinstance(stage, DpoStage) and stage.pairs_from:
-        path = done[stage.pairs_from]["info"].get("preference_pairs")
-        if not path:
-            raise TuneryError(f"stage {cfg.stage_id(index)}: pairs_from {stage.pairs_from!r} wrote no preference "
-                              "pairs; give that distill-model stage `preference_pairs: true`")
-        return StageResult(stage="prep", artifact_path=path, metrics={}, info=load_prepared(path)[0])
-    if stage.data is not None:
-        return run_prep(cfg, config_dir, done[BASE_REF]["artifact_path"], stage.data)
-    return data
-
-
-class StageRefs(NamedTuple):
-    """The versions a stage reads: what it starts from; for a merge its sources and (ties, dare_ties,
-    task_arithmetic) the base they are measured from; for a distill stage its teacher."""
-
-    start: dict[str, Any]
-    sources: list[dict[str, Any]]
-    merge_base: dict[str, Any] | None
-    teacher: dict[str, Any] | None
-
-
-def stage_refs(stage: Stage, done: dict[str, dict[str, Any]], previous: dict[str, Any], config_dir: Path
-               ) -> StageRefs:
-    start = resolve_ref(stage.from_, done) if stage.from_ else previous
+    `data` is the config's prepared top-level data. With `reuse`, a ready version made from the same inputs (the
+    plan's fingerprint) is returned instead of training again; either way the version records its fingerprint.
+    """
+    stage: Stage = cfg.stages[plan.index]
+    if reuse and (found := registry.find_fingerprint(cfg.name, plan.fingerprint)):
+        return {**registry.get_version(found), "reused": True}
+    if plan.data_from == "stage":
+        data = run_prep(cfg, config_dir, registry.get_version(plan.base)["artifact_path"], stage.data)
+    elif plan.data_from == "pairs":
+        data = StageResult(stage="prep", artifact_path=plan.data, metrics={}, info=load_prepared(plan.data)[0])
+    elif plan.data_from == "none":
+        data = None
+    if data is not None and data.info["data_hash"] != plan.data_hash:
+        raise TuneryError(f"stage {plan.stage_id}: its data changed between planning and running; run again")
+    start = registry.get_version(plan.start)
     if isinstance(stage, MergeStage):
-        sources = [resolve_ref(ref, done) for ref in stage.sources]
-        merge_base = resolve_ref(stage.base or BASE_REF, done) if stage.method in NEEDS_BASE else None
-        return StageRefs(start, sources, merge_base, None)
-    return StageRefs(start, [], None, stage_teacher(stage, done, start, config_dir))
-
-
-def stage_fingerprint(cfg: PipelineConfig, index: int, refs: StageRefs, data: StageResult | None) -> str:
-    """What a stage's result depends on: its settings, the data it trains on, the versions it starts from, merges
-    or learns from (`refs`), the seed and device, the code, and the registry. Equal fingerprints mean the stage need
-    not run again."""
-    stage = cfg.stages[index]
-    inputs: dict[str, Any] = {
-        "name": cfg.name, "stage": stage.model_dump(mode="json", exclude={"data", "id", "from_"}),
-        "data": data.info["data_hash"] if data is not None else None, "start": refs.start["version"],
-        "seed": cfg.seed, "device": cfg.device, "code": code_version(), "registry": registry.instance_id(),
-    }
-    if isinstance(stage, MergeStage):
-        inputs["sources"] = [s["version"] for s in refs.sources]
-        if refs.merge_base is not None:
-            inputs["base"] = refs.merge_base["version"]
-    if refs.teacher is not None:
-        inputs["teacher"] = refs.teacher["version"]
-    return sha256_json(inputs)
+        sources = [registry.get_version(v) for v in plan.sources]
+        merge_base = registry.get_version(plan.merge_base) if plan.merge_base else None
+        return run_merge(cfg, stage, start, sources, merge_base, plan.stage_id, flow_run_id, plan.fingerprint)
+    if plan.teacher is not None:
+        return run_distill(cfg, stage, start, teacher_version(plan.teacher), data, plan.stage_id, flow_run_id,
+                           plan.fingerprint)
+    return run_train(cfg, stage, start, data, plan.stage_id, flow_run_id, plan.fingerprint)
 
 
 def run_stage(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], previous: dict[str, Any],
               data: StageResult | None, config_dir: Path, flow_run_id: str | None = None,
               reuse: bool = False) -> dict[str, Any]:
-    """Run stage `index` of the config: resolve what it starts from, prepare its own data, train or merge.
-
-    `data` is the config's prepared top-level data, which a training stage without its own `data` trains on; a
-    merge takes none. With `reuse`, a ready version made from the same inputs (stage_fingerprint) is returned
-    instead of training again; either way the version records its fingerprint.
-    """
-    stage: Stage = cfg.stages[index]
-    stage_id = cfg.stage_id(index)
-    data = stage_data(cfg, index, done, data, config_dir)
-    refs = stage_refs(stage, done, previous, config_dir)
-    fingerprint = stage_fingerprint(cfg, index, refs, data)
-    if reuse and (found := registry.find_fingerprint(cfg.name, fingerprint)):
-        return {**registry.get_version(found), "reused": True}
-    if isinstance(stage, MergeStage):
-        return run_merge(cfg, stage, refs.start, refs.sources, refs.merge_base, stage_id, flow_run_id, fingerprint)
-    if refs.teacher is not None:
-        return run_distill(cfg, stage, refs.start, refs.teacher, data, stage_id, flow_run_id, fingerprint)
-    return run_train(cfg, stage, refs.start, data, stage_id, flow_run_id, fingerprint)
+    """Plan stage `index` of the config (flows.plan.plan_stage) and run it."""
+    plan = plan_stage(cfg, index, done, previous, data, config_dir)
+    return run_planned(cfg, plan, data, config_dir, flow_run_id, reuse)
 
 
 def run_eval(version: dict[str, Any], data: StageResult, eval_cfg: EvalConfig) -> dict[str, float]:

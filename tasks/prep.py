@@ -406,8 +406,10 @@ def content_hash(kind: str, train: list[dict], validation: list[dict]) -> str:
 # ---------------------------------------------------------------- the stage
 
 
-def prepare(config: PrepConfig, base_dir: Path | None = None, tokenizer_path: str | None = None) -> StageResult:
-    """Run the prep stage; write `datasets/<hash>/{train,validation}.jsonl` and `meta.json` under TUNERY_HOME.
+def prepare(config: PrepConfig, base_dir: Path | None = None, tokenizer_path: str | None = None,
+            write: bool = True) -> StageResult:
+    """Run the prep stage; write `datasets/<hash>/{train,validation}.jsonl` and `meta.json` under TUNERY_HOME
+    (`write=False`: only read, check and hash, for planning; the folder named may not exist yet).
 
     Paths in `config` are resolved against `base_dir` (the config file's folder). When `tokenizer_path` is given,
     each chat example is rendered through the model's chat template, so a template that rejects the data (a
@@ -456,7 +458,7 @@ def prepare(config: PrepConfig, base_dir: Path | None = None, tokenizer_path: st
     }
     if tokenizer_path and kind == "chat":
         meta.update(_template_check(tokenizer_path, train + validation, sources))
-    if not (out / "meta.json").exists():
+    if write and not (out / "meta.json").exists():
         with atomic_dir(out, replace=True) as tmp:  # content-addressed
             for name, part in (("train", train), ("validation", validation)):
                 with (tmp / f"{name}.jsonl").open("w", encoding="utf-8") as f:

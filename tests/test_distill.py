@@ -11,7 +11,7 @@ import yaml
 
 import registry
 from conftest import write_jsonl
-from flows import steps
+from flows import plan, steps
 from flows.config import BASE_REF, load_config
 from tasks.common import TuneryError
 from tasks.distill import (Answer, DistillModelConfig, DistillPromptConfig, distill_rows, gguf_teacher_answers,
@@ -294,7 +294,7 @@ def test_dpo_pairs_from_a_stage_without_pairs_is_named(tmp_path, chatty, garden_
               {"stage": "dpo", "pairs_from": "student"}]
     cfg, config_dir = load_config(_config(tmp_path, chatty, garden_rows, stages))
     with pytest.raises(TuneryError, match="stage dpo: pairs_from 'student' wrote no preference pairs"):
-        steps.stage_data(cfg, 1, {"student": {"info": {}}}, None, config_dir)
+        plan.stage_data(cfg, 1, {"student": {"info": {}}}, None, config_dir)
     both = _config(tmp_path, chatty, garden_rows, [stages[0], {**stages[1], "data": {"train": "garden.jsonl"}}])
     with pytest.raises(TuneryError, match="not both"):
         load_config(both)
