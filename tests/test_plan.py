@@ -1,0 +1,174 @@
+"""Plan, then run (issue 16): a stage is planned once, with no side effects, and its fingerprint changes with each
+thing that changes its result (and with nothing else); the flow re-runs a stage and its evaluation when one does,
+and finds its cached results again from another Prefect server."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import registry
+from conftest import chat, write_jsonl
+from flows import plan as planning
+from flows.config import BASE_REF, load_config
+from flows.steps import run_base, run_prep
+
+
+def _config(tmp_path: Path, tiny_model_dir, garden_rows, stages: list[dict], **top) -> Path:
+    write_jsonl(tmp_path / "garden.jsonl", garden_rows)
+    write_jsonl(tmp_path / "own.jsonl", garden_rows[:6] + [chat("Mulch?", "Yes, in May.")])
+    doc = {"name": "tiny-fern", "base_model": str(tiny_model_dir), "base_name": "tiny-base", "device": "cpu",
+           "seed": 1, "data": {"train": "garden.jsonl", "val_fraction": 0.2}, "stages": stages, **top}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(doc))
+    return tmp_path / "pipeline.yaml"
+
+
+SFT = {"stage": "sft", "max_steps": 2, "batch_size": 4, "max_length": 128}
+
+
+def _plan(config: Path, index: int = 0, done_extra: dict | None = None):
+    cfg, config_dir = load_config(config)
+    base = run_base(cfg, config_dir)
+    data = run_prep(cfg, config_dir, base["artifact_path"])
+    done = {BASE_REF: base, **(done_extra or {})}
+    return planning.plan_stage(cfg, index, done, base, data, config_dir)
+
+
+def _snapshot(home: Path) -> tuple:
+    files = sorted((str(p.relative_to(home)), p.stat().st_size, p.stat().st_mtime_ns) for p in home.rglob("*")
+                   if p.is_file() and p.name != "registry.duckdb.wal")
+    with registry.db.connect(read_only=True) as con:
+        rows = tuple(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                     for t in ("versions", "metrics", "datasets", "version_parents"))
+    return files, rows
+
+
+def test_planning_twice_gives_one_fingerprint_and_writes_nothing(tmp_path, tiny_model_dir, garden_rows,
+                                                                tunery_home):
+    """A stage with its own data (read and hashed, not prepared) and a teacher given as a local folder (named, not
+    registered): planning leaves TUNERY_HOME's files and the registry's rows as they were."""
+    shutil.copytree(tiny_model_dir, tmp_path / "teacher")
+    stages = [{**SFT, "data": {"train": "own.jsonl", "val_fraction": 0.3}},
+              {"stage": "distill-model", "teacher": "./teacher", "max_steps": 2, "batch_size": 4,
+               "max_length": 128}]
+    config = _config(tmp_path, tiny_model_dir, garden_rows, stages)
+    cfg, config_dir = load_config(config)
+    base = run_base(cfg, config_dir)
+    data = run_prep(cfg, config_dir, base["artifact_path"])
+    before = _snapshot(tunery_home)
+    plans = [planning.plan_stage(cfg, i, {BASE_REF: base}, base, data, config_dir) for i in (0, 1, 0, 1)]
+    assert _snapshot(tunery_home) == before
+    assert plans[0] == plans[2] and plans[1] == plans[3] and plans[0].fingerprint != plans[1].fingerprint
+    own, distill = plans[0], plans[1]
+    assert own.data_from == "stage" and not Path(own.data).exists() and own.data_hash != data.info["data_hash"]
+    assert distill.teacher == f"folder:{(tmp_path / 'teacher').resolve()}" and distill.data_from == "config"
+    assert own.to_json()["fingerprint"] == own.fingerprint and own.device == "cpu"
+
+
+@pytest.mark.parametrize("component, change", [
+    ("settings", lambda doc, tmp: doc["stages"][0].update(learning_rate=1e-3)),
+    ("seed", lambda doc, tmp: doc.update(seed=2)),
+    ("data", lambda doc, tmp: write_jsonl(tmp / "garden.jsonl", [*map(dict, doc["_rows"]),
+                                                                  chat("What is compost?", "Rotted plants.")])),
+    ("start", lambda doc, tmp: doc["stages"][0].update({"from": "tiny-base:2"})),
+    ("name", lambda doc, tmp: doc.update(name="tiny-other")),
+])
+def test_each_component_alone_changes_the_fingerprint(component, change, tmp_path, tiny_model_dir, garden_rows):
+    config = _config(tmp_path, tiny_model_dir, garden_rows, [dict(SFT)])
+    first = _plan(config)
+    assert _plan(config).fingerprint == first.fingerprint
+    other = registry.create_version("tiny-base", "base")  # tiny-base:2, another start
+    registry.finish_version(other, str(tiny_model_dir))
+    doc = yaml.safe_load(config.read_text())
+    doc["_rows"] = garden_rows
+    change(doc, tmp_path)
+    doc.pop("_rows")
+    config.write_text(yaml.safe_dump(doc))
+    second = _plan(config)
+    assert second.fingerprint != first.fingerprint, component
+    unchanged = {k for k, v in first.to_json().items() if v == second.to_json()[k]}
+    assert {"kind", "stage_id", "device"} <= unchanged
+
+
+def test_the_resolved_device_not_the_configured_word_is_in_the_fingerprint(tmp_path, tiny_model_dir, garden_rows,
+                                                                          monkeypatch):
+    config = _config(tmp_path, tiny_model_dir, garden_rows, [dict(SFT)])
+    on_cpu = _plan(config)
+    doc = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**doc, "device": "auto"}))
+    assert _plan(config).fingerprint == on_cpu.fingerprint  # auto resolves to cpu here: the same result
+    monkeypatch.setattr(planning, "resolve_device", lambda device: "cuda")
+    on_cuda = _plan(config)
+    assert on_cuda.device == "cuda" and on_cuda.fingerprint != on_cpu.fingerprint
+
+
+def test_merge_sources_and_teacher_are_in_the_fingerprint(tmp_path, tiny_model_dir, garden_rows):
+    _plan(_config(tmp_path, tiny_model_dir, garden_rows, [dict(SFT)]))  # registers the base, tiny-base:1
+    extra = [registry.create_version("tiny-base", "base") for _ in range(2)]
+    for v in extra:
+        registry.finish_version(v, str(tiny_model_dir))
+    merge = {"stage": "merge", "method": "linear", "sources": ["tiny-base:2", "tiny-base:3"]}
+    config = _config(tmp_path, tiny_model_dir, garden_rows, [merge])
+    first = _plan(config)
+    assert first.sources == ("tiny-base:2", "tiny-base:3")
+    config = _config(tmp_path, tiny_model_dir, garden_rows, [{**merge, "sources": ["tiny-base:2", "tiny-base:1"]}])
+    assert _plan(config).fingerprint != first.fingerprint
+    teach = {"stage": "distill-model", "max_steps": 2}
+    by_two = _plan(_config(tmp_path, tiny_model_dir, garden_rows, [{**teach, "teacher": "tiny-base:2"}]))
+    by_three = _plan(_config(tmp_path, tiny_model_dir, garden_rows, [{**teach, "teacher": "tiny-base:3"}]))
+    assert by_two.teacher == "tiny-base:2" and by_two.fingerprint != by_three.fingerprint
+
+
+def test_code_and_library_versions_are_in_the_digest(tmp_path, monkeypatch):
+    """The source of tasks/ and metrics/ and each library version change the code digest the fingerprint holds."""
+    import importlib.metadata
+
+    for folder, name in (("tasks", "train.py"), ("metrics/perplexity", "perplexity.py")):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / name).write_text("x = 1\n")
+    digest = planning.source_digest(tmp_path)
+    assert planning.source_digest(tmp_path) == digest
+    for folder, name in (("tasks", "train.py"), ("metrics/perplexity", "perplexity.py")):
+        (tmp_path / folder / name).write_text("x = 2\n")
+        assert planning.source_digest(tmp_path) != digest, folder
+        digest = planning.source_digest(tmp_path)
+    real = importlib.metadata.version
+    for library in planning.RESULT_LIBRARIES:
+        monkeypatch.setattr(importlib.metadata, "version",
+                            lambda n, lib=library: "0.0.0-other" if n == lib else real(n))
+        assert planning.source_digest(tmp_path) != digest, library
+    monkeypatch.setattr(importlib.metadata, "version", real)
+    assert planning.source_digest(tmp_path) == digest
+    assert {"torch", "transformers", "peft", "trl", "mergekit", "llama_cpp_python"} <= set(planning.RESULT_LIBRARIES)
+
+
+def test_changed_code_reruns_the_stage_and_its_evaluation_and_another_server_finds_the_cache(
+        tmp_path, tiny_model_dir, garden_rows, tunery_home, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows import pipeline as flow_module
+    from test_flow import _task_states
+
+    config = str(_config(tmp_path, tiny_model_dir, garden_rows, [dict(SFT)],
+                         eval={"prompts": ["How deep?"], "max_new_tokens": 4, "repeats": 1, "warmup": 0}))
+    with prefect_test_harness(server_startup_timeout=120):
+        assert flow_module.pipeline(config)["tuned"] == "tiny-fern:1"
+    # Another Prefect server (a new database): the results kept under TUNERY_HOME still serve the unchanged run.
+    with prefect_test_harness(server_startup_timeout=120):
+        state = flow_module.pipeline(config, return_state=True)
+        states = _task_states(str(state.state_details.flow_run_id))
+        assert states["sft tiny-fern from tiny-base:1"] == "Cached", states
+        assert states["eval tiny-fern:1"] == "Cached" and states["eval tiny-base:1"] == "Cached", states
+        # Changed code (as a new tasks/ or metrics/ source or library version makes it): the stage trains again
+        # and both evaluations run again.
+        monkeypatch.setattr(planning, "code_version", lambda: "changed-code")
+        monkeypatch.setattr(flow_module, "code_version", lambda: "changed-code")
+        state = flow_module.pipeline(config, return_state=True)
+        assert state.result()["tuned"] == "tiny-fern:2"
+        states = _task_states(str(state.state_details.flow_run_id))
+        assert states["sft tiny-fern from tiny-base:1"] == "Completed", states
+        assert states["eval tiny-fern:2"] == "Completed" and states["eval tiny-base:1"] == "Completed", states
+    assert os.path.isdir(tunery_home / "prefect" / "results")
