@@ -102,6 +102,16 @@ def smollm2_dir() -> Path:
             os.environ["TUNERY_HOME"] = saved
 
 
+@pytest.fixture(scope="module")
+def prefect_server():
+    """A Prefect server (Prefect's test harness: a temporary database) for one test module; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
 # Every process the suite starts inherits this mark, so one left behind is found even after its parent is gone.
 SESSION_MARK = os.environ.setdefault("TUNERY_TEST_SESSION", f"{os.getpid()}-{os.urandom(4).hex()}")
 

@@ -300,24 +300,22 @@ def test_dpo_pairs_from_a_stage_without_pairs_is_named(tmp_path, chatty, garden_
         load_config(both)
 
 
-def test_distill_prompt_in_the_prefect_flow_reports_and_is_cached(tmp_path, chatty, garden_rows):
+def test_distill_prompt_in_the_prefect_flow_reports_and_is_cached(tmp_path, chatty, garden_rows, prefect_server):
     """The flow runs the stage as a task with its own artifact, and a second run with nothing changed reuses it."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import pipeline
 
     config = _config(tmp_path, chatty, garden_rows, [{"stage": "distill-prompt", "system": PERSONA, **FAST}],
                      eval={"prompts": ["How deep?"], "max_new_tokens": 4, "repeats": 1, "warmup": 0})
-    with prefect_test_harness(server_startup_timeout=120):
-        first = pipeline(config)
-        assert first["tuned"] == "tiny-fern:1" and [r["this run"] for r in first["rows"]] == ["base", "trained"]
-        with get_client(sync_client=True) as client:
-            artifact = client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["tiny-fern-distill-prompt"])))[0]
-        assert "| prompt tokens per request |" in artifact.data and "teacher tiny-base:1 (hf)" in artifact.data
-        second = pipeline(config)
+    first = pipeline(config)
+    assert first["tuned"] == "tiny-fern:1" and [r["this run"] for r in first["rows"]] == ["base", "trained"]
+    with get_client(sync_client=True) as client:
+        artifact = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["tiny-fern-distill-prompt"])))[0]
+    assert "| prompt tokens per request |" in artifact.data and "teacher tiny-base:1 (hf)" in artifact.data
+    second = pipeline(config)
     assert [r["this run"] for r in second["rows"]] == ["base", "reused"]
     assert [v["version"] for v in registry.list_versions(name="tiny-fern")] == ["tiny-fern:1"]
 

@@ -13,14 +13,6 @@ from flows.config import load_config
 from tasks.common import TuneryError
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def tiny_config(tmp_path, tiny_model_dir, garden_rows, **sft) -> str:
     write_jsonl(tmp_path / "garden.jsonl", garden_rows)
     doc = {
@@ -35,7 +27,7 @@ def tiny_config(tmp_path, tiny_model_dir, garden_rows, **sft) -> str:
 
 
 def test_pipeline_flow_registers_base_and_tuned_with_metrics_and_artifacts(
-        prefect_harness, tmp_path, tiny_model_dir, garden_rows, tunery_home):
+        prefect_server, tmp_path, tiny_model_dir, garden_rows, tunery_home):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -72,7 +64,7 @@ def _task_states(flow_run_id: str) -> dict[str, str]:
     return {r.name: r.state.name for r in runs}
 
 
-def test_unchanged_inputs_skip_training_and_changed_data_retrains(prefect_harness, tmp_path, tiny_model_dir,
+def test_unchanged_inputs_skip_training_and_changed_data_retrains(prefect_server, tmp_path, tiny_model_dir,
                                                                  garden_rows, tunery_home):
     from flows.pipeline import pipeline
 
@@ -131,7 +123,7 @@ def test_bad_data_stops_before_any_version_is_registered(tmp_path, tiny_model_di
 
 
 def test_shipped_full_chain_config_registers_every_stage_with_its_lineage(
-        prefect_harness, tmp_path, tiny_model_dir, tunery_home):
+        prefect_server, tmp_path, tiny_model_dir, tunery_home):
     """configs/full_chain.yaml on the tiny model with 2 steps a stage: the versions form the expected chain."""
     from conftest import REPO
     from flows.pipeline import pipeline
@@ -194,7 +186,7 @@ def test_stage_given_the_wrong_kind_of_data_registers_nothing(tmp_path, tiny_mod
     assert registry.list_versions(name="tiny-fern") == []
 
 
-def test_a_flow_that_failed_at_a_stage_resumes_there(prefect_harness, tmp_path, tiny_model_dir, garden_rows):
+def test_a_flow_that_failed_at_a_stage_resumes_there(prefect_server, tmp_path, tiny_model_dir, garden_rows):
     from flows.pipeline import pipeline
 
     config = tiny_config(tmp_path, tiny_model_dir, garden_rows)

@@ -154,6 +154,7 @@ def test_changed_code_reruns_the_stage_and_its_evaluation_and_another_server_fin
 
     config = str(_config(tmp_path, tiny_model_dir, garden_rows, [dict(SFT)],
                          eval={"prompts": ["How deep?"], "max_new_tokens": 4, "repeats": 1, "warmup": 0}))
+    # Two servers, one after the other: this test starts them itself (conftest's prefect_server is one per module).
     with prefect_test_harness(server_startup_timeout=120):
         assert flow_module.pipeline(config)["tuned"] == "tiny-fern:1"
     # Another Prefect server (a new database): the results kept under TUNERY_HOME still serve the unchanged run.

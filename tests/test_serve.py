@@ -14,15 +14,6 @@ from flows import serve
 from tasks.common import TuneryError
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
 def _schedules(client, name: str) -> list[tuple[str, str]]:
     deployment = client.read_deployment_by_name(f"tunery-pipeline/{name}")
     return [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules]
