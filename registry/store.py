@@ -238,7 +238,7 @@ def _version_objects(con, where: str, params: list[Any], eval_data: str | None =
 
 def list_versions(name: str | None = None, status: str | None = None,
                   eval_data: str | None = None) -> list[dict[str, Any]]:
-    """Every version (optionally of one name or status) as the JSON objects PRODUCT.md describes; `eval_data`
+    """Every version (optionally of one name or status) as the JSON objects `tunery models --json` prints; `eval_data`
     (a data hash) picks which evaluation fills `metrics`, instead of each version's first."""
     clauses, params = [], []
     if name is not None:

@@ -151,7 +151,7 @@ def resolve_precision(requested: str, device: str) -> str:
     """`auto` picks bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU and MPS.
 
     fp32 on the CPU is deliberate: CPU bf16 autocast was 1.4x faster here but reached a worse loss at an equal
-    learning rate (ENVIRONMENT.md), and a speed-up only counts at equal loss.
+    learning rate (measured on the 2-core CPU the README reports on), and a speed-up only counts at equal loss.
     """
     import torch
 

@@ -81,7 +81,7 @@ class GateConfig(BaseModel):
 
 
 def _permute(weight, n_head: int):
-    """HF's rotary layout -> llama.cpp's (the same permutation as llama.cpp's convert_hf_to_gguf.py)."""
+    """HF's rotary layout -> llama.cpp's (the same permutation as llama.cpp's own HF converter)."""
     return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
             .swapaxes(1, 2).reshape(weight.shape))
 

@@ -1,7 +1,7 @@
 """Stage `prep`: read a dataset, validate every row, normalise it, de-duplicate, split, hash, write to disk.
 
 Accepted files: JSONL (one object a line), CSV, Parquet, or a folder saved by `datasets.Dataset.save_to_disk`.
-Accepted row formats (see PRODUCT.md):
+Accepted row formats (the README's *Data* section lists them too):
   chat        {"messages": [{"role": ..., "content": ...}, ...]}
   prompt      {"prompt": ..., "completion": ...}
   alpaca      {"instruction": ..., "input": ... (optional), "output": ...}
