@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import math
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -313,31 +310,20 @@ def evaluate(model_path: str, data_dir: str, config: EvalConfig, adapter: str | 
 
     Raises TuneryError naming the problem if the measurement fails.
     """
+    from tasks.child import run_child
+
     spec = {"model_path": model_path, "data_dir": str(data_dir), "adapter": adapter, "config": config.model_dump()}
-    with tempfile.TemporaryDirectory(prefix="tunery-eval-") as tmp:
-        spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "metrics.json"
-        spec_file.write_text(json.dumps(spec))
-        # stderr passes through so the user sees live progress bars; the child reports errors in the out file.
-        proc = subprocess.run([sys.executable, "-m", "tasks.evaluation", str(spec_file), str(out_file)])
-        result = json.loads(out_file.read_text()) if out_file.exists() else {}
-        if proc.returncode != 0 or "error" in result:
-            detail = result.get("error") or f"the measuring process exited with code {proc.returncode}"
-            raise TuneryError(f"evaluation of {adapter or model_path} failed: {detail}")
+    result = run_child("tasks.evaluation", spec, f"evaluation of {adapter or model_path}")
     return StageResult(stage="eval", artifact_path=adapter or model_path, metrics=result["metrics"],
                        info={"samples": result["samples"]})
 
 
-def _main(argv: list[str]) -> int:
-    spec = json.loads(Path(argv[0]).read_text())
-    try:
-        metrics, samples = measure(spec["model_path"], spec["data_dir"], EvalConfig(**spec["config"]),
-                                   spec["adapter"])
-    except TuneryError as e:
-        Path(argv[1]).write_text(json.dumps({"error": str(e)}))
-        return 1
-    Path(argv[1]).write_text(json.dumps({"metrics": metrics, "samples": samples}))
-    return 0
+def _measure(spec: dict[str, Any]) -> dict[str, Any]:
+    metrics, samples = measure(spec["model_path"], spec["data_dir"], EvalConfig(**spec["config"]), spec["adapter"])
+    return {"metrics": metrics, "samples": samples}
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))
+    from tasks.child import child_main
+
+    raise SystemExit(child_main(_measure))

@@ -1,22 +1,19 @@
 """A training stage on several processes: `launch` runs this module under `accelerate launch --multi_gpu
 --num_processes N` (on a CPU-only machine: torchrun with accelerate's multi-CPU mode);
-every process trains on its share of each batch (DDP), and the main process saves the result and writes
-`stage_result.json`, which `launch` reads back as the stage's StageResult.
+every process trains on its share of each batch (DDP), and the main process saves the result and reports it
+back through `tasks.child` as the stage's StageResult.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.common import StageResult, TuneryError, resolve_device, write_json
+from tasks.child import child_main, run_child
+from tasks.common import StageResult, resolve_device
 from tasks.training import CHECKPOINTS
-
-RESULT = "stage_result.json"
 
 
 def _trainers() -> dict[str, Any]:
@@ -29,49 +26,41 @@ def _trainers() -> dict[str, Any]:
 
 def launch(kind: str, config, model_path: str, data_dir: str, out_dir: Path, device: str, seed: int) -> StageResult:
     """Run one training stage under `accelerate launch` with `config.processes` processes; return its result."""
-    train, config_class = _trainers()[kind]
+    _, config_class = _trainers()[kind]
     spec = {"kind": kind, "config": config_class.model_validate(config.model_dump(
         include=set(config_class.model_fields))).model_dump(mode="json"), "model_path": model_path,
             "data_dir": str(data_dir), "out_dir": str(out_dir), "device": device, "seed": seed,
             "checkpoints": str(CHECKPOINTS.get()) if CHECKPOINTS.get() else None}
-    spec_path = out_dir / "launch.json"
-    write_json(spec_path, spec)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     if resolve_device(device) == "cpu":
         # accelerate launch --cpu starts one process; torchrun with ACCELERATE_USE_CPU gives accelerate's MULTI_CPU
         # (gloo), which is what several GPUs get from `accelerate launch --multi_gpu`.
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(config.processes),
-                   "--master_port", str(port), "-m", "tasks.launched", str(spec_path)]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(config.processes),
+                    "--master_port", str(port)]
         env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(config.processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(port), "-m", "tasks.launched", str(spec_path)]
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                    str(config.processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--main_process_port", str(port)]
         env = dict(os.environ)
-    proc = subprocess.run(command, env=env)
-    spec_path.unlink(missing_ok=True)
-    if proc.returncode != 0 or not (out_dir / RESULT).exists():
-        raise TuneryError(f"{kind} on {config.processes} processes failed with exit code "
-                          f"{proc.returncode}; its output is above")
-    done = json.loads((out_dir / RESULT).read_text())
-    (out_dir / RESULT).unlink()
+    done = run_child("tasks.launched", spec, f"{kind} on {config.processes} processes", launcher, env)
     done["info"]["processes"] = config.processes
     return StageResult(stage=kind, artifact_path=str(out_dir), metrics=done["metrics"], history=done["history"],
                        info=done["info"])
 
 
-def main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+def _train(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """One process's share of the stage; the main process (rank 0) reports the result."""
     train, config_class = _trainers()[spec["kind"]]
     CHECKPOINTS.set(Path(spec["checkpoints"]) if spec["checkpoints"] else None)
     result = train(config_class.model_validate(spec["config"]), spec["model_path"], spec["data_dir"],
                    spec["out_dir"], spec["device"], spec["seed"])
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_json(Path(spec["out_dir"]) / RESULT, {"metrics": result.metrics, "history": result.history,
-                                                    "info": result.info})
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    return {"metrics": result.metrics, "history": result.history, "info": result.info}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    raise SystemExit(child_main(_train))

@@ -86,3 +86,27 @@ def test_sigterm_to_tunery_serve_stops_its_prefect_server(tmp_path, tunery_home)
     started = _wait_for(proc, log, lambda text, children: _uvicorn(children) and "serving fern-nightly" in text)
     time.sleep(5)  # the runner is up
     _stop_and_check(proc, started, log)
+
+
+def test_an_interrupted_parent_takes_its_child_s_whole_process_group_with_it(tmp_path):
+    """A launcher (torchrun, accelerate) starts workers of its own: when the parent is interrupted, tasks.child
+    kills the launcher's whole process group, so no worker is left training."""
+    import sys
+
+    launcher = [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+                "'import time; time.sleep(300)']); time.sleep(300)"]
+    script = tmp_path / "parent.py"
+    script.write_text(f"from tasks.child import run_child\nrun_child('tasks.evaluation', {{}}, 'x', {launcher!r})\n")
+    log = tmp_path / "parent.log"
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=str(Path(__file__).resolve().parent.parent),
+                              stdout=log.open("w"), stderr=subprocess.STDOUT)
+    started = _wait_for(parent, log, lambda text, children: len(children) >= 2, timeout=60)
+    parent.send_signal(signal.SIGINT)
+    parent.wait(timeout=30)
+    deadline = time.time() + 20
+    while (left := [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]) and \
+            time.time() < deadline:
+        time.sleep(0.5)
+    for p in left:
+        p.kill()
+    assert not left, [p.pid for p in left]
