@@ -211,48 +211,32 @@ FromOpt = typer.Option(None, "--from", help="Version to start from (NAME:N); def
 StageOpt = typer.Option(None, "--stage", help="Id of the stage to run when the config has several of this kind.")
 
 
-@command
-def cpt(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optional[str] = StageOpt,
-        as_json: bool = JsonOpt) -> None:
-    """Continued pretraining on raw text; registers the new version (no evaluation)."""
-    _single_stage("cpt", config, start, stage, [], as_json)
+def _stage_command(kind: str, summary: str, takes_sources: bool) -> None:
+    """Register `tunery KIND CONFIG [--from] [--stage] [--source ...] [--json]` for one kind of the catalogue."""
+    if takes_sources:
+        def run_one(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optional[str] = StageOpt,
+                    source: list[str] = typer.Option([], "--source", help="A version to merge (repeat); replaces "
+                                                                          "the stage's sources."),
+                    as_json: bool = JsonOpt) -> None:
+            _single_stage(kind, config, start, stage, source, as_json)
+    else:
+        def run_one(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optional[str] = StageOpt,
+                    as_json: bool = JsonOpt) -> None:
+            _single_stage(kind, config, start, stage, [], as_json)
+    run_one.__doc__ = summary
+    run_one.__name__ = kind.replace("-", "_")
+    command(run_one, name=kind)
 
 
-@command
-def sft(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optional[str] = StageOpt,
-        as_json: bool = JsonOpt) -> None:
-    """Supervised fine-tuning on chat data; registers the new version (no evaluation)."""
-    _single_stage("sft", config, start, stage, [], as_json)
+def _stage_commands() -> None:
+    """One single-stage command per kind of the stage catalogue (tasks/catalogue.py)."""
+    from tasks.catalogue import STAGES
+
+    for kind, cls in STAGES.items():
+        _stage_command(kind, cls.summary, "sources" in cls.model_fields)
 
 
-@command
-def dpo(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optional[str] = StageOpt,
-        as_json: bool = JsonOpt) -> None:
-    """Preference alignment (DPO, IPO, KTO, ORPO, SimPO, ...) on prompt/chosen/rejected pairs; registers it."""
-    _single_stage("dpo", config, start, stage, [], as_json)
-
-
-@command
-def merge(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optional[str] = StageOpt,
-          source: list[str] = typer.Option([], "--source", help="A version to merge (repeat); replaces the "
-                                                                "stage's sources."),
-          as_json: bool = JsonOpt) -> None:
-    """Fold an adapter into its base, or merge versions with mergekit; registers the merged version."""
-    _single_stage("merge", config, start, stage, source, as_json)
-
-
-@command(name="distill-prompt")
-def distill_prompt(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optional[str] = StageOpt,
-                   as_json: bool = JsonOpt) -> None:
-    """Bake a long system prompt into the weights: the teacher answers with it, the student learns without it."""
-    _single_stage("distill-prompt", config, start, stage, [], as_json)
-
-
-@command(name="distill-model")
-def distill_model(config: Path = ConfigArg, start: Optional[str] = FromOpt, stage: Optional[str] = StageOpt,
-                  as_json: bool = JsonOpt) -> None:
-    """Teach a smaller student (the stage's start) to answer the data's prompts like a bigger teacher."""
-    _single_stage("distill-model", config, start, stage, [], as_json)
+_stage_commands()
 
 
 @command(name="eval")

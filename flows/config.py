@@ -3,107 +3,20 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.catalogue import STAGES, TRAINING, Stage
 from tasks.common import TuneryError, check_name, read_utf8
-from tasks.cpt import CptConfig
-from tasks.distill import DistillModelConfig, DistillPromptConfig
-from tasks.dpo import DpoConfig
 from tasks.evaluation import EvalConfig
 from tasks.export import ExportConfig, GateConfig
-from tasks.merge import MergeConfig
 from tasks.prep import PrepConfig
-from tasks.sft import SftConfig
+from tasks.sft import SftStage
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 BASE_REF = "base"
-
-
-class StageFields(BaseModel):
-    """Where a stage sits in the chain: its id, what it starts from, and its own data."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    id: str | None = Field(None, description="How later stages refer to this one (`from`, `sources`); default: "
-                                             "the stage kind.")
-    from_: str | None = Field(None, alias="from", description="What to start from: an earlier stage's id, 'base', "
-                                                             "or a registered version NAME:N; default: the previous "
-                                                             "stage's result (the base model for the first stage).")
-    data: PrepConfig | None = Field(None, description="This stage's own data (text for cpt, pairs for dpo); default: "
-                                                      "the top-level data.")
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"id", "from_", "data", "stage"})
-
-    def references(self) -> list[str]:
-        """The stage ids or versions this stage reads from."""
-        return [self.from_] if self.from_ else []
-
-
-class CptStage(StageFields, CptConfig):
-    stage: Literal["cpt"]
-
-
-class SftStage(StageFields, SftConfig):
-    stage: Literal["sft"]
-
-
-class DpoStage(StageFields, DpoConfig):
-    stage: Literal["dpo"]
-    pairs_from: str | None = Field(None, description="Train on the preference pairs an earlier distill-model stage "
-                                                     "(its id) wrote with `preference_pairs: true`.")
-
-    def references(self) -> list[str]:
-        return super().references() + ([self.pairs_from] if self.pairs_from else [])
-
-    @model_validator(mode="after")
-    def _one_source_of_pairs(self) -> "DpoStage":
-        if self.pairs_from and self.data is not None:
-            raise ValueError("give a dpo stage `data` or `pairs_from`, not both")
-        return self
-
-
-def is_path(ref: str) -> bool:
-    """A teacher given as a local model folder rather than a stage id or a registered version."""
-    return "/" in ref or ref.startswith(".")
-
-
-class DistillFields(StageFields):
-    def references(self) -> list[str]:
-        teacher = getattr(self, "teacher", None)
-        return super().references() + ([teacher] if teacher and not is_path(teacher) else [])
-
-
-class DistillPromptStage(DistillFields, DistillPromptConfig):
-    stage: Literal["distill-prompt"]
-
-
-class DistillModelStage(DistillFields, DistillModelConfig):
-    stage: Literal["distill-model"]
-
-
-class MergeStage(StageFields, MergeConfig):
-    stage: Literal["merge"]
-
-    def references(self) -> list[str]:
-        return super().references() + list(self.sources) + ([self.base] if self.base else [])
-
-    @model_validator(mode="after")
-    def _no_data(self) -> "MergeStage":
-        if self.data is not None:
-            raise ValueError("a merge stage takes no data")
-        return self
-
-
-STAGES = {"cpt": CptStage, "sft": SftStage, "dpo": DpoStage, "merge": MergeStage,
-          "distill-prompt": DistillPromptStage, "distill-model": DistillModelStage}
-Stage = Annotated[Union[CptStage, SftStage, DpoStage, MergeStage, DistillPromptStage, DistillModelStage],
-                  Field(discriminator="stage")]
-TRAINING = ("cpt", "sft", "dpo", "distill-prompt", "distill-model")
-DISTILL = ("distill-prompt", "distill-model")
 
 
 class PipelineConfig(BaseModel):

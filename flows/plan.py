@@ -18,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import registry
-from flows.config import BASE_REF, DISTILL, DpoStage, MergeStage, PipelineConfig, is_path
+from flows.config import BASE_REF, PipelineConfig
+from tasks.catalogue import DISTILL
+from tasks.dpo import DpoStage
+from tasks.merge import MergeStage
+from tasks.stage import is_path
 from tasks.common import StageResult, TuneryError, resolve_device, sha256_json
 from tasks.merge import NEEDS_BASE
 from tasks.prep import load_prepared, prepare

@@ -6,27 +6,22 @@ then moved into place and marked `ready`; any error marks it `failed` with the r
 from __future__ import annotations
 
 import shutil
-import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 import registry
-from flows.config import DISTILL, MergeStage, PipelineConfig, Stage, StageFields
+from flows.config import PipelineConfig
 from flows.plan import PlannedStage, plan_stage
+from tasks.catalogue import STAGES, Stage
 from tasks.common import StageResult, TuneryError, artifacts_dir, atomic_dir, home, resolve_device
-from tasks.cpt import train_cpt
-from tasks.distill import make_dataset, preference_pairs, prompt_contexts, train_student
-from tasks.dpo import train_dpo
+from tasks.distill import make_dataset, preference_pairs, prompt_contexts
 from tasks.evaluation import EvalConfig, evaluate
-from tasks.launched import launch
-from tasks.merge import check_sources, merge_adapter, merge_models
+from tasks.merge import MergeStage, check_sources, merge_adapter
 from tasks.models import DEFAULT_BASE, DEFAULT_NAME, check_model_folder, resolve_base_model
 from tasks.prep import PrepConfig, load_prepared, prepare
-from tasks.sft import train_sft
-from tasks.training import CHECKPOINTS, STAGE_DATA, QuantizationConfig
-
-TRAINERS = {"cpt": train_cpt, "sft": train_sft, "dpo": train_dpo}
+from tasks.stage import StageFields, StageInputs
+from tasks.training import CHECKPOINTS, QuantizationConfig
 
 
 def run_prep(cfg: PipelineConfig, config_dir: Path, base_path: str | None = None,
@@ -119,8 +114,7 @@ def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], da
     A distill stage trains its student with sft on the teacher's answers (`data`) and measures it against the
     `teacher`, a parent of the new version next to `start`."""
     # The trainer checks this too; checking here first means a mismatch leaves no failed version behind.
-    trains_with = "sft" if stage.stage in DISTILL else stage.stage
-    kind = STAGE_DATA[trains_with][0]
+    kind = STAGES[stage.stage].data_kind
     if data.info["kind"] != kind:
         raise TuneryError(f"stage {stage_id or stage.stage} ({stage.stage}) needs {kind} data, but its data holds "
                           f"{data.info['kind']} examples; give the stage its own `data:`")
@@ -140,15 +134,12 @@ def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], da
 
     def train(tmp: Path) -> StageResult:
         start_folder = model_folder(start)
+        inputs = StageInputs(start=start_folder, data=data.artifact_path, device=cfg.device, seed=cfg.seed,
+                             teacher=model_folder(teacher) if teacher is not None else None,
+                             checkpoints=str(checkpoints) if checkpoints else None)
         token = CHECKPOINTS.set(checkpoints)
         try:
-            if teacher is not None:
-                result = train_student(stage, start_folder, data.artifact_path, tmp, model_folder(teacher),
-                                       cfg.device, cfg.seed, launch=launch if stage.processes > 1 else None)
-            elif stage.processes > 1:  # data-parallel, under `accelerate launch`
-                result = launch(stage.stage, stage, start_folder, data.artifact_path, tmp, cfg.device, cfg.seed)
-            else:
-                result = TRAINERS[stage.stage](stage, start_folder, data.artifact_path, tmp, cfg.device, cfg.seed)
+            result = stage.run(inputs, tmp)
         finally:
             CHECKPOINTS.reset(token)
         result.info.update(stage_id=stage_id or stage.stage, start_folder=start_folder, fingerprint=fingerprint,
@@ -265,15 +256,18 @@ def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | No
         data_hash=start["data_hash"] if stage.method == "lora" else None, flow_run_id=flow_run_id,
     )
 
+    if stage.method == "lora":
+        quantization = start["info"].get("quantization_config")
+        inputs = StageInputs(start=start["artifact_path"], seed=cfg.seed, quantization=quantization,
+                             adapter_base=model_folder(registry.get_version(start["parents"][0])))
+    else:
+        inputs = StageInputs(start=start["artifact_path"] if start else "", sources=folders, merge_base=base,
+                             seed=cfg.seed)
+
     def merge(tmp: Path) -> StageResult:
-        began = time.perf_counter()
-        if stage.method == "lora":
-            info = fold_adapter(start, tmp, stage.qlora_base)
-        else:
-            info = merge_models(stage, folders, tmp, base=base, seed=cfg.seed)
-        info.update(stage_id=stage_id or "merge", fingerprint=fingerprint)
-        metrics = {"merge_runtime_s": time.perf_counter() - began}
-        return StageResult(stage="merge", artifact_path=str(tmp), metrics=metrics, history=[], info=info)
+        result = stage.run(inputs, tmp)
+        result.info.update(stage_id=stage_id or "merge", fingerprint=fingerprint)
+        return result
 
     return _record(version, merge)
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from tasks.common import StageResult
+from tasks.stage import TrainingStage
 from tasks.training import (TrainingConfig, history_callback, run_training, start_run, trainable_model,
                             trainer_arguments)
 
@@ -60,3 +62,15 @@ def train_cpt(config: CptConfig, model_path: str, data_dir: str | Path, out_dir:
         start_metrics={"text_perplexity_start": math.exp(trainer.evaluate()["eval_loss"])},
         after_train=lambda: {"text_perplexity": math.exp(trainer.evaluate()["eval_loss"])},
     )
+
+
+class CptStage(TrainingStage, CptConfig):
+    """A `cpt` stage of a pipeline config."""
+
+    kind: ClassVar[str] = "cpt"
+    data_kind: ClassVar[str | None] = "text"
+    summary: ClassVar[str] = "Continued pretraining on raw text; registers the new version (no evaluation)."
+    stage: Literal["cpt"] = "cpt"
+
+    def train(self, start: str, data: str, out_dir: Path, device: str, seed: int) -> StageResult:
+        return train_cpt(self, start, data, out_dir, device, seed)

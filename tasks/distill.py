@@ -26,7 +26,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
@@ -36,6 +36,7 @@ from tasks.models import (answer_length, conversation, greedy_answers, load_mode
                           turn_end_ids)
 from tasks.prep import PrepConfig, load_prepared, prepare, split
 from tasks.sft import SftConfig, train_sft
+from tasks.stage import StageInputs, TrainingStage, is_path
 
 Context = list[dict[str, str]]  # a conversation that ends with the user turn the teacher answers
 LATENCY_PROMPTS = 3  # held-out prompts timed for time to first token (batch 1, median of the runs)
@@ -415,3 +416,37 @@ def summary(metrics: dict[str, float]) -> list[dict[str, Any]]:
     rows.append(row("perplexity of held-out teacher answers", m["distill_perplexity_teacher"],
                     m["distill_perplexity_start"], m["distill_perplexity_student"], f"{gap:+.0%}"))
     return rows
+
+
+class DistillStage(TrainingStage):
+    """What the two distill stages share: a teacher to answer, a student trained with sft on its answers."""
+
+    data_kind: ClassVar[str | None] = "chat"
+
+    def references(self) -> list[str]:
+        teacher = getattr(self, "teacher", None)
+        return super().references() + ([teacher] if teacher and not is_path(teacher) else [])
+
+    def run(self, inputs: StageInputs, out_dir: Path) -> StageResult:
+        """Train the student on the teacher's answers (`inputs.data`) and measure it against `inputs.teacher`."""
+        from tasks.launched import launch
+
+        return train_student(self, inputs.start, inputs.data, out_dir, inputs.teacher, inputs.device, inputs.seed,
+                             launch=launch if self.processes > 1 else None)
+
+
+class DistillPromptStage(DistillStage, DistillPromptConfig):
+    """A `distill-prompt` stage of a pipeline config."""
+
+    kind: ClassVar[str] = "distill-prompt"
+    summary: ClassVar[str] = ("Bake a long system prompt into the weights: the teacher answers with it, the student "
+                              "learns without it.")
+    stage: Literal["distill-prompt"] = "distill-prompt"
+
+
+class DistillModelStage(DistillStage, DistillModelConfig):
+    """A `distill-model` stage of a pipeline config."""
+
+    kind: ClassVar[str] = "distill-model"
+    summary: ClassVar[str] = "Teach a smaller student (the stage's start) to answer the data's prompts like a bigger teacher."
+    stage: Literal["distill-model"] = "distill-model"

@@ -18,13 +18,14 @@ instead of at every step.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tasks.common import StageResult
 from tasks.evaluation import pair_loglik, preference_stats
 from tasks.models import load_model
+from tasks.stage import TrainingStage
 from tasks.training import (TrainingConfig, history_callback, run_training, start_run, trainable_model,
                             trainer_arguments)
 
@@ -141,3 +142,28 @@ def train_dpo(config: DpoConfig, model_path: str, data_dir: str | Path, out_dir:
 
     return run_training(trainer, "dpo", config, tokenizer, out_dir, history, model_path, run.meta["data_hash"],
                         info, start_metrics=start, after_train=after_train)
+
+
+class DpoStage(TrainingStage, DpoConfig):
+    """A `dpo` stage of a pipeline config: its pairs are its own `data`, the top-level data, or those an earlier
+    distill-model stage wrote (`pairs_from`)."""
+
+    kind: ClassVar[str] = "dpo"
+    data_kind: ClassVar[str | None] = "preference"
+    summary: ClassVar[str] = ("Preference alignment (DPO, IPO, KTO, ORPO, SimPO, ...) on prompt/chosen/rejected "
+                              "pairs; registers it.")
+    stage: Literal["dpo"] = "dpo"
+    pairs_from: str | None = Field(None, description="Train on the preference pairs an earlier distill-model stage "
+                                                     "(its id) wrote with `preference_pairs: true`.")
+
+    def references(self) -> list[str]:
+        return super().references() + ([self.pairs_from] if self.pairs_from else [])
+
+    @model_validator(mode="after")
+    def _one_source_of_pairs(self) -> "DpoStage":
+        if self.pairs_from and self.data is not None:
+            raise ValueError("give a dpo stage `data` or `pairs_from`, not both")
+        return self
+
+    def train(self, start: str, data: str, out_dir: Path, device: str, seed: int) -> StageResult:
+        return train_dpo(self, start, data, out_dir, device, seed)

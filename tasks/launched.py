@@ -16,19 +16,14 @@ from tasks.common import StageResult, resolve_device
 from tasks.training import CHECKPOINTS
 
 
-def _trainers() -> dict[str, Any]:
-    from tasks.cpt import CptConfig, train_cpt
-    from tasks.dpo import DpoConfig, train_dpo
-    from tasks.sft import SftConfig, train_sft
-
-    return {"cpt": (train_cpt, CptConfig), "sft": (train_sft, SftConfig), "dpo": (train_dpo, DpoConfig)}
-
-
 def launch(kind: str, config, model_path: str, data_dir: str, out_dir: Path, device: str, seed: int) -> StageResult:
     """Run one training stage under `accelerate launch` with `config.processes` processes; return its result."""
-    _, config_class = _trainers()[kind]
-    spec = {"kind": kind, "config": config_class.model_validate(config.model_dump(
-        include=set(config_class.model_fields))).model_dump(mode="json"), "model_path": model_path,
+    from tasks.catalogue import STAGES
+
+    stage_class = STAGES[kind]
+    spec = {"kind": kind, "config": stage_class.model_validate(config.model_dump(
+        include=set(stage_class.model_fields) - {"stage"}, by_alias=True)).model_dump(mode="json", by_alias=True),
+            "model_path": model_path,
             "data_dir": str(data_dir), "out_dir": str(out_dir), "device": device, "seed": seed,
             "checkpoints": str(CHECKPOINTS.get()) if CHECKPOINTS.get() else None}
     with socket.socket() as s:
@@ -52,11 +47,12 @@ def launch(kind: str, config, model_path: str, data_dir: str, out_dir: Path, dev
 
 
 def _train(spec: dict[str, Any]) -> dict[str, Any] | None:
-    """One process's share of the stage; the main process (rank 0) reports the result."""
-    train, config_class = _trainers()[spec["kind"]]
+    """One process's share of the stage (its kind's `train`); the main process (rank 0) reports the result."""
+    from tasks.catalogue import STAGES
+
     CHECKPOINTS.set(Path(spec["checkpoints"]) if spec["checkpoints"] else None)
-    result = train(config_class.model_validate(spec["config"]), spec["model_path"], spec["data_dir"],
-                   spec["out_dir"], spec["device"], spec["seed"])
+    stage = STAGES[spec["kind"]].model_validate(spec["config"])
+    result = stage.train(spec["model_path"], spec["data_dir"], Path(spec["out_dir"]), spec["device"], spec["seed"])
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     return {"metrics": result.metrics, "history": result.history, "info": result.info}

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.common import TuneryError, write_json
+from tasks.common import StageResult, TuneryError, write_json
+from tasks.stage import StageFields, StageInputs
 from tasks.training import QuantizationConfig
 
 MERGEKIT_METHODS = ("linear", "slerp", "ties", "dare_ties", "task_arithmetic", "passthrough")
@@ -205,3 +207,31 @@ def merge_models(config: MergeConfig, sources: dict[str, str], out_dir: str | Pa
     info = {"merge": config.method, "adapter": False, "mergekit_config": portable}
     write_json(out_dir / "tunery_stage.json", {"stage": "merge", "info": info})
     return info
+
+
+class MergeStage(StageFields, MergeConfig):
+    """A `merge` stage of a pipeline config: it takes no data."""
+
+    kind: ClassVar[str] = "merge"
+    summary: ClassVar[str] = "Fold an adapter into its base, or merge versions with mergekit; registers the merged version."
+    stage: Literal["merge"] = "merge"
+
+    def references(self) -> list[str]:
+        return super().references() + list(self.sources) + ([self.base] if self.base else [])
+
+    @model_validator(mode="after")
+    def _no_data(self) -> "MergeStage":
+        if self.data is not None:
+            raise ValueError("a merge stage takes no data")
+        return self
+
+    def run(self, inputs: StageInputs, out_dir: Path) -> StageResult:
+        """lora: the adapter (`inputs.start`) folded into `inputs.adapter_base`; else mergekit on the sources."""
+        began = time.perf_counter()
+        if self.method == "lora":
+            quantization = QuantizationConfig(**inputs.quantization) if inputs.quantization else None
+            info = merge_adapter(inputs.adapter_base, inputs.start, out_dir, quantization, self.qlora_base)
+        else:
+            info = merge_models(self, inputs.sources, out_dir, base=inputs.merge_base, seed=inputs.seed)
+        return StageResult(stage="merge", artifact_path=str(out_dir), history=[], info=info,
+                           metrics={"merge_runtime_s": time.perf_counter() - began})

@@ -7,8 +7,10 @@ grad-norm and memory history of the run is returned with the result.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar, Literal
 
 from tasks.common import StageResult, TuneryError
+from tasks.stage import TrainingStage
 from tasks.models import encode_chat
 from tasks.training import (TrainingConfig, history_callback, run_training, start_run, trainable_model,
                             trainer_arguments)
@@ -91,3 +93,15 @@ def train_sft(config: SftConfig, model_path: str, data_dir: str | Path, out_dir:
     info.update(device=device, precision=precision)
     return run_training(trainer, "sft", config, tokenizer, out_dir, history, model_path, run.meta["data_hash"],
                         info)
+
+
+class SftStage(TrainingStage, SftConfig):
+    """An `sft` stage of a pipeline config."""
+
+    kind: ClassVar[str] = "sft"
+    data_kind: ClassVar[str | None] = "chat"
+    summary: ClassVar[str] = "Supervised fine-tuning on chat data; registers the new version (no evaluation)."
+    stage: Literal["sft"] = "sft"
+
+    def train(self, start: str, data: str, out_dir: Path, device: str, seed: int) -> StageResult:
+        return train_sft(self, start, data, out_dir, device, seed)

@@ -136,9 +136,9 @@ class TrainingConfig(BaseModel):
         return self.method == "lora"
 
 
-# The prepared data each training stage needs: its kind, and how an error message names it.
-STAGE_DATA = {"cpt": ("text", 'raw text examples ({"text": ...})'), "sft": ("chat", "chat examples"),
-              "dpo": ("preference", "preference pairs (prompt/chosen/rejected)")}
+# How an error message names each kind of prepared data (a stage's class says which kind it trains on).
+DATA_KINDS = {"text": 'raw text examples ({"text": ...})', "chat": "chat examples",
+              "preference": "preference pairs (prompt/chosen/rejected)"}
 
 
 @dataclass
@@ -159,10 +159,12 @@ def start_run(stage: str, config: TrainingConfig, model_path: str, data_dir: str
     tokenizer. Raises TuneryError when the data is not the kind `stage` trains on."""
     import torch
 
+    from tasks.catalogue import STAGES
+
     meta, train_rows, val_rows = load_prepared(data_dir)
-    kind, what = STAGE_DATA[stage]
+    kind = STAGES[stage].data_kind
     if meta["kind"] != kind:
-        raise TuneryError(f"{stage} needs {what}; {data_dir} holds {meta['kind']} examples")
+        raise TuneryError(f"{stage} needs {DATA_KINDS[kind]}; {data_dir} holds {meta['kind']} examples")
     device = resolve_device(device, quantized=config.quantized)
     precision = resolve_precision(config.precision, device)
     torch.manual_seed(seed)
