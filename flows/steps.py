@@ -21,7 +21,7 @@ from tasks.merge import MergeStage, check_sources, merge_adapter
 from tasks.models import DEFAULT_BASE, DEFAULT_NAME, check_model_folder, resolve_base_model
 from tasks.prep import PrepConfig, load_prepared, prepare
 from tasks.stage import StageFields, StageInputs
-from tasks.training import CHECKPOINTS, QuantizationConfig
+from tasks.training import QuantizationConfig
 
 
 def run_prep(cfg: PipelineConfig, config_dir: Path, base_path: str | None = None,
@@ -137,11 +137,7 @@ def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], da
         inputs = StageInputs(start=start_folder, data=data.artifact_path, device=cfg.device, seed=cfg.seed,
                              teacher=model_folder(teacher) if teacher is not None else None,
                              checkpoints=str(checkpoints) if checkpoints else None)
-        token = CHECKPOINTS.set(checkpoints)
-        try:
-            result = stage.run(inputs, tmp)
-        finally:
-            CHECKPOINTS.reset(token)
+        result = stage.run(inputs, tmp)
         result.info.update(stage_id=stage_id or stage.stage, start_folder=start_folder, fingerprint=fingerprint,
                            **(info or {}))
         return result

@@ -27,7 +27,7 @@ class CptConfig(TrainingConfig):
 
 
 def train_cpt(config: CptConfig, model_path: str, data_dir: str | Path, out_dir: str | Path,
-              device: str = "auto", seed: int = 0) -> StageResult:
+              device: str = "auto", seed: int = 0, checkpoints: str | Path | None = None) -> StageResult:
     """Continue pretraining the model in `model_path` on the prepared text in `data_dir`; write it to `out_dir`.
 
     Records the held-out text perplexity before and after training when the data has a validation split.
@@ -38,13 +38,14 @@ def train_cpt(config: CptConfig, model_path: str, data_dir: str | Path, out_dir:
 
     from tasks.sft import scored_sft_trainer
 
-    run = start_run("cpt", config, model_path, data_dir, device, seed)
+    run = start_run("cpt", config, model_path, data_dir, device, seed, checkpoints)
     device, precision, tokenizer, out_dir = run.device, run.precision, run.tokenizer, Path(out_dir)
     train_ds = Dataset.from_list([{"text": r["text"]} for r in run.train_rows])
     val_ds = Dataset.from_list([{"text": r["text"]} for r in run.val_rows]) if run.val_rows else None
 
     model, peft_config, info = trainable_model(config, model_path, device)
-    args = TrlSFTConfig(**trainer_arguments(config, out_dir, device, precision, seed, has_eval=val_ds is not None),
+    args = TrlSFTConfig(**trainer_arguments(config, out_dir, device, precision, seed, has_eval=val_ds is not None,
+                                            checkpoints=run.checkpoints),
                         dataset_text_field="text", packing=True, packing_strategy="bfd_split",
                         completion_only_loss=False, include_num_input_tokens_seen="all")  # packed: no padding
     history: list[dict[str, float]] = []
@@ -55,12 +56,13 @@ def train_cpt(config: CptConfig, model_path: str, data_dir: str | Path, out_dir:
                 train_sequences=len(trainer.train_dataset))
     if val_ds is None:
         return run_training(trainer, "cpt", config, tokenizer, out_dir, history, model_path, run.meta["data_hash"],
-                            info)
+                            info, checkpoints=run.checkpoints)
     # The held-out text's perplexity (all tokens, packed like training), before and after.
     return run_training(
         trainer, "cpt", config, tokenizer, out_dir, history, model_path, run.meta["data_hash"], info,
         start_metrics={"text_perplexity_start": math.exp(trainer.evaluate()["eval_loss"])},
         after_train=lambda: {"text_perplexity": math.exp(trainer.evaluate()["eval_loss"])},
+        checkpoints=run.checkpoints,
     )
 
 
@@ -72,5 +74,6 @@ class CptStage(TrainingStage, CptConfig):
     summary: ClassVar[str] = "Continued pretraining on raw text; registers the new version (no evaluation)."
     stage: Literal["cpt"] = "cpt"
 
-    def train(self, start: str, data: str, out_dir: Path, device: str, seed: int) -> StageResult:
-        return train_cpt(self, start, data, out_dir, device, seed)
+    def train(self, start: str, data: str, out_dir: Path, device: str, seed: int,
+              checkpoints: str | None = None) -> StageResult:
+        return train_cpt(self, start, data, out_dir, device, seed, checkpoints)

@@ -307,13 +307,13 @@ def prepare_rows(train: list[dict], held: list[dict], fmt: str, tokenizer_path: 
 
 
 def train_student(config: DistillSettings, start: str, dataset: str, out_dir: str | Path, teacher: str,
-                  device: str = "auto", seed: int = 0, launch=None) -> StageResult:
+                  device: str = "auto", seed: int = 0, launch=None, checkpoints: str | None = None) -> StageResult:
     """Train the student from `start` on the distilled dataset with sft (or `launch`, for several processes), then
     measure it against the teacher and the start model (see the module docstring); the metrics are `distill_*`."""
     if launch is not None:
-        result = launch("sft", config, start, dataset, Path(out_dir), device, seed)
+        result = launch("sft", config, start, dataset, Path(out_dir), device, seed, checkpoints)
     else:
-        result = train_sft(config, start, dataset, out_dir, device, seed)
+        result = train_sft(config, start, dataset, out_dir, device, seed, checkpoints)
     adapter = str(out_dir) if result.info.get("adapter") else None
     result.metrics.update(distill_metrics(config, teacher, start, adapter or str(out_dir), dataset, device,
                                           adapter=adapter is not None))
@@ -432,7 +432,7 @@ class DistillStage(TrainingStage):
         from tasks.launched import launch
 
         return train_student(self, inputs.start, inputs.data, out_dir, inputs.teacher, inputs.device, inputs.seed,
-                             launch=launch if self.processes > 1 else None)
+                             launch=launch if self.processes > 1 else None, checkpoints=inputs.checkpoints)
 
 
 class DistillPromptStage(DistillStage, DistillPromptConfig):

@@ -98,14 +98,14 @@ def implicit_rewards(policy: list[tuple], reference: list[tuple], beta: float) -
 
 
 def train_dpo(config: DpoConfig, model_path: str, data_dir: str | Path, out_dir: str | Path,
-              device: str = "auto", seed: int = 0) -> StageResult:
+              device: str = "auto", seed: int = 0, checkpoints: str | Path | None = None) -> StageResult:
     """Align the model in `model_path` with the prepared preference pairs in `data_dir`; write it to `out_dir`.
 
     Raises TuneryError for data that is not preference pairs.
     """
     from datasets import Dataset
 
-    run = start_run("dpo", config, model_path, data_dir, device, seed)
+    run = start_run("dpo", config, model_path, data_dir, device, seed, checkpoints)
     device, precision, tokenizer, out_dir = run.device, run.precision, run.tokenizer, Path(out_dir)
     train_rows, val_rows = run.train_rows, run.val_rows
     columns = ("prompt", "chosen", "rejected")
@@ -125,7 +125,7 @@ def train_dpo(config: DpoConfig, model_path: str, data_dir: str | Path, out_dir:
     needs_ref = config.loss not in REFERENCE_FREE and peft_config is None
     ref_model = load_model(model_path, device=device).eval() if needs_ref else None
     args = trainer_arguments(config, out_dir, device, precision, seed, has_eval=val_ds is not None,
-                             group_by_length=False)
+                             group_by_length=False, checkpoints=run.checkpoints)
     history: list[dict[str, float]] = []
     trainer = _trainer(config, model, ref_model, args, train_ds, val_ds, tokenizer, peft_config,
                        [history_callback(history)])
@@ -141,7 +141,7 @@ def train_dpo(config: DpoConfig, model_path: str, data_dir: str | Path, out_dir:
         return metrics
 
     return run_training(trainer, "dpo", config, tokenizer, out_dir, history, model_path, run.meta["data_hash"],
-                        info, start_metrics=start, after_train=after_train)
+                        info, start_metrics=start, after_train=after_train, checkpoints=run.checkpoints)
 
 
 class DpoStage(TrainingStage, DpoConfig):
@@ -165,5 +165,6 @@ class DpoStage(TrainingStage, DpoConfig):
             raise ValueError("give a dpo stage `data` or `pairs_from`, not both")
         return self
 
-    def train(self, start: str, data: str, out_dir: Path, device: str, seed: int) -> StageResult:
-        return train_dpo(self, start, data, out_dir, device, seed)
+    def train(self, start: str, data: str, out_dir: Path, device: str, seed: int,
+              checkpoints: str | None = None) -> StageResult:
+        return train_dpo(self, start, data, out_dir, device, seed, checkpoints)

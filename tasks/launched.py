@@ -13,10 +13,10 @@ from typing import Any
 
 from tasks.child import child_main, run_child
 from tasks.common import StageResult, resolve_device
-from tasks.training import CHECKPOINTS
 
 
-def launch(kind: str, config, model_path: str, data_dir: str, out_dir: Path, device: str, seed: int) -> StageResult:
+def launch(kind: str, config, model_path: str, data_dir: str, out_dir: Path, device: str, seed: int,
+           checkpoints: str | None = None) -> StageResult:
     """Run one training stage under `accelerate launch` with `config.processes` processes; return its result."""
     from tasks.catalogue import STAGES
 
@@ -25,7 +25,7 @@ def launch(kind: str, config, model_path: str, data_dir: str, out_dir: Path, dev
         include=set(stage_class.model_fields) - {"stage"}, by_alias=True)).model_dump(mode="json", by_alias=True),
             "model_path": model_path,
             "data_dir": str(data_dir), "out_dir": str(out_dir), "device": device, "seed": seed,
-            "checkpoints": str(CHECKPOINTS.get()) if CHECKPOINTS.get() else None}
+            "checkpoints": str(checkpoints) if checkpoints else None}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -50,9 +50,9 @@ def _train(spec: dict[str, Any]) -> dict[str, Any] | None:
     """One process's share of the stage (its kind's `train`); the main process (rank 0) reports the result."""
     from tasks.catalogue import STAGES
 
-    CHECKPOINTS.set(Path(spec["checkpoints"]) if spec["checkpoints"] else None)
     stage = STAGES[spec["kind"]].model_validate(spec["config"])
-    result = stage.train(spec["model_path"], spec["data_dir"], Path(spec["out_dir"]), spec["device"], spec["seed"])
+    result = stage.train(spec["model_path"], spec["data_dir"], Path(spec["out_dir"]), spec["device"], spec["seed"],
+                         spec["checkpoints"])
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     return {"metrics": result.metrics, "history": result.history, "info": result.info}

@@ -63,7 +63,7 @@ def scored_sft_trainer():
 
 
 def train_sft(config: SftConfig, model_path: str, data_dir: str | Path, out_dir: str | Path,
-              device: str = "auto", seed: int = 0) -> StageResult:
+              device: str = "auto", seed: int = 0, checkpoints: str | Path | None = None) -> StageResult:
     """Fine-tune the model in `model_path` on the prepared chat data in `data_dir`; write the result to `out_dir`.
 
     Raises TuneryError for data that is not chat data or that leaves nothing to train on after truncation.
@@ -71,7 +71,7 @@ def train_sft(config: SftConfig, model_path: str, data_dir: str | Path, out_dir:
     from datasets import Dataset
     from trl import SFTConfig as TrlSFTConfig
 
-    run = start_run("sft", config, model_path, data_dir, device, seed)
+    run = start_run("sft", config, model_path, data_dir, device, seed, checkpoints)
     device, precision, tokenizer, out_dir = run.device, run.precision, run.tokenizer, Path(out_dir)
 
     def encode(rows: list[dict]) -> Dataset:
@@ -83,7 +83,8 @@ def train_sft(config: SftConfig, model_path: str, data_dir: str | Path, out_dir:
         raise TuneryError(f"max_length {config.max_length} cuts off every answer; raise max_length")
 
     model, peft_config, info = trainable_model(config, model_path, device)
-    args = TrlSFTConfig(**trainer_arguments(config, out_dir, device, precision, seed, has_eval=len(val_ds) > 0),
+    args = TrlSFTConfig(**trainer_arguments(config, out_dir, device, precision, seed, has_eval=len(val_ds) > 0,
+                                            checkpoints=run.checkpoints),
                         completion_only_loss=True, include_num_input_tokens_seen="non_padding")
     history: list[dict[str, float]] = []
     trainer = scored_sft_trainer()(
@@ -92,7 +93,7 @@ def train_sft(config: SftConfig, model_path: str, data_dir: str | Path, out_dir:
     )
     info.update(device=device, precision=precision)
     return run_training(trainer, "sft", config, tokenizer, out_dir, history, model_path, run.meta["data_hash"],
-                        info)
+                        info, checkpoints=run.checkpoints)
 
 
 class SftStage(TrainingStage, SftConfig):
@@ -103,5 +104,6 @@ class SftStage(TrainingStage, SftConfig):
     summary: ClassVar[str] = "Supervised fine-tuning on chat data; registers the new version (no evaluation)."
     stage: Literal["sft"] = "sft"
 
-    def train(self, start: str, data: str, out_dir: Path, device: str, seed: int) -> StageResult:
-        return train_sft(self, start, data, out_dir, device, seed)
+    def train(self, start: str, data: str, out_dir: Path, device: str, seed: int,
+              checkpoints: str | None = None) -> StageResult:
+        return train_sft(self, start, data, out_dir, device, seed, checkpoints)

@@ -74,12 +74,14 @@ class TrainingStage(StageFields):
     """A stage that trains with its kind's trainer (`train`), on one process or, with `processes` > 1, under
     `accelerate launch` (tasks.launched)."""
 
-    def train(self, start: str, data: str, out_dir: Path, device: str, seed: int) -> StageResult:
+    def train(self, start: str, data: str, out_dir: Path, device: str, seed: int,
+              checkpoints: str | None = None) -> StageResult:
         raise NotImplementedError
 
     def run(self, inputs: StageInputs, out_dir: Path) -> StageResult:
         if getattr(self, "processes", 1) > 1:
             from tasks.launched import launch
 
-            return launch(self.kind, self, inputs.start, inputs.data, out_dir, inputs.device, inputs.seed)
-        return self.train(inputs.start, inputs.data, out_dir, inputs.device, inputs.seed)
+            return launch(self.kind, self, inputs.start, inputs.data, out_dir, inputs.device, inputs.seed,
+                          inputs.checkpoints)
+        return self.train(inputs.start, inputs.data, out_dir, inputs.device, inputs.seed, inputs.checkpoints)

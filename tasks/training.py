@@ -6,7 +6,6 @@ already merged into its parent) and writes either a LoRA adapter on top of that 
 """
 from __future__ import annotations
 
-import contextvars
 import shutil
 import sys
 import time
@@ -151,10 +150,11 @@ class RunStart:
     device: str
     precision: str
     tokenizer: Any
+    checkpoints: Path | None = None  # where this stage keeps checkpoints (None: none), see trainer_arguments
 
 
 def start_run(stage: str, config: TrainingConfig, model_path: str, data_dir: str | Path, device: str,
-              seed: int) -> RunStart:
+              seed: int, checkpoints: str | Path | None = None) -> RunStart:
     """Load the prepared data (refusing the wrong kind by name), resolve device and precision, seed, load the
     tokenizer. Raises TuneryError when the data is not the kind `stage` trains on."""
     import torch
@@ -168,7 +168,8 @@ def start_run(stage: str, config: TrainingConfig, model_path: str, data_dir: str
     device = resolve_device(device, quantized=config.quantized)
     precision = resolve_precision(config.precision, device)
     torch.manual_seed(seed)
-    return RunStart(meta, train_rows, val_rows, device, precision, load_tokenizer(model_path))
+    return RunStart(meta, train_rows, val_rows, device, precision, load_tokenizer(model_path),
+                    Path(checkpoints) if checkpoints else None)
 
 
 def trainable_model(config: TrainingConfig, model_path: str, device: str):
@@ -288,23 +289,20 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-# Where the running stage keeps its checkpoints (set by flows.steps.run_train for the stage's fingerprint, so a
-# rerun of the same stage with the same inputs finds them); None: no checkpoints.
-CHECKPOINTS: contextvars.ContextVar[Path | None] = contextvars.ContextVar("tunery_checkpoints", default=None)
-
-
-def last_checkpoint() -> str | None:
-    """The newest checkpoint of the running stage, if an earlier attempt left one."""
+def last_checkpoint(folder: Path | None) -> str | None:
+    """The newest checkpoint in a stage's checkpoint folder, if an earlier attempt left one."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    folder = CHECKPOINTS.get()
     return get_last_checkpoint(str(folder)) if folder is not None and folder.is_dir() else None
 
 
 def trainer_arguments(config: TrainingConfig, out_dir: Path, device: str, precision: str, seed: int,
-                      has_eval: bool, group_by_length: bool = True) -> dict[str, Any]:
-    """The transformers TrainingArguments every stage passes to its trl config."""
-    checkpoints = CHECKPOINTS.get() if config.save_steps else None
+                      has_eval: bool, group_by_length: bool = True, checkpoints: Path | None = None
+                      ) -> dict[str, Any]:
+    """The transformers TrainingArguments every stage passes to its trl config. With `save_steps`, checkpoints go
+    to `checkpoints` (the flow keys that folder by the stage's fingerprint, so a rerun of the same stage finds
+    them)."""
+    checkpoints = checkpoints if config.save_steps else None
     saving = dict(save_strategy="steps", save_steps=config.save_steps, save_total_limit=1) if checkpoints else dict(
         save_strategy="no")
     return dict(
@@ -406,7 +404,8 @@ def estimate_callback(stage: str, estimate: dict[str, float]):
 def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir: Path, history: list[dict],
                  model_path: str, data_hash: str, info: dict[str, Any],
                  start_metrics: dict[str, float] | None = None,
-                 after_train: Callable[[], dict[str, float]] | None = None) -> StageResult:
+                 after_train: Callable[[], dict[str, float]] | None = None,
+                 checkpoints: Path | None = None) -> StageResult:
     """Train, save the adapter or model with its tokenizer, curves and record; return metrics and history.
 
     A NaN or infinite loss stops training at the step it is logged and raises TuneryError naming the step. The
@@ -425,7 +424,7 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    resume = last_checkpoint() if config.save_steps else None
+    resume = last_checkpoint(checkpoints) if config.save_steps else None
     if resume:
         info["resumed_from"] = Path(resume).name
         print(f"{stage}: resuming from {resume}", file=sys.stderr)
