@@ -60,19 +60,10 @@ def aliases(name: str | None = None) -> list[dict[str, Any]]:
 @st.cache_data(ttl=TTL, show_spinner=False)
 def family(name: str) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Every version of a model name plus all their ancestors, and the parent -> child edges between them."""
-    nodes: dict[str, dict[str, Any]] = {}
-    edges: set[tuple[str, str]] = set()
-    todo = [v["version"] for v in registry.version_table(names=[name])]
-    while todo:
-        ref = todo.pop()
-        if ref in nodes:
-            continue
-        v = registry.get_version(ref)
-        nodes[ref] = {k: v[k] for k in ("version", "stage", "status")} | {"perplexity": v["metrics"].get("perplexity")}
-        for parent in v["parents"]:
-            edges.add((parent, ref))
-            todo.append(parent)
-    return list(nodes.values()), sorted(edges)
+    graph = registry.lineage_graph([r["version"] for r in registry.version_table(names=[name])])
+    nodes = [{k: v[k] for k in ("version", "stage", "status")} | {"perplexity": v["metrics"].get("perplexity")}
+             for v in graph["nodes"].values()]
+    return nodes, sorted(set(graph["edges"]))
 
 
 def refresh() -> None:

@@ -17,6 +17,7 @@ from registry.store import (  # noqa: F401
     instance_id,
     find_fingerprint,
     lineage,
+    lineage_graph,
     list_versions,
     record_dataset,
     record_history,

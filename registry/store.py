@@ -260,33 +260,45 @@ def get_version(ref: str, eval_data: str | None = None) -> dict[str, Any]:
         return _version_objects(con, "WHERE version = ?", [version], eval_data)[0]
 
 
-def lineage(ref: str) -> dict[str, Any]:
-    """The whole ancestry of a version as a tree: {version, stage, status, metrics, parents: [subtrees]}.
-
-    A version reached along two paths (a merge of two fine-tunes of one base) appears under each of them.
-    """
-    version = resolve(ref)
+def lineage_graph(refs: list[str]) -> dict[str, Any]:
+    """The versions `refs` and all their ancestors, each once, and the parent -> child edges between them, from one
+    recursive query: {"nodes": {version: version object}, "edges": [(parent, child), ...]} (edges in parent
+    order). The dashboard's graph and `tunery lineage` both read it."""
+    versions = [resolve(ref) for ref in refs]
     with connect(read_only=True) as con:
         edges = con.execute(
-            "WITH RECURSIVE up(version) AS (SELECT ?::VARCHAR UNION SELECT p.parent FROM version_parents p "
+            "WITH RECURSIVE up(version) AS (SELECT unnest(?::VARCHAR[]) UNION SELECT p.parent FROM version_parents p "
             "JOIN up ON p.version = up.version) "
-            "SELECT p.version, p.parent FROM version_parents p WHERE p.version IN (SELECT version FROM up) "
+            "SELECT p.parent, p.version FROM version_parents p WHERE p.version IN (SELECT version FROM up) "
             "ORDER BY p.version, p.position",
-            [version],
+            [versions],
         ).fetchall()
-        ancestors = sorted({version} | {p for _, p in edges})
-        objects = {v["version"]: v for v in _version_objects(con, "WHERE version IN (SELECT unnest(?))",
-                                                             [ancestors])}
+        every = sorted(set(versions) | {v for edge in edges for v in edge})
+        objects = {v["version"]: v for v in _version_objects(con, "WHERE version IN (SELECT unnest(?))", [every])}
+    return {"nodes": objects, "edges": [(parent, child) for parent, child in edges]}
+
+
+def lineage(ref: str) -> dict[str, Any]:
+    """The whole ancestry of a version as a tree: {version, stage, status, metrics, parents: [subtrees]}, plus,
+    at the top, the same ancestry as `nodes` (each version once) and `edges` (parent -> child).
+
+    A version reached along two paths (a merge of two fine-tunes of one base) appears under each of them in the
+    tree, and once in `nodes`.
+    """
+    version = resolve(ref)
+    graph = lineage_graph([version])
     parents: dict[str, list[str]] = {}
-    for child, parent in edges:
+    for parent, child in graph["edges"]:
         parents.setdefault(child, []).append(parent)
 
     def node(v: str) -> dict[str, Any]:
-        o = objects[v]
+        o = graph["nodes"][v]
         return {"version": v, "stage": o["stage"], "status": o["status"], "metrics": o["metrics"],
                 "parents": [node(p) for p in parents.get(v, [])]}
 
-    return node(version)
+    return {**node(version),
+            "nodes": [{k: o[k] for k in ("version", "stage", "status", "metrics")} for o in graph["nodes"].values()],
+            "edges": [list(e) for e in graph["edges"]]}
 
 
 def children(ref: str) -> list[str]:

@@ -143,6 +143,14 @@ def test_lineage_follows_every_parent_to_the_root():
     assert path == ["fern:2", "fern:1", "base:1"]
     assert registry.children("fern:2") == ["fern:3", "fern:4"]
     assert registry.lineage("base:1")["parents"] == []
+    # Walked once: fern:2, reached along two paths, is one node; the edges are parent -> child, in parent order.
+    assert sorted(n["version"] for n in tree["nodes"]) == ["base:1", "fern:1", "fern:2", "fern:3", "fern:4"]
+    assert tree["edges"] == [["base:1", "fern:1"], ["fern:1", "fern:2"], ["fern:2", "fern:3"], ["fern:2", "fern:4"],
+                             ["fern:3", "fern:4"]]
+    other = registry.create_version("fern", "sft", parents=[chain[1]])
+    graph = registry.lineage_graph([merged, other])  # two versions' ancestries, shared ancestors once
+    assert sorted(graph["nodes"]) == ["base:1", "fern:1", "fern:2", "fern:3", "fern:4", "fern:5"]
+    assert ("fern:1", "fern:5") in graph["edges"] and len(graph["edges"]) == len(set(graph["edges"])) == 6
 
 
 def test_a_version_whose_process_was_killed_is_settled_as_failed_interrupted(tunery_home):
