@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.rows import fmt as _fmt
+from flows.rows import health_rows
 from tasks.common import TuneryError, home, registry_path
 
 # Stdout carries a command's own output only (one JSON document with --json); whatever libraries print while a
@@ -74,14 +76,6 @@ def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
 def _print_json(obj: Any) -> None:
     STDOUT.write(json.dumps(obj, indent=2, default=str) + "\n")
     STDOUT.flush()
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
-    return str(value)
 
 
 # ---------------------------------------------------------------- pipeline and stages
@@ -267,12 +261,13 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML whose data 
 
 
 def _print_checks(export: dict[str, Any]) -> None:
+    from flows.rows import check_rows
+
     table = Table(title=f"{export['export_id']}: {export['gguf_file']} ({export['size_bytes'] / 2**20:.1f} MiB)")
     for col in ("check", "file", "passed", "value", "detail"):
         table.add_column(col, justify="right" if col == "value" else "left")
-    for c in export["checks"]:
-        passed = "-" if c["passed"] is None else ("yes" if c["passed"] else "NO")
-        table.add_row(c["name"], c["file"], passed, _fmt(c["value"]), c["detail"])
+    for row in check_rows(export):
+        table.add_row(*row.values())
     out.print(table)
     _print_answers(export)
 
@@ -419,12 +414,12 @@ def show(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bo
                   highlight=False)
         for k, val in sorted(measured.items()):
             out.print(f"{k:>22}  {_fmt(val)}")
-    health = v["info"].get("health")
+    health = health_rows(v["info"])
     if health:
         out.print("[bold]training health[/]")
-        for check, verdict in health.items():
-            colour = {True: "green", False: "yellow", None: "dim"}[verdict["ok"]]
-            out.print(f"{check:>22}  [{colour}]{verdict['verdict']}[/]  {verdict['detail']}", highlight=False)
+        for row in health:
+            colour = {"ok": "green", "warning": "yellow", "not judged": "dim"}[row["state"]]
+            out.print(f"{row['check']:>22}  [{colour}]{row['verdict']}[/]  {row['detail']}", highlight=False)
     if v.get("samples"):
         out.print("[bold]sample answers[/]")
         for sample in v["samples"]:

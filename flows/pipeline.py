@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 import registry
 from flows import promotion, steps
 from flows.plan import PlannedStage, code_version, plan_stage
+from flows.rows import check_rows, health_rows, markdown_table
 from flows.config import BASE_REF, load_config
 from tasks.common import RegistryBusy, TuneryError, home, resolve_device, sha256_json
 from tasks.distill import summary as distill_summary, teacher_label
@@ -102,8 +103,8 @@ def _describe_stage(version: dict[str, Any]) -> str:
                                                      for k in ("teacher", "start", "student")) + f" | {r['change']} |"
                   for r in distilled]
         lines.append("")
-    for check, verdict in info.get("health", {}).items():
-        lines.append(f"- {check}: **{verdict['verdict']}** ({verdict['detail']})")
+    for row in health_rows(info):
+        lines.append(f"- {row['check']}: **{row['verdict']}** ({row['detail']})")
     if "spectrum" in info:
         lines.append(f"- spectrum trained {len(info['spectrum']['selected'])} of {len(info['spectrum']['scores'])} "
                      "matrices")
@@ -163,13 +164,11 @@ def eval_task(version: dict[str, Any], data, eval_cfg) -> dict[str, float]:
 def promote_task(version: dict[str, Any], data, cfg) -> dict[str, Any]:
     """Export the version, check it with llama.cpp and promote it through the config's gate."""
     result = promotion.promote(version["version"], data, cfg.export, cfg.promote, cfg.eval_config().prompts)
-    checks = "\n".join(f"| {c['name']} | {c['file']} | {'-' if c['passed'] is None else c['passed']} | "
-                       f"{'' if c['value'] is None else round(c['value'], 4)} | {c['detail']} |"
-                       for c in result["export"]["checks"])
+    checks = markdown_table(check_rows(result["export"]))
     create_markdown_artifact(
         key=_key(version["name"], "promotion"),
         markdown=f"```\n{promotion.summary(result)}\n```\n\n### Export checks ({result['export']['export_id']})\n\n"
-                 f"| check | file | passed | value | detail |\n|---|---|---|---|---|\n{checks}\n",
+                 f"{checks}",
         description="export, checks and gate decision",
     )
     return result

@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.data import aliases, history, refresh, version, version_table, version_url
+from flows.rows import check_rows, health_rows
 from tasks.common import TuneryError
 from tasks.distill import summary, teacher_label
 
@@ -42,12 +43,12 @@ with right:
         st.markdown(f"**Measured on other data** `{data[:16]}` (not used to compare, pick or gate)")
         st.dataframe(pd.DataFrame(sorted(measured.items()), columns=["metric", "value"]), hide_index=True,
                      width="stretch")
-    health = v["info"].get("health")
+    health = health_rows(v["info"])
     if health:
         st.subheader("Training health")
-        for check, verdict in health.items():
-            show = {True: st.success, False: st.warning, None: st.info}[verdict["ok"]]
-            show(f"{check}: {verdict['verdict']} ({verdict['detail']})")
+        for row in health:
+            show = {"ok": st.success, "warning": st.warning, "not judged": st.info}[row["state"]]
+            show(f"{row['check']}: {row['verdict']} ({row['detail']})")
 
 distilled = summary(v["metrics"])
 if distilled:
@@ -80,7 +81,7 @@ for e in v["exports"]:
     label = f"{e['export_id']} · {e['gguf_file']} · {e['size_bytes'] / 2**20:.1f} MiB · " + (
         f"failed: {', '.join(failed)}" if failed else "all checks passed")
     with st.expander(label):
-        st.dataframe(pd.DataFrame(e["checks"]), hide_index=True, width="stretch")
+        st.dataframe(pd.DataFrame(check_rows(e)), hide_index=True, width="stretch")
         st.code(e["modelfile"], language="dockerfile")
 for p in v["promotions"]:
     verdicts = p["gate"].get("verdicts", [])
