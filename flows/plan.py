@@ -20,12 +20,11 @@ from typing import Any
 import registry
 from flows.config import BASE_REF, PipelineConfig
 from tasks.catalogue import DISTILL
-from tasks.dpo import DpoStage
-from tasks.merge import MergeStage
-from tasks.stage import is_path
 from tasks.common import StageResult, TuneryError, resolve_device, sha256_json
-from tasks.merge import NEEDS_BASE
+from tasks.dpo import DpoStage
+from tasks.merge import NEEDS_BASE, MergeStage
 from tasks.prep import load_prepared, prepare
+from tasks.stage import is_path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The libraries whose versions change what a stage or an evaluation computes.

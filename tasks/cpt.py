@@ -72,8 +72,5 @@ class CptStage(TrainingStage, CptConfig):
     kind: ClassVar[str] = "cpt"
     data_kind: ClassVar[str | None] = "text"
     summary: ClassVar[str] = "Continued pretraining on raw text; registers the new version (no evaluation)."
+    trainer: ClassVar = staticmethod(train_cpt)
     stage: Literal["cpt"] = "cpt"
-
-    def train(self, start: str, data: str, out_dir: Path, device: str, seed: int,
-              checkpoints: str | None = None) -> StageResult:
-        return train_cpt(self, start, data, out_dir, device, seed, checkpoints)

@@ -152,6 +152,7 @@ class DpoStage(TrainingStage, DpoConfig):
     data_kind: ClassVar[str | None] = "preference"
     summary: ClassVar[str] = ("Preference alignment (DPO, IPO, KTO, ORPO, SimPO, ...) on prompt/chosen/rejected "
                               "pairs; registers it.")
+    trainer: ClassVar = staticmethod(train_dpo)
     stage: Literal["dpo"] = "dpo"
     pairs_from: str | None = Field(None, description="Train on the preference pairs an earlier distill-model stage "
                                                      "(its id) wrote with `preference_pairs: true`.")
@@ -164,7 +165,3 @@ class DpoStage(TrainingStage, DpoConfig):
         if self.pairs_from and self.data is not None:
             raise ValueError("give a dpo stage `data` or `pairs_from`, not both")
         return self
-
-    def train(self, start: str, data: str, out_dir: Path, device: str, seed: int,
-              checkpoints: str | None = None) -> StageResult:
-        return train_dpo(self, start, data, out_dir, device, seed, checkpoints)

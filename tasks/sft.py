@@ -102,8 +102,5 @@ class SftStage(TrainingStage, SftConfig):
     kind: ClassVar[str] = "sft"
     data_kind: ClassVar[str | None] = "chat"
     summary: ClassVar[str] = "Supervised fine-tuning on chat data; registers the new version (no evaluation)."
+    trainer: ClassVar = staticmethod(train_sft)
     stage: Literal["sft"] = "sft"
-
-    def train(self, start: str, data: str, out_dir: Path, device: str, seed: int,
-              checkpoints: str | None = None) -> StageResult:
-        return train_sft(self, start, data, out_dir, device, seed, checkpoints)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,12 +71,15 @@ class StageFields(BaseModel):
 
 
 class TrainingStage(StageFields):
-    """A stage that trains with its kind's trainer (`train`), on one process or, with `processes` > 1, under
-    `accelerate launch` (tasks.launched)."""
+    """A stage that trains with its kind's `trainer` (train_cpt, train_sft, ...), on one process or, with
+    `processes` > 1, under `accelerate launch` (tasks.launched)."""
+
+    # The kind's trainer: (config, start folder, data folder, out_dir, device, seed, checkpoints) -> StageResult.
+    trainer: ClassVar[Callable[..., StageResult]]
 
     def train(self, start: str, data: str, out_dir: Path, device: str, seed: int,
               checkpoints: str | None = None) -> StageResult:
-        raise NotImplementedError
+        return self.trainer(self, start, data, out_dir, device, seed, checkpoints)
 
     def run(self, inputs: StageInputs, out_dir: Path) -> StageResult:
         if getattr(self, "processes", 1) > 1:
