@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.rows import check_rows, health_rows
 from flows.rows import fmt as _fmt
-from flows.rows import health_rows
 from tasks.common import TuneryError, home, registry_path
 
 # Stdout carries a command's own output only (one JSON document with --json); whatever libraries print while a
@@ -261,8 +261,6 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML whose data 
 
 
 def _print_checks(export: dict[str, Any]) -> None:
-    from flows.rows import check_rows
-
     table = Table(title=f"{export['export_id']}: {export['gguf_file']} ({export['size_bytes'] / 2**20:.1f} MiB)")
     for col in ("check", "file", "passed", "value", "detail"):
         table.add_column(col, justify="right" if col == "value" else "left")

@@ -6,15 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.filesystems import LocalFileSystem
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
 
 import registry
 from flows import promotion, steps
+from flows.config import BASE_REF, load_config
 from flows.plan import PlannedStage, code_version, plan_stage
 from flows.rows import check_rows, health_rows, markdown_table
-from flows.config import BASE_REF, load_config
 from tasks.common import RegistryBusy, TuneryError, home, resolve_device, sha256_json
 from tasks.distill import summary as distill_summary, teacher_label
 

@@ -53,7 +53,7 @@ def heldout_examples(tokenizer, data: StageResult, rows: int) -> list[dict[str, 
 def _free_tag(name: str, number: int, quant: str) -> str:
     """`vN-QUANT` for a version's first export at QUANT, `vN-QUANT-2`, `-3`, ... for the next: no folder or row
     of that name exists yet."""
-    taken = {e["export_id"] for e in export_store.list_exports()}
+    taken = {e["export_id"] for e in export_store.list_exports(f"{name}:{number}")}  # tags carry the version
     tag, n = f"v{number}-{quant}", 1
     while f"{name}/{tag}" in taken or (exports_dir() / name / tag).exists():
         n += 1
