@@ -51,7 +51,7 @@ def direct(config: Path) -> float:
     began = time.perf_counter()
     cfg, config_dir = load_config(config)
     base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    data = steps.run_prep(cfg, config_dir, base.artifact_path)
     eval_cfg = cfg.eval_config()
     steps.run_eval(base, data, eval_cfg)
     done, previous = {BASE_REF: base}, base

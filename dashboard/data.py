@@ -34,11 +34,14 @@ def facets() -> dict[str, list[str]]:
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
-def version(ref: str) -> dict[str, Any]:
-    v = registry.get_version(ref)
-    v["children"] = registry.children(ref)
-    v.update(export_store.of_version(v))
-    return v
+def version(ref: str) -> registry.Version:
+    return registry.get_version(ref)
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def around(ref: str) -> dict[str, list]:
+    """What surrounds a version: its children, exports, the aliases on it and the promotions it took part in."""
+    return {"children": registry.children(ref), **export_store.of_version(registry.get_version(ref))}
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
@@ -61,7 +64,7 @@ def aliases(name: str | None = None) -> list[dict[str, Any]]:
 def family(name: str) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Every version of a model name plus all their ancestors, and the parent -> child edges between them."""
     graph = registry.lineage_graph([r["version"] for r in registry.version_table(names=[name])])
-    nodes = [{k: v[k] for k in ("version", "stage", "status")} | {"perplexity": v["metrics"].get("perplexity")}
+    nodes = [{"version": v.version, "stage": v.stage, "status": v.status, "perplexity": v.metrics.get("perplexity")}
              for v in graph["nodes"].values()]
     return nodes, sorted(set(graph["edges"]))
 

@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.rows import check_rows, health_rows
+from flows.rows import (check_rows, comparison_rows, export_rows, health_rows, metric_rows, promotion_rows,
+                        record_rows)
 from flows.rows import fmt as _fmt
 from tasks.common import TuneryError, home, registry_path
 
@@ -73,8 +74,15 @@ def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
     return app.command(name=name)(wrapper)
 
 
+def _jsonable(obj: Any) -> Any:
+    """json.dumps' fallback: a registry Version as its JSON object, anything else as text."""
+    import registry
+
+    return obj.json() if isinstance(obj, registry.Version) else str(obj)
+
+
 def _print_json(obj: Any) -> None:
-    STDOUT.write(json.dumps(obj, indent=2, default=str) + "\n")
+    STDOUT.write(json.dumps(obj, indent=2, default=_jsonable) + "\n")
     STDOUT.flush()
 
 
@@ -116,18 +124,18 @@ def run(config: Path = typer.Argument(None, help="Pipeline YAML; default: config
         _print_promotion(result["promotion"])
 
 
-def _print_distill(version: dict[str, Any]) -> None:
+def _print_distill(version) -> None:
     """A distilled version's closing table: what the teacher's prompt cost, what the student kept."""
     from tasks.distill import summary
 
-    rows, m = summary(version["metrics"]), version["metrics"]
+    rows, m = summary(version.metrics), version.metrics
     if not rows:
         return
-    without = " without" if version["stage"] == "distill-prompt" else ""
-    table = Table(title=f"{version['version']} ({version['stage']}), measured on {m['distill_heldout_answers']:.0f} "
+    without = " without" if version.stage == "distill-prompt" else ""
+    table = Table(title=f"{version.version} ({version.stage}), measured on {m['distill_heldout_answers']:.0f} "
                         "held-out teacher answers")
-    for col in ("", f"teacher {version['info']['teacher']}" + (" with its prompt" if without else ""),
-                f"start {version['parents'][0]}{without}", f"student {version['version']}{without}",
+    for col in ("", f"teacher {version.teacher}" + (" with its prompt" if without else ""),
+                f"start {version.parents[0]}{without}", f"student {version.version}{without}",
                 "student vs teacher"):
         table.add_column(col, justify="left" if not col else "right")
     for r in rows:
@@ -189,13 +197,13 @@ def _single_stage(kind: str, config: Path, start: str | None, stage_id: str | No
     # trains on it (a merge takes no data, a stage with its own `data` prepares that instead).
     base = steps.run_base(cfg, config_dir)
     uses_top_level = kind != "merge" and stage.data is None
-    data = steps.run_prep(cfg, config_dir, base["artifact_path"]) if uses_top_level else None
+    data = steps.run_prep(cfg, config_dir, base.artifact_path) if uses_top_level else None
     version = steps.run_stage(cfg, index, {BASE_REF: base}, base, data, config_dir)
     if as_json:
         _print_json(version)
     else:
-        out.print(f"registered {version['version']} ({kind}, parents {', '.join(version['parents'])}) -> "
-                  f"{version['artifact_path']}")
+        out.print(f"registered {version.version} ({kind}, parents {', '.join(version.parents)}) -> "
+                  f"{version.artifact_path}")
         _print_distill(version)
 
 
@@ -246,7 +254,7 @@ def eval_command(version: str = typer.Argument(..., help="NAME:N or NAME (its ne
     cfg, _, _, data = _base_and_data(config)
     metrics = steps.run_eval(v, data, cfg.eval_config())
     if as_json:
-        _print_json({"version": v["version"], "metrics": metrics})
+        _print_json({"version": v.version, "metrics": metrics})
     else:
         for k, val in metrics.items():
             out.print(f"{k:>14}  {_fmt(val)}")
@@ -371,10 +379,9 @@ def models(name: Optional[str] = typer.Option(None, help="Only versions of this 
                 "created_at"):
         table.add_column(col)
     for v in versions:
-        m = v["metrics"]
-        table.add_row(v["version"], v["stage"], v["status"], ", ".join(v["parents"]) or "-",
-                      *(_fmt(m.get(k)) for k in ("perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb")),
-                      v["created_at"][:19])
+        table.add_row(v.version, v.stage, v.status, ", ".join(v.parents) or "-",
+                      *(_fmt(v.metrics.get(k)) for k in ("perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb")),
+                      v.created_at[:19])
     out.print(table if versions else "no versions registered yet; try `tunery run`")
 
 
@@ -386,55 +393,50 @@ def show(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bo
 
     v = registry.get_version(version)
     found = export_store.of_version(v)
-    v["exports"] = [{k: e[k] for k in ("export_id", "quant", "path", "gguf_file", "size_bytes", "passed", "checks")}
-                    for e in found["exports"]]
-    v["aliases"] = found["aliases"]
-    v["promotions"] = [{k: p[k] for k in ("action", "alias", "version", "previous_version", "export_id", "gate",
-                                          "ollama", "recorded_at")} for p in found["promotions"]]
     if as_json:
-        _print_json(v)
+        _print_json({**v.json(), "aliases": found["aliases"],
+                     "exports": [{k: e[k] for k in ("export_id", "quant", "path", "gguf_file", "size_bytes", "passed",
+                                                    "checks")} for e in found["exports"]],
+                     "promotions": [{k: p[k] for k in ("action", "alias", "version", "previous_version", "export_id",
+                                                       "gate", "ollama", "recorded_at")} for p in found["promotions"]]})
         return
-    for key in ("version", "stage", "status", "parents", "base_model", "data_hash", "artifact_path", "created_at",
-                "error"):
-        if v.get(key) not in (None, [], ""):
-            out.print(f"[bold]{key:>14}[/]  {', '.join(v[key]) if isinstance(v[key], list) else v[key]}",
-                      highlight=False)
-    if v["hyperparameters"]:
+    _print_record(v)
+    if found["aliases"]:
+        out.print(f"[bold]{'aliases':>14}[/]  {', '.join(found['aliases'])}", highlight=False)
+    for row in promotion_rows(found["promotions"]):
+        out.print(f"[bold]{'promotion':>14}[/]  {row['when']} {row['alias']}: {row['what']}"
+                  + (f" (failed: {row['failed']})" if row["failed"] else ""), highlight=False)
+    for row in export_rows(found["exports"]):
+        out.print(f"[bold]{'export':>14}[/]  {row['file']} ({row['size']}): checks {row['checks']}", highlight=False)
+
+
+def _print_record(v) -> None:
+    """`show`'s account of the version itself: fields, hyperparameters, metrics, health and sample answers."""
+    for row in record_rows(v):
+        out.print(f"[bold]{row['field']:>14}[/]  {row['value']}", highlight=False)
+    if v.hyperparameters:
         out.print("[bold]hyperparameters[/]")
-        out.print_json(json.dumps(v["hyperparameters"]))
-    if v["metrics"]:
-        data = f" (evaluated on data {v['eval_data_hash'][:12]})" if v["eval_data_hash"] else ""
-        out.print(f"[bold]metrics[/]{data}", highlight=False)
-        for k, val in sorted(v["metrics"].items()):
-            out.print(f"{k:>22}  {_fmt(val)}")
-    for data, measured in v["metrics_on_other_data"].items():
-        out.print(f"[bold]metrics on other data[/] ({data[:12]}; not used by compare, best-version or the gate)",
-                  highlight=False)
-        for k, val in sorted(measured.items()):
-            out.print(f"{k:>22}  {_fmt(val)}")
-    health = health_rows(v["info"])
+        out.print_json(json.dumps(v.hyperparameters))
+    measured = [(v.eval_data_hash, v.metrics, "metrics"), *(
+        (data, m, "metrics on other data") for data, m in v.metrics_on_other_data.items())]
+    for data, metrics, title in measured:
+        if not metrics:
+            continue
+        note = "" if title == "metrics" else "; not used by compare, best-version or the gate"
+        where = f" (evaluated on data {data[:12]}{note})" if data else ""
+        out.print(f"[bold]{title}[/]{where}", highlight=False)
+        for row in metric_rows(metrics):
+            out.print(f"{row['metric']:>22}  {_fmt(row['value'])}")
+    health = health_rows(v.info)
     if health:
         out.print("[bold]training health[/]")
         for row in health:
             colour = {"ok": "green", "warning": "yellow", "not judged": "dim"}[row["state"]]
             out.print(f"{row['check']:>22}  [{colour}]{row['verdict']}[/]  {row['detail']}", highlight=False)
-    if v.get("samples"):
+    if v.samples:
         out.print("[bold]sample answers[/]")
-        for sample in v["samples"]:
+        for sample in v.samples:
             out.print(f"  [bold]Q:[/] {sample['prompt']}\n  [bold]A:[/] {sample['answer']}", highlight=False)
-    if v["aliases"]:
-        out.print(f"[bold]{'aliases':>14}[/]  {', '.join(v['aliases'])}", highlight=False)
-    for p in v["promotions"]:
-        verdicts = p["gate"].get("verdicts", [])
-        failed = [x["name"] for x in verdicts if not x["passed"]]
-        what = {"promote": f"{p['version']} promoted", "refused": f"{p['version']} refused",
-                "rollback": f"rolled back to {p['version']}"}[p["action"]]
-        out.print(f"[bold]{'promotion':>14}[/]  {p['recorded_at'][:19]} {v['name']}@{p['alias']}: "
-                  f"{what}" + (f" (failed: {', '.join(failed)})" if failed else ""), highlight=False)
-    for e in v["exports"]:
-        failed = [c["name"] for c in e["checks"] if c["passed"] is False]
-        out.print(f"[bold]{'export':>14}[/]  {e['path']}/{e['gguf_file']} ({e['size_bytes'] / 2**20:.1f} MiB): "
-                  + (f"checks failed: {', '.join(failed)}" if failed else "all checks passed"), highlight=False)
 
 
 @command
@@ -473,17 +475,14 @@ def compare(a: str = typer.Argument(..., help="The version before (NAME:N)."),
         _print_json(result)
         return
 
-    def table(kind: str, rows: list[dict[str, Any]]) -> Table:
+    def table(kind: str) -> Table:
         t = Table(title=f"{kind}: {result['a']} -> {result['b']}")
         for col in (kind, result["a"], result["b"], "change", "relative"):
             t.add_column(col, justify="left" if col == kind else "right")
-        for row in rows:
-            colour = {True: "green", False: "red"}.get(row.get("better"), "")
-            rel = f"{row['relative_change']:+.1%}" if row["relative_change"] is not None else "-"
-            change = _fmt(row["change"])
-            if row["change"] is None and row.get("changed"):
-                change = "changed"
-            t.add_row(row[kind], _fmt(row["a"]), _fmt(row["b"]), f"[{colour}]{change}[/]" if colour else change, rel)
+        for row in comparison_rows(result, kind):
+            colour = {True: "green", False: "red"}.get(row["better"], "")
+            change = f"[{colour}]{row['change']}[/]" if colour else row["change"]
+            t.add_row(row[kind], row["a"], row["b"], change, row["relative"])
         return t
 
     if not result["eval_data"]["same"]:
@@ -491,9 +490,9 @@ def compare(a: str = typer.Argument(..., help="The version before (NAME:N)."),
                   f"({(result['eval_data']['a'] or '-')[:12]} vs {(result['eval_data']['b'] or '-')[:12]}): their "
                   "evaluation metrics are shown without verdicts; `tunery eval` one on the other's config[/]",
                   highlight=False)
-    out.print(table("metric", result["metrics"]))
+    out.print(table("metric"))
     if result["hyperparameters"]:
-        out.print(table("hyperparameter", result["hyperparameters"]))
+        out.print(table("hyperparameter"))
 
 
 @command

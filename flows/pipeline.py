@@ -64,8 +64,8 @@ def _key(*parts: str) -> str:
 
 
 @task(task_run_name="prep {cfg.name}", **IO_RETRIES)
-def prep_task(cfg, config_dir: Path, base: dict[str, Any]):
-    result = steps.run_prep(cfg, config_dir, base["artifact_path"])
+def prep_task(cfg, config_dir: Path, base: registry.Version):
+    result = steps.run_prep(cfg, config_dir, base.artifact_path)
     info = result.info
     create_markdown_artifact(
         key=_key(cfg.name, "prep"),
@@ -79,14 +79,14 @@ def prep_task(cfg, config_dir: Path, base: dict[str, Any]):
 
 
 @task(task_run_name="base {cfg.base_model}", **IO_RETRIES)
-def base_task(cfg, config_dir: Path) -> dict[str, Any]:
+def base_task(cfg, config_dir: Path) -> registry.Version:
     return steps.run_base(cfg, config_dir)
 
 
-def _describe_stage(version: dict[str, Any]) -> str:
-    m, info = version["metrics"], version["info"]
-    lines = [f"### {version['version']} ({version['stage']}, {info.get('method') or info.get('merge')})",
-             f"parents: {', '.join(version['parents'])}", ""]
+def _describe_stage(version: registry.Version) -> str:
+    m, info = version.metrics, version.info
+    lines = [f"### {version.version} ({version.stage}, {info.get('method') or info.get('merge')})",
+             f"parents: {', '.join(version.parents)}", ""]
     if "train_loss" in m:
         lines.append(f"loss {m['train_loss_first']:.3f} -> {m['train_loss']:.3f} in {m['train_steps']:.0f} steps, "
                      f"{m['train_runtime_s']:.0f} s, peak RSS {m['train_peak_rss_mb']:.0f} MB")
@@ -96,7 +96,7 @@ def _describe_stage(version: dict[str, Any]) -> str:
             lines.append(f"- {key}: {m[key]:.3f}")
     distilled = distill_summary(m)
     if distilled:
-        lines += [f"\nteacher {info['teacher']} ({teacher_label(info)}), {m['distill_train_answers']:.0f} "
+        lines += [f"\nteacher {version.teacher} ({teacher_label(info)}), {m['distill_train_answers']:.0f} "
                   f"answers learned, {m['distill_heldout_answers']:.0f} held out\n",
                   "| | teacher | start | student | change |", "|---|---|---|---|---|"]
         lines += [f"| {r['measure']} | " + " | ".join("" if r[k] is None else f"{r[k]:.4g}"
@@ -132,7 +132,7 @@ def stage_cache_key(context, parameters: dict[str, Any]) -> str:
 def eval_cache_key(context, parameters: dict[str, Any]) -> str:
     """An evaluation is the same while the version, the held-out data, the eval settings and the code are."""
     p = parameters
-    return "eval-" + sha256_json({"version": p["version"]["version"], "data": p["data"].info["data_hash"],
+    return "eval-" + sha256_json({"version": p["version"].version, "data": p["data"].info["data_hash"],
                                   "eval": p["eval_cfg"].model_dump(mode="json"), "code": code_version(),
                                   "device": resolve_device(p["eval_cfg"].device),
                                   "registry": registry.instance_id()})
@@ -140,33 +140,33 @@ def eval_cache_key(context, parameters: dict[str, Any]) -> str:
 
 @task(task_run_name="{plan.kind} {cfg.name} stage {plan.index}", cache_key_fn=stage_cache_key, persist_result=True,
       result_serializer="json", tags=[ACCELERATOR_TAG])
-def stage_task(cfg, plan: PlannedStage, data, config_dir: Path) -> dict[str, Any]:
+def stage_task(cfg, plan: PlannedStage, data, config_dir: Path) -> registry.Version:
     version = steps.run_planned(cfg, plan, data, config_dir, flow_run_id=str(flow_run.get_id() or ""), reuse=True)
     create_markdown_artifact(key=_key(cfg.name, plan.stage_id), markdown=_describe_stage(version),
                              description=f"{plan.kind} stage")
     return version
 
 
-@task(task_run_name="eval {version[version]}", cache_key_fn=eval_cache_key, persist_result=True,
+@task(task_run_name="eval {version.version}", cache_key_fn=eval_cache_key, persist_result=True,
       result_serializer="json", tags=[ACCELERATOR_TAG])
-def eval_task(version: dict[str, Any], data, eval_cfg) -> dict[str, float]:
+def eval_task(version: registry.Version, data, eval_cfg) -> dict[str, float]:
     metrics = steps.run_eval(version, data, eval_cfg)
     create_markdown_artifact(
-        key=_key(version["name"], "eval"),
-        markdown=f"### {version['version']}\n\n" + "\n".join(
+        key=_key(version.name, "eval"),
+        markdown=f"### {version.version}\n\n" + "\n".join(
             f"- {k}: {metrics[k]:.3f}" for k in SUMMARY_METRICS if k in metrics),
         description="evaluation on the held-out split",
     )
     return metrics
 
 
-@task(task_run_name="promote {version[version]}")
-def promote_task(version: dict[str, Any], data, cfg) -> dict[str, Any]:
+@task(task_run_name="promote {version.version}")
+def promote_task(version: registry.Version, data, cfg) -> dict[str, Any]:
     """Export the version, check it with llama.cpp and promote it through the config's gate."""
-    result = promotion.promote(version["version"], data, cfg.export, cfg.promote, cfg.eval_config().prompts)
+    result = promotion.promote(version.version, data, cfg.export, cfg.promote, cfg.eval_config().prompts)
     checks = markdown_table(check_rows(result["export"]))
     create_markdown_artifact(
-        key=_key(version["name"], "promotion"),
+        key=_key(version.name, "promotion"),
         markdown=f"```\n{promotion.summary(result)}\n```\n\n### Export checks ({result['export']['export_id']})\n\n"
                  f"{checks}",
         description="export, checks and gate decision",
@@ -213,7 +213,7 @@ def pipeline(config_path: str) -> dict[str, Any]:
     storage = result_storage()
     evaluate = eval_task.with_options(result_storage=storage)
     results = [(base, evaluate(base, data, eval_cfg))]
-    done: dict[str, dict[str, Any]] = {BASE_REF: base}
+    done: dict[str, registry.Version] = {BASE_REF: base}
     previous = base
     for index, stage in enumerate(cfg.stages):
         plan = plan_stage(cfg, index, done, previous, data, config_dir)  # once, with no side effects
@@ -224,26 +224,26 @@ def pipeline(config_path: str) -> dict[str, Any]:
     this_run = str(flow_run.get_id() or "")
     logger = get_run_logger()
     for v, _ in results[1:]:
-        if v.get("flow_run_id") != this_run:
-            logger.info(f"{v['version']} reused: its inputs are unchanged since flow run {v.get('flow_run_id')}")
-    rows = [{"version": v["version"], "stage": v["stage"], "parents": ", ".join(v["parents"]),
-             "this run": "reused" if i and v.get("flow_run_id") != this_run else ("base" if not i else "trained"),
+        if v.flow_run_id != this_run:
+            logger.info(f"{v.version} reused: its inputs are unchanged since flow run {v.flow_run_id}")
+    rows = [{"version": v.version, "stage": v.stage, "parents": ", ".join(v.parents),
+             "this run": "reused" if i and v.flow_run_id != this_run else ("base" if not i else "trained"),
              **{k: round(m.get(k, float("nan")), 3) for k in SUMMARY_METRICS}} for i, (v, m) in enumerate(results)]
     create_table_artifact(key=_key(cfg.name, "summary"), table=rows, description="every version of this run")
-    create_link_artifact(key=_key(cfg.name, "dashboard"), link=dashboard_url(previous["version"]),
-                         link_text=f"{previous['version']} in the tunery dashboard",
+    create_link_artifact(key=_key(cfg.name, "dashboard"), link=dashboard_url(previous.version),
+                         link_text=f"{previous.version} in the tunery dashboard",
                          description="the run's last version in the dashboard (`tunery dashboard`)")
-    reused = previous.get("flow_run_id") != this_run
-    _rename(f"{cfg.name} -> {previous['version']}" + (" (nothing changed)" if reused else ""))
+    reused = previous.flow_run_id != this_run
+    _rename(f"{cfg.name} -> {previous.version}" + (" (nothing changed)" if reused else ""))
     promoted = None
     if cfg.promote is not None:
-        best = promotion.best_version([v["version"] for v, _ in results[1:]], data.info["data_hash"])
+        best = promotion.best_version([v.version for v, _ in results[1:]], data.info["data_hash"])
         holder = registry.exports.get_alias(cfg.name, cfg.promote.alias)
-        if holder and holder["version"] == best["version"] and \
+        if holder and holder["version"] == best.version and \
                 registry.exports.get_export(holder["export_id"])["quant"] == cfg.export.quant:
-            logger.info(f"{cfg.name}@{cfg.promote.alias} already holds {best['version']}: nothing to promote")
+            logger.info(f"{cfg.name}@{cfg.promote.alias} already holds {best.version}: nothing to promote")
         else:
-            promoted = promote_task.with_options(task_run_name=f"promote {best['version']} to "
+            promoted = promote_task.with_options(task_run_name=f"promote {best.version} to "
                                                                f"{cfg.name}@{cfg.promote.alias}")(best, data, cfg)
-    return {"data_hash": data.info["data_hash"], "base": base["version"], "tuned": previous["version"],
-            "versions": [v["version"] for v, _ in results], "rows": rows, "promotion": promoted}
+    return {"data_hash": data.info["data_hash"], "base": base.version, "tuned": previous.version,
+            "versions": [v.version for v, _ in results], "rows": rows, "promotion": promoted}

@@ -78,15 +78,15 @@ class PlannedStage:
         return dataclasses.asdict(self)
 
 
-def resolve_ref(ref: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def resolve_ref(ref: str, done: dict[str, registry.Version]) -> registry.Version:
     """A stage reference: 'base', an earlier stage's id (from `done`), or a registered version NAME:N / NAME."""
     version = done[ref] if ref in done else registry.get_version(ref)
-    if version["status"] != "ready":
-        raise TuneryError(f"{version['version']} is {version['status']}; only ready versions can be used")
+    if version.status != "ready":
+        raise TuneryError(f"{version.version} is {version.status}; only ready versions can be used")
     return version
 
 
-def _data(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], data: StageResult | None,
+def _data(cfg: PipelineConfig, index: int, done: dict[str, registry.Version], data: StageResult | None,
           config_dir: Path) -> tuple[str, StageResult | None]:
     """Where stage `index`'s training data comes from and what it is (its own `data` is read and hashed, not
     written): its own `data`, else the config's (a merge, or a distill stage given `prompts`, takes none; a dpo
@@ -95,36 +95,36 @@ def _data(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], data
     if isinstance(stage, MergeStage) or (stage.stage in DISTILL and stage.prompts):
         return "none", None
     if isinstance(stage, DpoStage) and stage.pairs_from:
-        path = done[stage.pairs_from]["info"].get("preference_pairs")
+        path = done[stage.pairs_from].preference_pairs
         if not path:
             raise TuneryError(f"stage {cfg.stage_id(index)}: pairs_from {stage.pairs_from!r} wrote no preference "
                               "pairs; give that distill-model stage `preference_pairs: true`")
         return "pairs", StageResult(stage="prep", artifact_path=path, metrics={}, info=load_prepared(path)[0])
     if stage.data is not None:
-        return "stage", prepare(stage.data, config_dir, tokenizer_path=done[BASE_REF]["artifact_path"], write=False)
+        return "stage", prepare(stage.data, config_dir, tokenizer_path=done[BASE_REF].artifact_path, write=False)
     return "config", data
 
 
-def stage_data(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], data: StageResult | None,
+def stage_data(cfg: PipelineConfig, index: int, done: dict[str, registry.Version], data: StageResult | None,
                config_dir: Path) -> StageResult | None:
     """The data stage `index` trains on, as planned (see _data)."""
     return _data(cfg, index, done, data, config_dir)[1]
 
 
-def _teacher(stage, done: dict[str, dict[str, Any]], start: dict[str, Any], config_dir: Path) -> str | None:
+def _teacher(stage, done: dict[str, registry.Version], start: registry.Version, config_dir: Path) -> str | None:
     if stage.stage not in DISTILL:
         return None
     if not stage.teacher:
-        return start["version"]
+        return start.version
     if not is_path(stage.teacher):
-        return resolve_ref(stage.teacher, done)["version"]
+        return resolve_ref(stage.teacher, done).version
     folder = (config_dir / stage.teacher).resolve()
     if not folder.is_dir():
         raise TuneryError(f"teacher {stage.teacher}: no such model folder ({folder})")
     return f"folder:{folder}"
 
 
-def plan_stage(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], previous: dict[str, Any],
+def plan_stage(cfg: PipelineConfig, index: int, done: dict[str, registry.Version], previous: registry.Version,
                data: StageResult | None, config_dir: Path) -> PlannedStage:
     """Plan stage `index` of the config: `done` maps stage ids (and 'base') to their versions, `previous` is the
     version the stage starts from unless it names one, `data` the config's prepared top-level data."""
@@ -133,16 +133,16 @@ def plan_stage(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]],
     sources: tuple[str, ...] = ()
     merge_base = teacher = None
     if isinstance(stage, MergeStage):
-        sources = tuple(resolve_ref(ref, done)["version"] for ref in stage.sources)
+        sources = tuple(resolve_ref(ref, done).version for ref in stage.sources)
         if stage.method in NEEDS_BASE:
-            merge_base = resolve_ref(stage.base or BASE_REF, done)["version"]
+            merge_base = resolve_ref(stage.base or BASE_REF, done).version
     else:
         teacher = _teacher(stage, done, start, config_dir)
     data_from, trains_on = _data(cfg, index, done, data, config_dir)
     device = resolve_device(cfg.device)
     inputs: dict[str, Any] = {
         "name": cfg.name, "stage": stage.model_dump(mode="json", exclude={"data", "id", "from_"}),
-        "data": trains_on.info["data_hash"] if trains_on is not None else None, "start": start["version"],
+        "data": trains_on.info["data_hash"] if trains_on is not None else None, "start": start.version,
         "seed": cfg.seed, "device": device, "code": code_version(), "registry": registry.instance_id(),
     }
     if isinstance(stage, MergeStage):
@@ -152,8 +152,8 @@ def plan_stage(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]],
     if teacher is not None:
         inputs["teacher"] = teacher
     return PlannedStage(
-        index=index, kind=stage.stage, stage_id=cfg.stage_id(index), base=done[BASE_REF]["version"],
-        start=start["version"], sources=sources,
+        index=index, kind=stage.stage, stage_id=cfg.stage_id(index), base=done[BASE_REF].version,
+        start=start.version, sources=sources,
         merge_base=merge_base, teacher=teacher, data=trains_on.artifact_path if trains_on else None,
         data_hash=trains_on.info["data_hash"] if trains_on else None, data_from=data_from, device=device,
         fingerprint=sha256_json(inputs))

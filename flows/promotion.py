@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,94 +62,128 @@ def _free_tag(name: str, number: int, quant: str) -> str:
     return tag
 
 
-def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list[str],
-                   progress: Progress = print) -> dict[str, Any]:
-    """Write exports/NAME/vN-QUANT (GGUF + Modelfile), run every check on it, record export and checks."""
-    from tasks import verify
-    from tasks.models import conversation, load_model, load_tokenizer, prompt_ids
+@dataclass(frozen=True)
+class Recipe:
+    """What an export of a version will write, settled before any file is: the model folder, its tokenizer, the
+    chat template's frames, the Go TEMPLATE, the stop strings and the Modelfile's parameters."""
 
-    version = registry.get_version(ref)
-    if version["status"] != "ready":
-        raise TuneryError(f"{version['version']} is {version['status']}; only ready versions can be exported")
-    name, number = version["name"], version["number"]
-    tag = _free_tag(name, number, cfg.quant)
+    folder: Path
+    tokenizer: Any
+    frames: Any
+    template: str
+    stops: list[str]
+    parameters: dict[str, Any]
+
+
+def recipe(version: registry.Version, cfg: ExportConfig) -> Recipe:
+    from tasks.models import load_tokenizer
+
     folder = Path(model_folder(version))
     tokenizer = load_tokenizer(str(folder))
-    examples = heldout_examples(tokenizer, data, cfg.heldout_rows)
     try:
-        frames = chat_frames(tokenizer)
+        frames, frames_error = chat_frames(tokenizer), ""
     except TuneryError as e:
         frames, frames_error = None, str(e)
     template = cfg.template or (go_template(frames) if frames else None)
     if template is None:
-        raise TuneryError(f"{version['version']}: cannot derive an Ollama TEMPLATE ({frames_error}); set "
+        raise TuneryError(f"{version.version}: cannot derive an Ollama TEMPLATE ({frames_error}); set "
                           "export.template")
-    stops = stop_tokens(tokenizer, frames, folder)
-    parameters = {**({"num_ctx": cfg.num_ctx} if cfg.num_ctx else {}), **cfg.parameters}
+    return Recipe(folder, tokenizer, frames, template, stop_tokens(tokenizer, frames, folder),
+                  {**({"num_ctx": cfg.num_ctx} if cfg.num_ctx else {}), **cfg.parameters})
+
+
+def write_files(r: Recipe, cfg: ExportConfig, tmp: Path, version: registry.Version,
+                progress: Progress) -> tuple[Path, Path, str]:
+    """Write the full-precision GGUF, the quantized one (unless they are the same) and the Modelfile into `tmp`;
+    return (full-precision file, exported file, Modelfile text)."""
+    from tasks import verify
+
+    stem = f"{version.name}-v{version.number}"
+    full = "f32" if cfg.quant == "f32" else "f16"
+    full_path = tmp / f"{stem}-{full}.gguf"
+    progress(f"writing {full_path.name}")
+    write_gguf(r.folder, full_path, full, name=version.version)
+    gguf = full_path
+    if cfg.quant != full:
+        progress(f"quantizing to {cfg.quant} with llama.cpp")
+        gguf = verify.quantize(full_path, tmp / f"{stem}-{cfg.quant}.gguf", cfg.quant, cfg.threads)
+    modelfile = render_modelfile(gguf.name, r.template, r.stops, cfg.system, r.parameters)
+    (tmp / "Modelfile").write_text(modelfile)
+    return full_path, gguf, modelfile
+
+
+def run_checks(r: Recipe, cfg: ExportConfig, full_path: Path, gguf: Path, modelfile: str, prompts: list[str],
+               examples: list[dict[str, list[int]]], progress: Progress
+               ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Every check of an export, each row naming the file it ran on: the Modelfile read back, the template
+    rendered both ways, the file loads with the exact vocabulary, tokenization, answers that stop (on the exported
+    file), greedy tokens against HF (on the full-precision file), perplexity and KL. Returns (checks, answers)."""
+    from tasks import verify
+    from tasks.models import conversation, load_model, prompt_ids
+
     checks: list[dict[str, Any]] = []
-    final = exports_dir() / name / tag
+
+    def add(file: Path, *found: dict[str, Any]) -> None:
+        checks.extend({**c, "file": file.name} for c in found)
+
+    expected = [("from", f"./{gguf.name}"), ("template", r.template), *(("parameter stop", s) for s in r.stops),
+                *((f"parameter {k}", str(v)) for k, v in r.parameters.items()),
+                *([("system", cfg.system)] if cfg.system else [])]
+    got = parse_modelfile(modelfile)
+    add(gguf, verify.check("modelfile", got == expected, len(got),
+                           f"{len(got)} directives read back as written" if got == expected else
+                           f"read back {[c for c, _ in got]}, wrote {[c for c, _ in expected]}"))
+    add(gguf, verify.check_template(r.template, r.tokenizer, r.frames))
+    progress("checking the export with llama.cpp")
+    llm, loads = verify.check_loads(gguf, r.tokenizer)
+    add(gguf, loads)
+    if llm is None:
+        raise TuneryError(f"{gguf.name}: {loads['detail']}")
+    try:
+        rendered = [hf_render(r.tokenizer, c, r.frames) for c in SAMPLE_CONVERSATIONS] if r.frames else []
+        add(gguf, verify.check_tokenization(llm, r.tokenizer, rendered))
+        answered, speed, samples = verify.check_answers(llm, r.template, r.stops, prompts, cfg.system,
+                                                        cfg.answer_tokens, r.parameters)
+        add(gguf, answered, speed)
+    finally:
+        llm.close()
+    model = load_model(str(r.folder))
+    ids = [prompt_ids(r.tokenizer, conversation(cfg.system, p)) for p in prompts]
+    stop_ids = set(r.tokenizer.convert_tokens_to_ids(r.stops))
+    full_llm = verify.open_gguf(full_path, threads=cfg.threads)
+    try:
+        progress(f"greedy tokens of {full_path.name} vs HF")
+        add(full_path, verify.check_greedy(full_llm, model, r.tokenizer, ids, cfg.max_new_tokens, stop_ids,
+                                           "f32" if cfg.quant == "f32" else "f16"))
+    finally:
+        full_llm.close()
+    progress("perplexity and KL against the fp32 model")
+    add(gguf, *verify.distribution_checks(gguf, model, examples, cfg.window, cfg.threads))
+    return checks, samples
+
+
+def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list[str],
+                   progress: Progress = print) -> dict[str, Any]:
+    """Write exports/NAME/vN-QUANT (GGUF + Modelfile), run every check on it, record export and checks."""
+    version = registry.get_version(ref)
+    if version.status != "ready":
+        raise TuneryError(f"{version.version} is {version.status}; only ready versions can be exported")
+    r = recipe(version, cfg)
+    examples = heldout_examples(r.tokenizer, data, cfg.heldout_rows)
+    tag = _free_tag(version.name, version.number, cfg.quant)
+    final = exports_dir() / version.name / tag
     with atomic_dir(final) as tmp:
-        full = "f32" if cfg.quant == "f32" else "f16"
-        full_path = tmp / f"{name}-v{number}-{full}.gguf"
-        progress(f"writing {full_path.name}")
-        write_gguf(folder, full_path, full, name=version["version"])
-        gguf = full_path
-        if cfg.quant != full:
-            progress(f"quantizing to {cfg.quant} with llama.cpp")
-            gguf = verify.quantize(full_path, tmp / f"{name}-v{number}-{cfg.quant}.gguf", cfg.quant, cfg.threads)
-        modelfile = render_modelfile(gguf.name, template, stops, cfg.system, parameters)
-        (tmp / "Modelfile").write_text(modelfile)
-
-        def add(file: Path, *found: dict[str, Any]) -> None:
-            checks.extend({**c, "file": file.name} for c in found)
-
-        expected = [("from", f"./{gguf.name}"), ("template", template), *(("parameter stop", s) for s in stops),
-                    *((f"parameter {k}", str(v)) for k, v in parameters.items()),
-                    *([("system", cfg.system)] if cfg.system else [])]
-        got = parse_modelfile(modelfile)
-        add(gguf, verify.check("modelfile", got == expected, len(got),
-                               f"{len(got)} directives read back as written" if got == expected else
-                               f"read back {[c for c, _ in got]}, wrote {[c for c, _ in expected]}"))
-        add(gguf, verify.check_template(template, tokenizer, frames))
-        progress("checking the export with llama.cpp")
-        llm, loads = verify.check_loads(gguf, tokenizer)
-        add(gguf, loads)
-        if llm is None:
-            raise TuneryError(f"{gguf.name}: {loads['detail']}")
-        samples: list[dict[str, str]] = []
-        model = load_model(str(folder))
-        try:
-            rendered = [hf_render(tokenizer, c, frames) for c in SAMPLE_CONVERSATIONS] if frames else []
-            add(gguf, verify.check_tokenization(llm, tokenizer, rendered))
-            answered, speed, samples = verify.check_answers(llm, template, stops, prompts, cfg.system,
-                                                            cfg.answer_tokens, parameters)
-            add(gguf, answered, speed)
-        finally:
-            llm.close()
-        ids = [prompt_ids(tokenizer, conversation(cfg.system, p)) for p in prompts]
-        stop_ids = set(tokenizer.convert_tokens_to_ids(stops))
-        full_llm = verify.open_gguf(full_path, threads=cfg.threads)
-        try:
-            progress(f"greedy tokens of {full_path.name} vs HF")
-            add(full_path, verify.check_greedy(full_llm, model, tokenizer, ids, cfg.max_new_tokens, stop_ids,
-                                               full))
-        finally:
-            full_llm.close()
-        progress("perplexity and KL against the fp32 model")
-        add(gguf, *verify.distribution_checks(gguf, model, examples, cfg.window, cfg.threads))
+        full_path, gguf, modelfile = write_files(r, cfg, tmp, version, progress)
+        checks, samples = run_checks(r, cfg, full_path, gguf, modelfile, prompts, examples, progress)
         if gguf != full_path and not cfg.keep_full_precision:
             full_path.unlink()
-        passed = all(c["passed"] is not False for c in checks)
-        info = {"config": cfg.model_dump(), "stops": stops, "template_source": "config" if cfg.template else
-                "derived", "answers": samples, "model_folder": str(folder),
-                "eval_data_hash": data.info["data_hash"]}
-        write_json(tmp / "checks.json", {"version": version["version"], "checks": checks, "answers": samples})
-        sha = _sha256(gguf)
-        size = gguf.stat().st_size
-        gguf_name = gguf.name
-    export = {"export_id": f"{name}/{tag}", "version": version["version"], "quant": cfg.quant, "path": str(final),
-              "gguf_file": gguf_name, "size_bytes": size, "sha256": sha, "modelfile": modelfile, "passed": passed,
-              "info": info}
+        write_json(tmp / "checks.json", {"version": version.version, "checks": checks, "answers": samples})
+        sha, size = _sha256(gguf), gguf.stat().st_size
+    info = {"config": cfg.model_dump(), "stops": r.stops, "template_source": "config" if cfg.template else "derived",
+            "answers": samples, "model_folder": str(r.folder), "eval_data_hash": data.info["data_hash"]}
+    export = {"export_id": f"{version.name}/{tag}", "version": version.version, "quant": cfg.quant,
+              "path": str(final), "gguf_file": gguf.name, "size_bytes": size, "sha256": sha, "modelfile": modelfile,
+              "passed": all(c["passed"] is not False for c in checks), "info": info}
     export_store.record_export(export, checks)
     return export_store.get_export(export["export_id"])
 
@@ -186,7 +221,7 @@ def gate(candidate: dict[str, Any], holder: dict[str, Any] | None, data: StageRe
         verdicts.append({"name": "perplexity_vs_holder", "passed": True, "value": _value(candidate, "perplexity"),
                          "threshold": None, "detail": "no other version holds the alias"})
         return verdicts
-    ours_base, theirs_base = (registry.get_version(e["version"])["base_model"] for e in (candidate, holder))
+    ours_base, theirs_base = (registry.get_version(e["version"]).base_model for e in (candidate, holder))
     if ours_base != theirs_base:
         verdicts.append({"name": "perplexity_vs_holder", "passed": False, "value": None, "threshold": None,
                          "detail": f"{holder['version']} was trained from {theirs_base}, this version from "
@@ -240,21 +275,21 @@ def promote(ref: str, data: StageResult, export_cfg: ExportConfig, gate_cfg: Gat
             progress: Progress = print) -> dict[str, Any]:
     """Export `ref`, gate it against the alias's holder, and move the alias on a pass. Either way, a row."""
     version = registry.get_version(ref)
-    name, alias = version["name"], gate_cfg.alias  # GateConfig validated the alias
-    candidate = export_version(version["version"], data, export_cfg, prompts, progress)
+    name, alias = version.name, gate_cfg.alias  # GateConfig validated the alias
+    candidate = export_version(version.version, data, export_cfg, prompts, progress)
     current = export_store.get_alias(name, alias)
     holder = export_store.get_export(current["export_id"]) if current else None
     progress(f"gate for {name}@{alias}" + (f" (held by {holder['version']})" if holder else ""))
     verdicts = gate(candidate, holder, data, gate_cfg, export_cfg.threads)
     record = {"thresholds": gate_cfg.model_dump(), "verdicts": verdicts}
     if not all(v["passed"] for v in verdicts):
-        export_store.record_promotion(name, alias, "refused", version["version"], candidate["export_id"], record)
-        return {"promoted": False, "alias": f"{name}@{alias}", "version": version["version"], "export": candidate,
+        export_store.record_promotion(name, alias, "refused", version.version, candidate["export_id"], record)
+        return {"promoted": False, "alias": f"{name}@{alias}", "version": version.version, "export": candidate,
                 "previous": current and current["version"], "gate": verdicts}
     ollama = _ollama_create(name, alias, candidate)
     _point_alias(name, alias, candidate)
-    export_store.record_promotion(name, alias, "promote", version["version"], candidate["export_id"], record, ollama)
-    return {"promoted": True, "alias": f"{name}@{alias}", "version": version["version"], "export": candidate,
+    export_store.record_promotion(name, alias, "promote", version.version, candidate["export_id"], record, ollama)
+    return {"promoted": True, "alias": f"{name}@{alias}", "version": version.version, "export": candidate,
             "previous": current and current["version"], "gate": verdicts, "ollama": ollama,
             "path": str(exports_dir() / name / alias)}
 
@@ -279,14 +314,14 @@ def rollback(target: str) -> dict[str, Any]:
             "ollama": ollama, "path": str(exports_dir() / name / alias)}
 
 
-def best_version(refs: list[str], eval_data: str) -> dict[str, Any]:
+def best_version(refs: list[str], eval_data: str) -> registry.Version:
     """The version with the lowest perplexity on the data hashed `eval_data` (what `tunery run` promotes); a
     perplexity measured on other data does not count."""
     versions = [registry.get_version(ref, eval_data) for ref in refs]
-    scored = [v for v in versions if v["status"] == "ready" and "perplexity" in v["metrics"]]
+    scored = [v for v in versions if v.status == "ready" and "perplexity" in v.metrics]
     if not scored:
         raise TuneryError(f"no version evaluated on data {eval_data[:12]} to promote")
-    return min(scored, key=lambda v: v["metrics"]["perplexity"])
+    return min(scored, key=lambda v: v.metrics["perplexity"])
 
 
 def override(settings, option: str, **changes: Any):

@@ -39,7 +39,7 @@ def load_with_data(config: str | Path):
 
     cfg, config_dir = load_config(config)
     base = run_base(cfg, config_dir)
-    return cfg, config_dir, base, run_prep(cfg, config_dir, base["artifact_path"])
+    return cfg, config_dir, base, run_prep(cfg, config_dir, base.artifact_path)
 
 
 def base_name(cfg: PipelineConfig, base_path: str) -> str:
@@ -50,7 +50,7 @@ def base_name(cfg: PipelineConfig, base_path: str) -> str:
     return Path(base_path).name.replace("/", "-")[:64] or "base"
 
 
-def run_base(cfg: PipelineConfig, config_dir: Path) -> dict[str, Any]:
+def run_base(cfg: PipelineConfig, config_dir: Path) -> registry.Version:
     """Resolve the base model and return its registry version, registering it the first time it is used."""
     path = resolve_base_model(cfg.base_model, config_dir)
     # base_model names the foundation model the same way on the base version and on everything trained from it.
@@ -58,40 +58,44 @@ def run_base(cfg: PipelineConfig, config_dir: Path) -> dict[str, Any]:
     return register_model(base_name(cfg, path), path, identity, cfg.base_model)
 
 
-def register_model(name: str, path: str, identity: str, source: str) -> dict[str, Any]:
+def register_model(name: str, path: str, identity: str, source: str) -> registry.Version:
     """The registry version of a model folder used as it is (a base, a teacher), registered the first time."""
     for v in registry.list_versions(name=name, status="ready"):
-        if v["stage"] == "base" and v["artifact_path"] == path:
+        if v.stage == "base" and v.artifact_path == path:
             return v
     version = registry.create_version(name, "base", base_model=identity, info={"source": source})
     registry.finish_version(version, path)
     return registry.get_version(version)
 
 
-def model_folder(version: dict[str, Any]) -> str:
+def model_folder(version: registry.Version) -> str:
     """A folder holding the version as a complete model, for training on, merging or exporting.
 
     Full models are their artifact. An adapter version is merged into its parent's model once and kept under
     TUNERY_HOME/cache/merged (a QLoRA adapter into the de-quantized weights it was trained against).
     """
-    if not version["info"].get("adapter"):
-        return version["artifact_path"]
-    folder = home() / "cache" / "merged" / version["name"] / str(version["number"])
+    if not version.adapter:
+        return version.artifact_path
+    folder = home() / "cache" / "merged" / version.name / str(version.number)
     if not (folder / "config.json").exists():
         with atomic_dir(folder, replace=True) as tmp:  # a cache
             fold_adapter(version, tmp)
     return str(folder)
 
 
-def fold_adapter(version: dict[str, Any], out_dir: Path, qlora_base: str = "dequantized") -> dict[str, Any]:
+def adapter_base(version: registry.Version) -> str:
+    """The model folder an adapter version applies to: its first parent's."""
+    return model_folder(registry.get_version(version.parents[0]))
+
+
+def fold_adapter(version: registry.Version, out_dir: Path, qlora_base: str = "dequantized") -> dict[str, Any]:
     """Write an adapter version merged into its parent's model (its first parent) to `out_dir`."""
-    parent = registry.get_version(version["parents"][0])
-    quantization = version["info"].get("quantization_config")
-    return merge_adapter(model_folder(parent), version["artifact_path"], out_dir,
-                         QuantizationConfig(**quantization) if quantization else None, qlora_base)
+    quantization = QuantizationConfig(**version.quantization) if version.quantization else None
+    return merge_adapter(adapter_base(version), version.artifact_path, out_dir, quantization, qlora_base)
 
 
-def _record(version: str, run) -> dict[str, Any]:
+def _record(version: str, run, fingerprint: str | None = None, preference_pairs: str | None = None
+            ) -> registry.Version:
     """Run `run(tmp_folder) -> StageResult` into the version's artifact folder; mark it ready or failed."""
     name, number = version.split(":")
     final = artifacts_dir() / name / number
@@ -100,16 +104,19 @@ def _record(version: str, run) -> dict[str, Any]:
             result = run(tmp)
         registry.record_history(version, result.history)
         registry.record_metrics(version, result.metrics)
-        registry.finish_version(version, str(final), info=result.info)
+        registry.finish_version(version, str(final), info=result.info, fingerprint=fingerprint,
+                                adapter=result.adapter, quantization=result.quantization,
+                                preference_pairs=preference_pairs)
     except BaseException as e:
         registry.fail_version(version, _reason(e))
         raise
     return registry.get_version(version)
 
 
-def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], data: StageResult,
+def run_train(cfg: PipelineConfig, stage: StageFields, start: registry.Version, data: StageResult,
               stage_id: str | None = None, flow_run_id: str | None = None, fingerprint: str | None = None,
-              teacher: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> dict[str, Any]:
+              teacher: registry.Version | None = None, info: dict[str, Any] | None = None,
+              preference_pairs: str | None = None) -> registry.Version:
     """Train `start` with a cpt, sft or dpo stage on `data` as a new version of `cfg.name`; return the version.
     A distill stage trains its student with sft on the teacher's answers (`data`) and measures it against the
     `teacher`, a parent of the new version next to `start`."""
@@ -119,13 +126,14 @@ def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], da
         raise TuneryError(f"stage {stage_id or stage.stage} ({stage.stage}) needs {kind} data, but its data holds "
                           f"{data.info['kind']} examples; give the stage its own `data:`")
     hyperparameters = {stage.stage: stage.hyperparameters(), "seed": cfg.seed, "device": cfg.device}
-    parents = [start["version"]]
+    parents = [start.version]
     if teacher is not None:
-        hyperparameters["teacher"] = teacher["version"]
-        parents = list(dict.fromkeys(parents + [teacher["version"]]))
+        hyperparameters["teacher"] = teacher.version
+        parents = list(dict.fromkeys(parents + [teacher.version]))
     version = registry.create_version(
-        cfg.name, stage.stage, base_model=start["base_model"], parents=parents,
+        cfg.name, stage.stage, base_model=start.base_model, parents=parents,
         hyperparameters=hyperparameters, data_hash=data.info["data_hash"], flow_run_id=flow_run_id,
+        teacher=teacher.version if teacher is not None else None,
     )
 
     # Checkpoints live outside the version's temporary folder, keyed by the stage's inputs: a failed attempt leaves
@@ -138,11 +146,10 @@ def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], da
                              teacher=model_folder(teacher) if teacher is not None else None,
                              checkpoints=str(checkpoints) if checkpoints else None)
         result = stage.run(inputs, tmp)
-        result.info.update(stage_id=stage_id or stage.stage, start_folder=start_folder, fingerprint=fingerprint,
-                           **(info or {}))
+        result.info.update(stage_id=stage_id or stage.stage, start_folder=start_folder, **(info or {}))
         return result
 
-    done = _record(version, train)
+    done = _record(version, train, fingerprint, preference_pairs)
     if checkpoints is not None:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return done
@@ -152,7 +159,7 @@ def run_train(cfg: PipelineConfig, stage: StageFields, start: dict[str, Any], da
 GGUF_ORDER = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q4_k_m", "q4_k_s", "q4_0")
 
 
-def teacher_gguf(teacher: dict[str, Any], backend: str, allow_failed: bool = False
+def teacher_gguf(teacher: registry.Version, backend: str, allow_failed: bool = False
                  ) -> tuple[Path | None, dict[str, Any]]:
     """The GGUF export the teacher answers through (backend auto or llama.cpp), or None for HF generation, and what
     the version records about it: the export, its file and its check status.
@@ -161,7 +168,7 @@ def teacher_gguf(teacher: dict[str, Any], backend: str, allow_failed: bool = Fal
     if backend == "hf":
         return None, {}
     found = sorted(((not e["passed"], GGUF_ORDER.index(e["quant"]) if e["quant"] in GGUF_ORDER else len(GGUF_ORDER),
-                     e["export_id"], e) for e in registry.exports.list_exports(teacher["version"])
+                     e["export_id"], e) for e in registry.exports.list_exports(teacher.version)
                     if (Path(e["path"]) / e["gguf_file"]).exists()), key=lambda f: f[:3])
     passed = [e for failed, _, _, e in found if not failed]
     failed = [e for bad, _, _, e in found if bad]
@@ -176,13 +183,13 @@ def teacher_gguf(teacher: dict[str, Any], backend: str, allow_failed: bool = Fal
             "teacher_export": chosen["export_id"], "teacher_gguf_checks": status(chosen)}
     skipped = f"{failed[0]['export_id']} ({status(failed[0])})" if failed else None
     if backend == "llama.cpp":
-        raise TuneryError(f"teacher {teacher['version']} has no GGUF export that passed its checks"
+        raise TuneryError(f"teacher {teacher.version} has no GGUF export that passed its checks"
                           + (f"; {skipped}: set teacher_allow_failed_export: true to use it anyway" if skipped else
-                             f"; run `tunery export {teacher['version']} --quant f16`") + ", or set teacher_backend: hf")
+                             f"; run `tunery export {teacher.version} --quant f16`") + ", or set teacher_backend: hf")
     return None, ({"teacher_export_skipped": skipped} if skipped else {})
 
 
-def teacher_version(ref: str) -> dict[str, Any]:
+def teacher_version(ref: str) -> registry.Version:
     """A planned teacher's version; a local model folder (`folder:<path>`) is registered the first time."""
     if not ref.startswith("folder:"):
         return registry.get_version(ref)
@@ -191,9 +198,9 @@ def teacher_version(ref: str) -> dict[str, Any]:
     return register_model(folder.name[:64], str(folder), str(folder), str(folder))
 
 
-def run_distill(cfg: PipelineConfig, stage: Stage, start: dict[str, Any], teacher: dict[str, Any],
+def run_distill(cfg: PipelineConfig, stage: Stage, start: registry.Version, teacher: registry.Version,
                 data: StageResult | None, stage_id: str | None = None, flow_run_id: str | None = None,
-                fingerprint: str | None = None) -> dict[str, Any]:
+                fingerprint: str | None = None) -> registry.Version:
     """Ask the teacher, prepare the student's rows (and, when asked, preference pairs), train and measure the
     student; the generated datasets are registered like any prepared data."""
     rows = None
@@ -209,24 +216,26 @@ def run_distill(cfg: PipelineConfig, stage: Stage, start: dict[str, Any], teache
     # What the teacher's raw answers depend on (how they are trimmed and learned from is applied afterwards).
     generation = {"max_new_tokens", "generation_batch_size", "no_repeat_ngram", "teacher_backend", "system",
                   "examples"}
-    key = {"teacher": teacher["version"], "gguf": str(gguf), "contexts": contexts, "registry": registry.instance_id(),
+    key = {"teacher": teacher.version, "gguf": str(gguf), "contexts": contexts, "registry": registry.instance_id(),
            "settings": stage.model_dump(mode="json", include=generation), "device": resolve_device(cfg.device)}
     dataset = make_dataset(stage, teacher_folder, gguf, contexts, start_folder, cfg.device, key)
     registry.record_dataset(dataset.info, dataset.artifact_path)
-    info = {"teacher": teacher["version"], "dataset": dataset.artifact_path,
+    info = {"dataset": dataset.artifact_path,
             **{k: dataset.info[k] for k in ("teacher_backend", "teacher_gguf", "generation_s", "unfinished_answers",
                                             "trimmed_answers", "dropped_answers")}, **teacher_export}
+    pairs = None
     if getattr(stage, "preference_pairs", False):
-        pairs = preference_pairs(stage, start_folder, dataset.artifact_path, cfg.device)
-        registry.record_dataset(pairs.info, pairs.artifact_path)
-        info["preference_pairs"] = pairs.artifact_path
-    return run_train(cfg, stage, start, dataset, stage_id, flow_run_id, fingerprint, teacher=teacher, info=info)
+        made = preference_pairs(stage, start_folder, dataset.artifact_path, cfg.device)
+        registry.record_dataset(made.info, made.artifact_path)
+        pairs = made.artifact_path
+    return run_train(cfg, stage, start, dataset, stage_id, flow_run_id, fingerprint, teacher=teacher, info=info,
+                     preference_pairs=pairs)
 
 
-def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | None,
-              sources: list[dict[str, Any]], merge_base: dict[str, Any] | None,
+def run_merge(cfg: PipelineConfig, stage: MergeStage, start: registry.Version | None,
+              sources: list[registry.Version], merge_base: registry.Version | None,
               stage_id: str | None = None, flow_run_id: str | None = None,
-              fingerprint: str | None = None) -> dict[str, Any]:
+              fingerprint: str | None = None) -> registry.Version:
     """Merge `start`'s adapter into its base (method lora) or the `sources` with mergekit; register the result.
 
     Every source (and, for ties / dare_ties / task_arithmetic, the base they are measured from) is a parent.
@@ -234,42 +243,41 @@ def run_merge(cfg: PipelineConfig, stage: MergeStage, start: dict[str, Any] | No
     folders: dict[str, str] = {}
     base = None
     if stage.method == "lora":
-        if start is None or not start["info"].get("adapter"):
-            what = start["version"] if start else "nothing"
+        if start is None or not start.adapter:
+            what = start.version if start else "nothing"
             raise TuneryError(f"merge (lora) needs an adapter version to fold in; {what} is not one")
         parents = [start]
     else:
         parents = sources + ([merge_base] if merge_base is not None else [])
         # Checked before the version is registered: bad inputs leave no failed row behind.
-        folders = {s["version"]: model_folder(s) for s in sources}
-        base = (merge_base["version"], model_folder(merge_base)) if merge_base is not None else None
+        folders = {s.version: model_folder(s) for s in sources}
+        base = (merge_base.version, model_folder(merge_base)) if merge_base is not None else None
         check_sources(folders, base)
     hyperparameters = {"merge": stage.hyperparameters(), "seed": cfg.seed,
-                       "sources": [p["version"] for p in sources]}
+                       "sources": [p.version for p in sources]}
     version = registry.create_version(
-        cfg.name, "merge", base_model=parents[0]["base_model"],
-        parents=list(dict.fromkeys(p["version"] for p in parents)), hyperparameters=hyperparameters,
-        data_hash=start["data_hash"] if stage.method == "lora" else None, flow_run_id=flow_run_id,
+        cfg.name, "merge", base_model=parents[0].base_model,
+        parents=list(dict.fromkeys(p.version for p in parents)), hyperparameters=hyperparameters,
+        data_hash=start.data_hash if stage.method == "lora" else None, flow_run_id=flow_run_id,
     )
 
     if stage.method == "lora":
-        quantization = start["info"].get("quantization_config")
-        inputs = StageInputs(start=start["artifact_path"], seed=cfg.seed, quantization=quantization,
-                             adapter_base=model_folder(registry.get_version(start["parents"][0])))
+        inputs = StageInputs(start=start.artifact_path, seed=cfg.seed, quantization=start.quantization,
+                             adapter_base=adapter_base(start))
     else:
-        inputs = StageInputs(start=start["artifact_path"] if start else "", sources=folders, merge_base=base,
+        inputs = StageInputs(start=start.artifact_path if start else "", sources=folders, merge_base=base,
                              seed=cfg.seed)
 
     def merge(tmp: Path) -> StageResult:
         result = stage.run(inputs, tmp)
-        result.info.update(stage_id=stage_id or "merge", fingerprint=fingerprint)
+        result.info.update(stage_id=stage_id or "merge")
         return result
 
-    return _record(version, merge)
+    return _record(version, merge, fingerprint)
 
 
 def run_planned(cfg: PipelineConfig, plan: PlannedStage, data: StageResult | None, config_dir: Path,
-                flow_run_id: str | None = None, reuse: bool = False) -> dict[str, Any]:
+                flow_run_id: str | None = None, reuse: bool = False) -> registry.Version:
     """Run a planned stage: prepare its own data, register a local teacher, then train, distill or merge.
 
     `data` is the config's prepared top-level data. With `reuse`, a ready version made from the same inputs (the
@@ -277,9 +285,9 @@ def run_planned(cfg: PipelineConfig, plan: PlannedStage, data: StageResult | Non
     """
     stage: Stage = cfg.stages[plan.index]
     if reuse and (found := registry.find_fingerprint(cfg.name, plan.fingerprint)):
-        return {**registry.get_version(found), "reused": True}
+        return registry.get_version(found).as_reused()
     if plan.data_from == "stage":
-        data = run_prep(cfg, config_dir, registry.get_version(plan.base)["artifact_path"], stage.data)
+        data = run_prep(cfg, config_dir, registry.get_version(plan.base).artifact_path, stage.data)
     elif plan.data_from == "pairs":
         data = StageResult(stage="prep", artifact_path=plan.data, metrics={}, info=load_prepared(plan.data)[0])
     elif plan.data_from == "none":
@@ -297,25 +305,24 @@ def run_planned(cfg: PipelineConfig, plan: PlannedStage, data: StageResult | Non
     return run_train(cfg, stage, start, data, plan.stage_id, flow_run_id, plan.fingerprint)
 
 
-def run_stage(cfg: PipelineConfig, index: int, done: dict[str, dict[str, Any]], previous: dict[str, Any],
+def run_stage(cfg: PipelineConfig, index: int, done: dict[str, registry.Version], previous: registry.Version,
               data: StageResult | None, config_dir: Path, flow_run_id: str | None = None,
-              reuse: bool = False) -> dict[str, Any]:
+              reuse: bool = False) -> registry.Version:
     """Plan stage `index` of the config (flows.plan.plan_stage) and run it."""
     plan = plan_stage(cfg, index, done, previous, data, config_dir)
     return run_planned(cfg, plan, data, config_dir, flow_run_id, reuse)
 
 
-def run_eval(version: dict[str, Any], data: StageResult, eval_cfg: EvalConfig) -> dict[str, float]:
+def run_eval(version: registry.Version, data: StageResult, eval_cfg: EvalConfig) -> dict[str, float]:
     """Measure a registered version on the prepared data's validation split and record the metrics."""
-    if version["status"] != "ready":
-        raise TuneryError(f"{version['version']} is {version['status']}; only ready versions can be evaluated")
-    if version["info"].get("adapter"):
-        parent = registry.get_version(version["parents"][0])
-        result = evaluate(model_folder(parent), data.artifact_path, eval_cfg, adapter=version["artifact_path"])
+    if version.status != "ready":
+        raise TuneryError(f"{version.version} is {version.status}; only ready versions can be evaluated")
+    if version.adapter:
+        result = evaluate(adapter_base(version), data.artifact_path, eval_cfg, adapter=version.artifact_path)
     else:
-        result = evaluate(version["artifact_path"], data.artifact_path, eval_cfg)
-    registry.record_metrics(version["version"], result.metrics, eval_data_hash=data.info["data_hash"])
-    registry.record_samples(version["version"], result.info.get("samples", []), eval_data_hash=data.info["data_hash"])
+        result = evaluate(version.artifact_path, data.artifact_path, eval_cfg)
+    registry.record_metrics(version.version, result.metrics, eval_data_hash=data.info["data_hash"])
+    registry.record_samples(version.version, result.info.get("samples", []), eval_data_hash=data.info["data_hash"])
     return result.metrics
 
 

@@ -4,6 +4,7 @@ All SQL of tunery lives in this package; callers use the functions of `registry.
 lineage) and `registry.exports` (GGUF exports, their checks, aliases, promotions).
 """
 from registry import exports  # noqa: F401
+from registry.records import Version, VersionInfo  # noqa: F401
 from registry.store import (  # noqa: F401
     children,
     compare_versions,

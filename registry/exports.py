@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 from registry.db import connect, utcnow
+from registry.records import Version
 from registry.store import _require
 from tasks.common import TuneryError
 
@@ -78,13 +79,13 @@ def list_aliases(name: str | None = None) -> list[dict[str, Any]]:
             for n, a, v, e, u in rows]
 
 
-def of_version(version: dict[str, Any]) -> dict[str, list]:
+def of_version(version: Version) -> dict[str, list]:
     """A version's exports, the aliases that point at it (NAME@ALIAS), and the promotions it took part in."""
-    return {"exports": list_exports(version["version"]),
-            "aliases": [f"{a['name']}@{a['alias']}" for a in list_aliases(version["name"])
-                        if a["version"] == version["version"]],
-            "promotions": [p for p in promotion_history(version["name"])
-                           if version["version"] in (p["version"], p["previous_version"])]}
+    return {"exports": list_exports(version.version),
+            "aliases": [f"{a['name']}@{a['alias']}" for a in list_aliases(version.name)
+                        if a["version"] == version.version],
+            "promotions": [p for p in promotion_history(version.name)
+                           if version.version in (p["version"], p["previous_version"])]}
 
 
 def record_promotion(name: str, alias: str, action: str, version: str, export_id: str | None,

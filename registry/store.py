@@ -9,6 +9,7 @@ import socket
 from typing import Any
 
 from registry.db import connect, utcnow
+from registry.records import Version
 from tasks.common import TuneryError, check_name
 
 VERSION_RE = re.compile(r"^(?P<name>[^:@]+):(?P<number>\d+)$")
@@ -19,7 +20,7 @@ STATUSES = ("running", "ready", "failed")
 
 def create_version(name: str, stage: str, *, base_model: str | None = None, parents: list[str] = (),
                    hyperparameters: dict | None = None, data_hash: str | None = None,
-                   flow_run_id: str | None = None, info: dict | None = None) -> str:
+                   flow_run_id: str | None = None, info: dict | None = None, teacher: str | None = None) -> str:
     """Register a new version `NAME:N` in status `running` and return it. N is the next number for the name.
 
     The row exists before any training starts, so a run that fails is recorded as failed, never lost.
@@ -34,10 +35,11 @@ def create_version(name: str, stage: str, *, base_model: str | None = None, pare
         version = f"{name}:{number}"
         con.execute(
             "INSERT INTO versions (version, name, number, stage, status, base_model, hyperparameters_json, "
-            "data_hash, info_json, flow_run_id, created_utc, owner_json) "
-            "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+            "data_hash, info_json, flow_run_id, created_utc, owner_json, teacher) "
+            "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
             [version, name, number, stage, base_model, json.dumps(hyperparameters or {}, sort_keys=True),
-             data_hash, json.dumps(info or {}, sort_keys=True), flow_run_id, utcnow(), json.dumps(this_process())],
+             data_hash, json.dumps(info or {}, sort_keys=True), flow_run_id, utcnow(), json.dumps(this_process()),
+             teacher],
         )
         for position, parent in enumerate(parents):
             con.execute("INSERT INTO version_parents VALUES (?, ?, ?)", [version, parent, position])
@@ -97,12 +99,17 @@ def _next_number(con, name: str) -> int:
                        "model_names.last_number + 1 RETURNING last_number", [name]).fetchone()[0]
 
 
-def finish_version(version: str, artifact_path: str | None, info: dict | None = None) -> None:
-    """Mark a running version `ready`, with the folder that holds its weights or adapter."""
+def finish_version(version: str, artifact_path: str | None, info: dict | None = None, *,
+                   fingerprint: str | None = None, adapter: bool = False, quantization: dict | None = None,
+                   preference_pairs: str | None = None) -> None:
+    """Mark a running version `ready`, with the folder that holds its weights or adapter and the typed fields
+    (registry.records.Version) its stage settled."""
     with connect() as con:
         _require(con, version)
-        con.execute("UPDATE versions SET status = 'ready', artifact_path = ?, finished_utc = ? WHERE version = ?",
-                    [artifact_path, utcnow(), version])
+        con.execute("UPDATE versions SET status = 'ready', artifact_path = ?, finished_utc = ?, fingerprint = ?, "
+                    "adapter = ?, quantization_json = ?, preference_pairs = ? WHERE version = ?",
+                    [artifact_path, utcnow(), fingerprint, adapter,
+                     json.dumps(quantization, sort_keys=True) if quantization else None, preference_pairs, version])
         if info is not None:
             con.execute("UPDATE versions SET info_json = ? WHERE version = ?",
                         [json.dumps(info, sort_keys=True), version])
@@ -181,11 +188,12 @@ def resolve(ref: str) -> str:
     return row[0]
 
 
-def _version_objects(con, where: str, params: list[Any], eval_data: str | None = None) -> list[dict[str, Any]]:
+def _version_objects(con, where: str, params: list[Any], eval_data: str | None = None) -> list[Version]:
     # `where` is a fixed SQL fragment chosen by this module, never user text; values come through `params`.
     rows = con.execute(
         "SELECT version, name, number, stage, status, base_model, hyperparameters_json, data_hash, artifact_path, "
-        f"info_json, error, flow_run_id, created_utc, finished_utc FROM versions {where} ORDER BY name, number",
+        "info_json, error, flow_run_id, created_utc, finished_utc, fingerprint, adapter, quantization_json, teacher, "
+        f"preference_pairs FROM versions {where} ORDER BY name, number",
         params,
     ).fetchall()
     if not rows:
@@ -222,23 +230,25 @@ def _version_objects(con, where: str, params: list[Any], eval_data: str | None =
             samples[v].append({"prompt": prompt, "answer": answer})
     out = []
     for (version, name, number, stage, status, base_model, hp, data_hash, artifact, info, error, flow_run,
-         created, finished) in rows:
-        out.append({
-            "version": version, "name": name, "number": number, "stage": stage, "status": status,
-            "parents": parents[version], "base_model": base_model, "hyperparameters": json.loads(hp),
-            "data_hash": data_hash, "eval_data_hash": reference[version],
-            "metrics": {**metrics[version], **by_data[version].get(reference[version], {})},
-            "metrics_on_other_data": {h: m for h, m in by_data[version].items() if h != reference[version]},
-            "artifact_path": artifact,
-            "info": json.loads(info), "samples": samples[version], "error": error, "flow_run_id": flow_run,
-            "created_at": created.isoformat() + "Z", "finished_at": finished.isoformat() + "Z" if finished else None,
-        })
+         created, finished, fingerprint, adapter, quantization, teacher, pairs) in rows:
+        out.append(Version(
+            version=version, name=name, number=number, stage=stage, status=status, parents=parents[version],
+            base_model=base_model, hyperparameters=json.loads(hp), data_hash=data_hash,
+            eval_data_hash=reference[version],
+            metrics={**metrics[version], **by_data[version].get(reference[version], {})},
+            metrics_on_other_data={h: m for h, m in by_data[version].items() if h != reference[version]},
+            artifact_path=artifact, info=json.loads(info), samples=samples[version], error=error,
+            flow_run_id=flow_run, created_at=created.isoformat() + "Z",
+            finished_at=finished.isoformat() + "Z" if finished else None, fingerprint=fingerprint,
+            adapter=bool(adapter), quantization=json.loads(quantization) if quantization else None, teacher=teacher,
+            preference_pairs=pairs,
+        ))
     return out
 
 
 def list_versions(name: str | None = None, status: str | None = None,
-                  eval_data: str | None = None) -> list[dict[str, Any]]:
-    """Every version (optionally of one name or status) as the JSON objects `tunery models --json` prints; `eval_data`
+                  eval_data: str | None = None) -> list[Version]:
+    """Every version (optionally of one name or status); `Version.json()` is what `tunery models --json` prints. `eval_data`
     (a data hash) picks which evaluation fills `metrics`, instead of each version's first."""
     clauses, params = [], []
     if name is not None:
@@ -252,7 +262,7 @@ def list_versions(name: str | None = None, status: str | None = None,
         return _version_objects(con, where, params, eval_data)
 
 
-def get_version(ref: str, eval_data: str | None = None) -> dict[str, Any]:
+def get_version(ref: str, eval_data: str | None = None) -> Version:
     """One version object by `NAME:N` or `NAME`; raises TuneryError for an unknown one. `eval_data` as in
     list_versions."""
     version = resolve(ref)
@@ -262,7 +272,7 @@ def get_version(ref: str, eval_data: str | None = None) -> dict[str, Any]:
 
 def lineage_graph(refs: list[str]) -> dict[str, Any]:
     """The versions `refs` and all their ancestors, each once, and the parent -> child edges between them, from one
-    recursive query: {"nodes": {version: version object}, "edges": [(parent, child), ...]} (edges in parent
+    recursive query: {"nodes": {version: Version}, "edges": [(parent, child), ...]} (edges in parent
     order). The dashboard's graph and `tunery lineage` both read it."""
     versions = [resolve(ref) for ref in refs]
     with connect(read_only=True) as con:
@@ -274,7 +284,7 @@ def lineage_graph(refs: list[str]) -> dict[str, Any]:
             [versions],
         ).fetchall()
         every = sorted(set(versions) | {v for edge in edges for v in edge})
-        objects = {v["version"]: v for v in _version_objects(con, "WHERE version IN (SELECT unnest(?))", [every])}
+        objects = {v.version: v for v in _version_objects(con, "WHERE version IN (SELECT unnest(?))", [every])}
     return {"nodes": objects, "edges": [(parent, child) for parent, child in edges]}
 
 
@@ -293,11 +303,12 @@ def lineage(ref: str) -> dict[str, Any]:
 
     def node(v: str) -> dict[str, Any]:
         o = graph["nodes"][v]
-        return {"version": v, "stage": o["stage"], "status": o["status"], "metrics": o["metrics"],
+        return {"version": v, "stage": o.stage, "status": o.status, "metrics": o.metrics,
                 "parents": [node(p) for p in parents.get(v, [])]}
 
     return {**node(version),
-            "nodes": [{k: o[k] for k in ("version", "stage", "status", "metrics")} for o in graph["nodes"].values()],
+            "nodes": [{"version": o.version, "stage": o.stage, "status": o.status, "metrics": o.metrics}
+                      for o in graph["nodes"].values()],
             "edges": [list(e) for e in graph["edges"]]}
 
 
@@ -340,18 +351,18 @@ def compare_versions(a: str, b: str) -> dict[str, Any]:
     and, for metrics with a known direction, whether b is better."""
     va, vb = get_version(a), get_version(b)
     # Compare on data both were measured on: b's evaluation data, else a's, else none (then no verdicts).
-    measured_a = {va["eval_data_hash"], *va["metrics_on_other_data"]} - {None}
-    measured_b = {vb["eval_data_hash"], *vb["metrics_on_other_data"]} - {None}
-    common = [h for h in (vb["eval_data_hash"], va["eval_data_hash"]) if h in measured_a & measured_b]
+    measured_a = {va.eval_data_hash, *va.metrics_on_other_data} - {None}
+    measured_b = {vb.eval_data_hash, *vb.metrics_on_other_data} - {None}
+    common = [h for h in (vb.eval_data_hash, va.eval_data_hash) if h in measured_a & measured_b]
     if common:
         va, vb = get_version(a, common[0]), get_version(b, common[0])
     same_data = bool(common) or not (measured_a or measured_b)
     with connect(read_only=True) as con:  # training figures (no data hash) compare whatever the data
         training = {r[0] for r in con.execute("SELECT DISTINCT name FROM metrics WHERE eval_data_hash IS NULL AND "
-                                               "version IN (?, ?)", [va["version"], vb["version"]]).fetchall()}
+                                               "version IN (?, ?)", [va.version, vb.version]).fetchall()}
     rows = []
-    for key in sorted(set(va["metrics"]) | set(vb["metrics"])):
-        x, y = va["metrics"].get(key), vb["metrics"].get(key)
+    for key in sorted(set(va.metrics) | set(vb.metrics)):
+        x, y = va.metrics.get(key), vb.metrics.get(key)
         change, relative = _change(x, y)
         family = key.split("/")[0]
         better = None
@@ -362,15 +373,15 @@ def compare_versions(a: str, b: str) -> dict[str, Any]:
                 better = change > 0
         rows.append({"metric": key, "a": x, "b": y, "change": change, "relative_change": relative,
                      "better": better})
-    hp_a, hp_b = _flatten(va["hyperparameters"]), _flatten(vb["hyperparameters"])
+    hp_a, hp_b = _flatten(va.hyperparameters), _flatten(vb.hyperparameters)
     hp = []
     for key in sorted(set(hp_a) | set(hp_b)):
         x, y = hp_a.get(key), hp_b.get(key)
         change, relative = _change(x, y)
         hp.append({"hyperparameter": key, "a": x, "b": y, "change": change, "relative_change": relative,
                    "changed": x != y})
-    return {"a": va["version"], "b": vb["version"], "metrics": rows, "hyperparameters": hp,
-            "eval_data": {"a": va["eval_data_hash"], "b": vb["eval_data_hash"], "same": same_data}}
+    return {"a": va.version, "b": vb.version, "metrics": rows, "hyperparameters": hp,
+            "eval_data": {"a": va.eval_data_hash, "b": vb.eval_data_hash, "same": same_data}}
 
 
 
@@ -484,6 +495,6 @@ def find_fingerprint(name: str, fingerprint: str) -> str | None:
     """The newest ready version of `name` whose stage inputs had this fingerprint, if any."""
     with connect(read_only=True) as con:
         row = con.execute("SELECT version FROM versions WHERE name = ? AND status = 'ready' AND "
-                          "json_extract_string(info_json, '$.fingerprint') = ? ORDER BY number DESC LIMIT 1",
+                          "fingerprint = ? ORDER BY number DESC LIMIT 1",
                           [name, fingerprint]).fetchone()
     return row[0] if row else None

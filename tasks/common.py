@@ -117,6 +117,8 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    adapter: bool = False  # artifact_path is a LoRA adapter on the model the stage started from
+    quantization: dict[str, Any] | None = None  # the QuantizationConfig that adapter was trained against
 
 
 def resolve_device(requested: str, quantized: bool = False) -> str:

@@ -314,7 +314,7 @@ def train_student(config: DistillSettings, start: str, dataset: str, out_dir: st
         result = launch("sft", config, start, dataset, Path(out_dir), device, seed, checkpoints)
     else:
         result = train_sft(config, start, dataset, out_dir, device, seed, checkpoints)
-    adapter = str(out_dir) if result.info.get("adapter") else None
+    adapter = str(out_dir) if result.adapter else None
     result.metrics.update(distill_metrics(config, teacher, start, adapter or str(out_dir), dataset, device,
                                           adapter=adapter is not None))
     return result
@@ -328,22 +328,17 @@ def distill_metrics(config: DistillSettings, teacher: str, start: str, student: 
     adapter on `start`."""
     import gc
 
-    from tasks.evaluation import latency, perplexity
-
     device = resolve_device(device)
     precision = resolve_precision("auto", device)
     _, train, held = load_prepared(dataset)
-    student_rows = held
     teacher_rows = [{"messages": c + r["messages"][-1:]}
                     for c, r in zip(teacher_contexts(config, contexts_of(held)), held)]
     timed = contexts_of(held)[:LATENCY_PROMPTS]
-    new_tokens = 2 if isinstance(config, DistillPromptConfig) else 16
-    answer_bytes = sum(len(r["messages"][-1]["content"].encode()) for r in held)
     metrics: dict[str, float] = {"distill_train_answers": float(len(train)),
                                  "distill_heldout_answers": float(len(held))}
     sides = (("teacher", teacher, None, teacher_rows, teacher_contexts(config, timed)),
-             ("start", start, None, student_rows, timed),
-             ("student", start if adapter else student, student if adapter else None, student_rows, timed))
+             ("start", start, None, held, timed),
+             ("student", start if adapter else student, student if adapter else None, held, timed))
     loaded, model = None, None
     for side, path, lora, rows, prompts in sides:
         if loaded != (path, lora):  # distill-prompt's default teacher is the start model: loaded once for both
@@ -351,19 +346,7 @@ def distill_metrics(config: DistillSettings, teacher: str, start: str, student: 
             gc.collect()
             model = load_model(path, device=device, precision=precision, adapter=lora, merge=lora is not None)
             tokenizer, loaded = load_tokenizer(lora or path), (path, lora)
-        # One window per example (no sliding): a window that cut off the long system prompt would not measure
-        # the teacher with it.
-        window = max(len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
-                     for r in rows) + 1
-        scored = perplexity(model, tokenizer, rows, max_length=window)
-        metrics[f"distill_perplexity_{side}"] = scored["perplexity"]
-        metrics[f"distill_bits_per_byte_{side}"] = scored["nll_sum"] / math.log(2) / max(answer_bytes, 1)
-        if side != "start":
-            speed = latency(model, tokenizer, prompts, max_new_tokens=new_tokens, repeats=3, warmup=1)
-            metrics[f"distill_ttft_ms_{side}"] = speed["ttft_ms"]
-            if not isinstance(config, DistillPromptConfig):
-                metrics[f"distill_tokens_per_s_{side}"] = speed["tokens_per_s"]
-                metrics[f"distill_params_{side}"] = float(sum(p.numel() for p in model.parameters()))
+        metrics.update(_side_metrics(config, side, model, tokenizer, rows, prompts, held))
         if side == "teacher" and isinstance(config, DistillPromptConfig):
             long, short = zip(*(prompt_lengths(tokenizer, config, c) for c in contexts_of(train + held)))
             metrics["distill_prompt_tokens_teacher"] = sum(long) / len(long)
@@ -372,15 +355,46 @@ def distill_metrics(config: DistillSettings, teacher: str, start: str, student: 
                 metrics["distill_prompt_tokens_student"]
     del model
     gc.collect()
-    m = metrics
-    m["distill_ttft_reduction"] = 1 - m["distill_ttft_ms_student"] / m["distill_ttft_ms_teacher"]
-    m["distill_perplexity_reduction"] = 1 - m["distill_perplexity_student"] / m["distill_perplexity_start"]
+    return {**metrics, **_comparisons(metrics)}
+
+
+def _side_metrics(config: DistillSettings, side: str, model, tokenizer, rows: list[dict], prompts: list[Context],
+                  held: list[dict]) -> dict[str, float]:
+    """One side's (teacher, start or student) perplexity and bits per byte of the held-out answers, and, for
+    teacher and student, time to first token (and, for distill-model, decode speed and size)."""
+    from tasks.evaluation import latency, perplexity
+
+    # One window per example (no sliding): a window that cut off the long system prompt would not measure the
+    # teacher with it.
+    window = max(len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+                 for r in rows) + 1
+    scored = perplexity(model, tokenizer, rows, max_length=window)
+    answer_bytes = sum(len(r["messages"][-1]["content"].encode()) for r in held)
+    out = {f"distill_perplexity_{side}": scored["perplexity"],
+           f"distill_bits_per_byte_{side}": scored["nll_sum"] / math.log(2) / max(answer_bytes, 1)}
+    if side == "start":
+        return out
+    prompt_only = isinstance(config, DistillPromptConfig)
+    speed = latency(model, tokenizer, prompts, max_new_tokens=2 if prompt_only else 16, repeats=3, warmup=1)
+    out[f"distill_ttft_ms_{side}"] = speed["ttft_ms"]
+    if not prompt_only:
+        out[f"distill_tokens_per_s_{side}"] = speed["tokens_per_s"]
+        out[f"distill_params_{side}"] = float(sum(p.numel() for p in model.parameters()))
+    return out
+
+
+def _comparisons(m: dict[str, float]) -> dict[str, float]:
+    """The student against the teacher and its start: time to first token and perplexity reductions, the share of
+    the perplexity gap closed, and (distill-model) the decode speed-up."""
     gap = m["distill_perplexity_start"] - m["distill_perplexity_teacher"]
-    # Share of the way from the start model to the teacher that the student covered (1: as close as the teacher).
-    m["distill_gap_closed"] = (m["distill_perplexity_start"] - m["distill_perplexity_student"]) / gap if gap else 1.0
+    out = {"distill_ttft_reduction": 1 - m["distill_ttft_ms_student"] / m["distill_ttft_ms_teacher"],
+           "distill_perplexity_reduction": 1 - m["distill_perplexity_student"] / m["distill_perplexity_start"],
+           # Share of the way from the start model to the teacher that the student covered (1: as close as it).
+           "distill_gap_closed": (m["distill_perplexity_start"] - m["distill_perplexity_student"]) / gap if gap
+           else 1.0}
     if "distill_tokens_per_s_teacher" in m:
-        m["distill_speedup"] = m["distill_tokens_per_s_student"] / m["distill_tokens_per_s_teacher"]
-    return m
+        out["distill_speedup"] = m["distill_tokens_per_s_student"] / m["distill_tokens_per_s_teacher"]
+    return out
 
 
 def teacher_label(info: dict[str, Any]) -> str:

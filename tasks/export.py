@@ -164,8 +164,6 @@ def _tokenizer_metadata(writer, model_dir: Path, config: dict[str, Any]) -> None
 def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16", name: str | None = None) -> Path:
     """Write the model in `model_dir` (config.json + safetensors + tokenizer) as one GGUF file at `out_path`."""
     import gguf
-    import numpy as np
-    from safetensors import safe_open
 
     model_dir, out_path = Path(model_dir), Path(out_path)
     if outtype not in OUTTYPES:
@@ -176,16 +174,28 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
         raise TuneryError(f"{model_dir}: cannot export model_type {model_type!r} to GGUF; supported: "
                           f"{', '.join(sorted(ARCHES))}")
     arch = ARCHES[model_type]
-    n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads", n_head)
     writer = gguf.GGUFWriter(str(out_path), arch)
     writer.add_name(name or model_dir.name)
+    _hyperparameters(writer, model_dir, config)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    _tokenizer_metadata(writer, model_dir, config)
+    _tensors(writer, model_dir, config, arch, outtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=True)
+    writer.close()
+    return out_path
+
+
+def _hyperparameters(writer, model_dir: Path, config: dict[str, Any]) -> None:
+    """The architecture's sizes, RoPE and norm settings from config.json."""
+    n_head = config["num_attention_heads"]
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(n_layers)
+    writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
+    writer.add_head_count_kv(config.get("num_key_value_heads", n_head))
     writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // n_head)
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -193,9 +203,17 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
     writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.ALL_F32)
-    _tokenizer_metadata(writer, model_dir, config)
 
+
+def _tensors(writer, model_dir: Path, config: dict[str, Any], arch: str, outtype: str) -> None:
+    """Every weight under its GGUF name (Llama's q and k rows permuted as llama.cpp expects), f16 for matrices of
+    an f16 file."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads", n_head)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA, n_layers)
     tensors: dict[str, Any] = {}
     for file in sorted(model_dir.glob("*.safetensors")):
@@ -218,8 +236,3 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
         if outtype == "f16" and value.ndim > 1:
             value = value.astype(np.float16)
         writer.add_tensor(target, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=True)
-    writer.close()
-    return out_path

@@ -42,8 +42,7 @@ def launch(kind: str, config, model_path: str, data_dir: str, out_dir: Path, dev
         env = dict(os.environ)
     done = run_child("tasks.launched", spec, f"{kind} on {config.processes} processes", launcher, env)
     done["info"]["processes"] = config.processes
-    return StageResult(stage=kind, artifact_path=str(out_dir), metrics=done["metrics"], history=done["history"],
-                       info=done["info"])
+    return StageResult(**{**done, "stage": kind, "artifact_path": str(out_dir)})
 
 
 def _train(spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -55,7 +54,8 @@ def _train(spec: dict[str, Any]) -> dict[str, Any] | None:
                          spec["checkpoints"])
     if int(os.environ.get("RANK", "0")) != 0:
         return None
-    return {"metrics": result.metrics, "history": result.history, "info": result.info}
+    return {"metrics": result.metrics, "history": result.history, "info": result.info, "adapter": result.adapter,
+            "quantization": result.quantization}
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def merge_adapter(base_path: str, adapter_path: str, out_dir: str | Path,
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
     _copy_tokenizer(Path(adapter_path), out_dir)
-    info = {"merge": "lora", "adapter": False, "merged_adapter": str(adapter_path),
+    info = {"merge": "lora", "merged_adapter": str(adapter_path),
             "qlora_base": qlora_base if quantized else None}
     write_json(out_dir / "tunery_stage.json", {"stage": "merge", "info": info, "base": base_path})
     return info
@@ -204,7 +204,7 @@ def merge_models(config: MergeConfig, sources: dict[str, str], out_dir: str | Pa
         portable["base_model"] = labels.get(portable["base_model"], portable["base_model"])
     for entry in portable.get("models", []) + [s for part in portable.get("slices", []) for s in part["sources"]]:
         entry["model"] = labels.get(entry["model"], entry["model"])
-    info = {"merge": config.method, "adapter": False, "mergekit_config": portable}
+    info = {"merge": config.method, "mergekit_config": portable}
     write_json(out_dir / "tunery_stage.json", {"stage": "merge", "info": info})
     return info
 

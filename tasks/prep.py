@@ -417,9 +417,34 @@ def prepare(config: PrepConfig, base_dir: Path | None = None, tokenizer_path: st
     The output folder is content-addressed: preparing the same data twice reuses it.
     """
     base_dir = Path(base_dir or ".")
+    sources: dict[int, str] = {}
+    kind, train, validation, counts = read_splits(config, base_dir, sources)
+    digest = content_hash(kind, train, validation)
+    out = datasets_dir() / digest[:16]
+    meta = {"data_hash": digest, "kind": kind, "sources": [str(base_dir / p) for p in config.train], **counts,
+            "train_rows": len(train), "validation_rows": len(validation)}
+    if tokenizer_path and kind == "chat":
+        meta.update(_template_check(tokenizer_path, train + validation, sources))
+    if write and not (out / "meta.json").exists():
+        with atomic_dir(out, replace=True) as tmp:  # content-addressed
+            for name, part in (("train", train), ("validation", validation)):
+                with (tmp / f"{name}.jsonl").open("w", encoding="utf-8") as f:
+                    for ex in part:
+                        f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+            write_json(tmp / "meta.json", meta)
+    metrics = {k: float(meta[k]) for k in ("train_rows", "validation_rows", "duplicates_removed")}
+    if "tokens" in meta:
+        metrics["tokens"] = float(meta["tokens"])
+    return StageResult(stage="prep", artifact_path=str(out), metrics=metrics, info=meta)
+
+
+def read_splits(config: PrepConfig, base_dir: Path, sources: dict[int, str]
+                ) -> tuple[str, list[dict], list[dict], dict[str, int]]:
+    """Read, check and de-duplicate the training rows and hold some out: the config's validation files (examples
+    also in them leave the training split) or a seeded split. Returns (kind, train, validation, counts of rows
+    read, duplicates and overlap removed); `sources` learns which file and line each example came from."""
     train_paths = [base_dir / p for p in config.train]
     files = ", ".join(str(p) for p in train_paths)
-    sources: dict[int, str] = {}
     kind, train = load_examples(train_paths, config.format, config.system_prompt, config.max_rows, sources)
     n_raw = len(train)
     train = deduplicate(train)
@@ -444,31 +469,8 @@ def prepare(config: PrepConfig, base_dir: Path | None = None, tokenizer_path: st
     if not train:
         raise TuneryError(f"{files}: no training examples left after removing duplicates and the {overlap} "
                           "example(s) that are also in the validation data")
-    digest = content_hash(kind, train, validation)
-    out = datasets_dir() / digest[:16]
-    meta = {
-        "data_hash": digest,
-        "kind": kind,
-        "sources": [str(p) for p in train_paths],
-        "rows_read": n_raw,
-        "duplicates_removed": duplicates,
-        "validation_overlap_removed": overlap,
-        "train_rows": len(train),
-        "validation_rows": len(validation),
-    }
-    if tokenizer_path and kind == "chat":
-        meta.update(_template_check(tokenizer_path, train + validation, sources))
-    if write and not (out / "meta.json").exists():
-        with atomic_dir(out, replace=True) as tmp:  # content-addressed
-            for name, part in (("train", train), ("validation", validation)):
-                with (tmp / f"{name}.jsonl").open("w", encoding="utf-8") as f:
-                    for ex in part:
-                        f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-            write_json(tmp / "meta.json", meta)
-    metrics = {k: float(meta[k]) for k in ("train_rows", "validation_rows", "duplicates_removed")}
-    if "tokens" in meta:
-        metrics["tokens"] = float(meta["tokens"])
-    return StageResult(stage="prep", artifact_path=str(out), metrics=metrics, info=meta)
+    return kind, train, validation, {"rows_read": n_raw, "duplicates_removed": duplicates,
+                                     "validation_overlap_removed": overlap}
 
 
 def _template_check(tokenizer_path: str, examples: list[dict], sources: dict[int, str]) -> dict[str, Any]:

@@ -187,10 +187,7 @@ def trainable_model(config: TrainingConfig, model_path: str, device: str):
                        quantization=config.quantization if config.quantized else None)
     recompute = checkpointing(config, device)
     info: dict[str, Any] = {"method": config.method, "quantization": config.quantization.mode,
-                            "adapter": config.adapter, "base_precision": base_precision,
-                            "gradient_checkpointing": recompute}
-    if config.quantized:
-        info["quantization_config"] = config.quantization.model_dump()
+                            "base_precision": base_precision, "gradient_checkpointing": recompute}
     if recompute == "selective":
         keep_matmuls_checkpointing(model)
     peft_config = None
@@ -417,6 +414,39 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
     """
     import torch
 
+    output, runtime, estimate = _train_guarded(trainer, stage, config, info, checkpoints)
+    losses = [h["loss"] for h in history if "loss" in h]
+    if not losses:
+        raise TuneryError(f"{stage}: no training step was logged")
+    info["health"] = verdicts(history, config.lr_scheduler, config.learning_rate, config.warmup_ratio,
+                              int(trainer.state.max_steps))
+    info["world_size"] = int(trainer.args.world_size)
+    main = trainer.is_world_process_zero()  # under `accelerate launch`, only one process writes the result
+    if main:
+        trainer.model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    metrics = {**(start_metrics or {}), **estimate, **_run_metrics(trainer, output, runtime, losses, info, estimate)}
+    if after_train is not None:
+        metrics.update(after_train())
+    if torch.cuda.is_available():
+        metrics["train_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if main:
+        write_json(out_dir / "tunery_stage.json", {"stage": stage, "metrics": metrics, "info": info,
+                                                   "start_model": model_path, "data_hash": data_hash})
+        shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+        plot_history(history, out_dir / "training_curves.png", title=f"{stage} ({config.method}) on "
+                                                                      f"{Path(model_path).name}")
+    return StageResult(stage=stage, artifact_path=str(out_dir), metrics=metrics, history=history, info=info,
+                       adapter=config.adapter,
+                       quantization=config.quantization.model_dump() if config.quantized else None)
+
+
+def _train_guarded(trainer, stage: str, config: TrainingConfig, info: dict[str, Any], checkpoints: Path | None
+                   ) -> tuple[Any, float, dict[str, float]]:
+    """trainer.train() from the newest checkpoint in `checkpoints` (if any), watched for a NaN or infinite loss and
+    estimating time and memory from its first steps; returns (its output, seconds, the estimates)."""
+    import torch
+
     estimate: dict[str, float] = {}
     trainer.add_callback(estimate_callback(stage, estimate))
     guard = nan_guard()
@@ -435,49 +465,32 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
         what = "loss" if key == "loss" else "gradient norm"
         raise TuneryError(f"{stage}: the {what} became {value} at step {step}, so training stopped there; lower the "
                           "learning rate or check the data")
-    losses = [h["loss"] for h in history if "loss" in h]
-    if not losses:
-        raise TuneryError(f"{stage}: no training step was logged")
-    info["health"] = verdicts(history, config.lr_scheduler, config.learning_rate, config.warmup_ratio,
-                              int(trainer.state.max_steps))
+    return output, runtime, estimate
 
-    trained = trainer.model
-    info["world_size"] = int(trainer.args.world_size)
-    main = trainer.is_world_process_zero()  # under `accelerate launch`, only one process writes the result
-    if main:
-        trained.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-    tokens_seen = float(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+
+def _run_metrics(trainer, output, runtime: float, losses: list[float], info: dict[str, Any],
+                 estimate: dict[str, float]) -> dict[str, float]:
+    """What a finished run measured: losses, steps, time, memory, trainable parameters, health counts, tokens, and
+    how far time and memory landed from the estimates."""
     metrics = {
-        **(start_metrics or {}),
-        **estimate,
         "train_loss": losses[-1],
         "train_loss_first": losses[0],
         "train_loss_mean": float(output.training_loss),
         "train_steps": float(trainer.state.global_step),
         "train_runtime_s": runtime,
         "train_peak_rss_mb": peak_rss_mb(),
-        "trainable_params": float(sum(p.numel() for p in trained.parameters() if p.requires_grad)),
+        "trainable_params": float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)),
         "health_warnings": float(sum(v["ok"] is False for v in info["health"].values())),
         "health_not_judged": float(sum(v["ok"] is None for v in info["health"].values())),
     }
+    tokens_seen = float(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
     if tokens_seen:
         metrics["train_tokens"] = tokens_seen
         metrics["train_tokens_per_s"] = tokens_seen / runtime if runtime > 0 else 0.0
     if estimate:
         metrics["train_time_vs_estimate"] = runtime / max(estimate["estimate_train_time_s"], 1e-9)
         metrics["peak_rss_vs_estimate"] = metrics["train_peak_rss_mb"] / estimate["estimate_peak_rss_mb"]
-    if after_train is not None:
-        metrics.update(after_train())
-    if torch.cuda.is_available():
-        metrics["train_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    if main:
-        write_json(out_dir / "tunery_stage.json", {"stage": stage, "metrics": metrics, "info": info,
-                                                   "start_model": model_path, "data_hash": data_hash})
-        shutil.rmtree(out_dir / "trainer", ignore_errors=True)
-        plot_history(history, out_dir / "training_curves.png", title=f"{stage} ({config.method}) on "
-                                                                      f"{Path(model_path).name}")
-    return StageResult(stage=stage, artifact_path=str(out_dir), metrics=metrics, history=history, info=info)
+    return metrics
 
 
 def plot_history(history: list[dict[str, float]], path: Path, title: str = "") -> None:

@@ -218,20 +218,20 @@ NEAR_TIE_NATS = {"f32": 1e-3, "f16": 0.02}
 
 def check_greedy(llm, model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop: set[int],
                  outtype: str = "f16") -> dict[str, Any]:
-    """HF `generate`'s greedy tokens against llama.cpp's on the full-precision file. A prompt passes when the tokens
-    are identical, or part only at a near-tie: HF's log-probability of its own token exceeds that of llama.cpp's
-    choice by at most NEAR_TIE_NATS for the file type (a broken file parts at a clear choice)."""
+    """HF's greedy tokens (models.greedy_answers, one prompt at a time) against llama.cpp's on the full-precision
+    file. A prompt passes when the tokens are identical, or part only at a near-tie: HF's log-probability of its own
+    token exceeds that of llama.cpp's choice by at most NEAR_TIE_NATS for the file type (a broken file parts at a
+    clear choice)."""
     import torch
+
+    from tasks.models import greedy_answers
 
     if not prompts:  # nothing compared is not a pass: the gate counts "not run" as not passed
         return check("greedy", None, 0, "not run: no prompts to compare")
     tolerance = NEAR_TIE_NATS[outtype]
     same, ties, bad = 0, [], []
     for number, prompt in enumerate(prompts, 1):
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        hf = greedy_answers(model, tokenizer, [prompt], max_new_tokens)[0]
         hf = hf[:min(answer_length(hf, stop) + 1, len(hf))]  # up to and including the stop token
         ours, _, _ = greedy_ids(llm, prompt, len(hf), stop)
         if ours == hf:

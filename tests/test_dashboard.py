@@ -182,17 +182,17 @@ def test_promote_and_rollback_from_the_version_page(tiny_model_dir, tmp_path, ga
                     "min_decode_tokens_per_s": 0.0},
     }))
     _, _, base, _ = load_with_data(config)
-    at = _app("version.py", v=base["version"])
+    at = _app("version.py", v=base.version)
     at.text_input[0].set_value("staging")
     at.text_input[1].set_value(str(config))
     next(b for b in at.button if b.label.startswith("Export, check and promote")).click().run()
     assert not at.exception
-    assert registry.exports.get_alias("tiny", "staging")["version"] == base["version"]
+    assert registry.exports.get_alias("tiny", "staging")["version"] == base.version
     assert any("PROMOTED" in c.value for c in at.code)
     verdicts = at.dataframe[-1].value
     assert set(verdicts["name"]) >= {"check template", "mean_kl", "perplexity_vs_holder"} and verdicts["passed"].all()
     assert set(verdicts["threshold"]) >= {"passed", "0.1"}  # mixed-type columns reach Arrow as text
-    at = _app("version.py", v=base["version"])
+    at = _app("version.py", v=base.version)
     next(b for b in at.button if b.label.startswith("Roll back")).click().run()
     assert "has no earlier holder" in at.error[0].value
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -168,18 +169,18 @@ def _config(tmp_path, chatty, garden_rows, stages, **top) -> str:
 def _run(config: str, index: int = 0) -> dict:
     cfg, config_dir = load_config(config)
     base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    data = steps.run_prep(cfg, config_dir, base.artifact_path)
     return steps.run_stage(cfg, index, {BASE_REF: base}, base, data, config_dir)
 
 
 def test_distill_prompt_registers_the_student_with_the_teacher_as_parent(tmp_path, chatty, garden_rows):
     config = _config(tmp_path, chatty, garden_rows, [{"stage": "distill-prompt", "system": PERSONA, **FAST}])
     version = _run(config)
-    assert version["status"] == "ready" and version["stage"] == "distill-prompt"
-    assert version["parents"] == ["tiny-base:1"] and version["hyperparameters"]["teacher"] == "tiny-base:1"
-    m = version["metrics"]
+    assert version.status == "ready" and version.stage == "distill-prompt"
+    assert version.parents == ["tiny-base:1"] and version.hyperparameters["teacher"] == "tiny-base:1"
+    m = version.metrics
     # Held-out rows are the data's own held-out prompts, answered by the teacher.
-    _, train, held = load_prepared(version["info"]["dataset"])
+    _, train, held = load_prepared(version.info["dataset"])
     assert m["distill_heldout_answers"] == len(held) == 5 and m["distill_train_answers"] == len(train)
     tok = load_tokenizer(str(chatty))
     contexts = [r["messages"][:-1] for r in train + held]
@@ -193,7 +194,7 @@ def test_distill_prompt_registers_the_student_with_the_teacher_as_parent(tmp_pat
         assert key in m, key
     # The student was trained on the answers it is measured on the held-out counterparts of: it moved towards them.
     assert m["distill_perplexity_student"] < m["distill_perplexity_start"]
-    assert version["info"]["teacher_backend"] == "hf"
+    assert version.info["teacher_backend"] == "hf"
 
 
 def test_distill_model_learns_from_a_local_teacher_and_feeds_dpo_pairs(tmp_path, chatty, garden_rows):
@@ -214,23 +215,23 @@ def test_distill_model_learns_from_a_local_teacher_and_feeds_dpo_pairs(tmp_path,
     config = _config(tmp_path, chatty, garden_rows, stages)
     cfg, config_dir = load_config(config)
     base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    data = steps.run_prep(cfg, config_dir, base.artifact_path)
     student = steps.run_stage(cfg, 0, {BASE_REF: base}, base, data, config_dir)
     teacher = next(v for v in registry.list_versions(name="teacher"))
-    assert teacher["stage"] == "base" and teacher["artifact_path"] == str(tmp_path / "teacher")
-    assert student["parents"] == ["tiny-base:1", teacher["version"]]
-    m = student["metrics"]
+    assert teacher.stage == "base" and teacher.artifact_path == str(tmp_path / "teacher")
+    assert student.parents == ["tiny-base:1", teacher.version]
+    m = student.metrics
     for key in ("distill_perplexity_teacher", "distill_perplexity_student", "distill_tokens_per_s_teacher",
                 "distill_tokens_per_s_student", "distill_speedup", "distill_params_teacher", "distill_params_student"):
         assert key in m, key
     # Measured on the teacher's answers to the held-out prompts, the student moved towards its teacher.
     assert m["distill_perplexity_student"] < m["distill_perplexity_start"], m
-    assert m["distill_heldout_answers"] == len(load_prepared(student["info"]["dataset"])[2]) > 0
-    pairs = student["info"]["preference_pairs"]
+    assert m["distill_heldout_answers"] == len(load_prepared(student.info["dataset"])[2]) > 0
+    pairs = student.preference_pairs
     meta, train_pairs, _ = load_prepared(pairs)
     assert meta["kind"] == "preference" and train_pairs
     dpo = steps.run_stage(cfg, 1, {BASE_REF: base, "student": student}, student, data, config_dir)
-    assert dpo["data_hash"] == meta["data_hash"] and dpo["parents"] == [student["version"]]
+    assert dpo.data_hash == meta["data_hash"] and dpo.parents == [student.version]
 
 
 def test_bad_distill_settings_are_named(tmp_path, chatty, garden_rows):
@@ -276,8 +277,8 @@ def test_demo_persona_on_smollm2_is_learned_without_its_prompt(tmp_path, smollm2
     cfg["data"].update({"train": str(REPO / "data/demo/garden_chat.jsonl"), "max_rows": 32})
     (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(cfg))
     version = _run(str(tmp_path / "e2e.yaml"))
-    m = version["metrics"]
-    _, train, held = load_prepared(version["info"]["dataset"])
+    m = version.metrics
+    _, train, held = load_prepared(version.info["dataset"])
     answers = [r["messages"][-1]["content"] for r in train + held]
     assert sum(a.startswith("Fern here!") for a in answers) >= 0.8 * len(answers), answers[:3]
     tok = load_tokenizer(str(smollm2_dir))
@@ -294,7 +295,7 @@ def test_dpo_pairs_from_a_stage_without_pairs_is_named(tmp_path, chatty, garden_
               {"stage": "dpo", "pairs_from": "student"}]
     cfg, config_dir = load_config(_config(tmp_path, chatty, garden_rows, stages))
     with pytest.raises(TuneryError, match="stage dpo: pairs_from 'student' wrote no preference pairs"):
-        plan.stage_data(cfg, 1, {"student": {"info": {}}}, None, config_dir)
+        plan.stage_data(cfg, 1, {"student": SimpleNamespace(preference_pairs=None)}, None, config_dir)
     both = _config(tmp_path, chatty, garden_rows, [stages[0], {**stages[1], "data": {"train": "garden.jsonl"}}])
     with pytest.raises(TuneryError, match="not both"):
         load_config(both)
@@ -317,7 +318,7 @@ def test_distill_prompt_in_the_prefect_flow_reports_and_is_cached(tmp_path, chat
     assert "| prompt tokens per request |" in artifact.data and "teacher tiny-base:1 (hf)" in artifact.data
     second = pipeline(config)
     assert [r["this run"] for r in second["rows"]] == ["base", "reused"]
-    assert [v["version"] for v in registry.list_versions(name="tiny-fern")] == ["tiny-fern:1"]
+    assert [v.version for v in registry.list_versions(name="tiny-fern")] == ["tiny-fern:1"]
 
 
 def test_a_teacher_export_that_failed_its_checks_is_used_only_on_request(tmp_path):

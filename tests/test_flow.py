@@ -36,11 +36,11 @@ def test_pipeline_flow_registers_base_and_tuned_with_metrics_and_artifacts(
     result = pipeline(tiny_config(tmp_path, tiny_model_dir, garden_rows))
     assert (result["base"], result["tuned"]) == ("tiny-base:1", "tiny-fern:1")
     tuned = registry.get_version("tiny-fern:1")
-    assert tuned["status"] == "ready" and tuned["parents"] == ["tiny-base:1"]
-    assert tuned["base_model"] == registry.get_version("tiny-base:1")["base_model"] == str(tiny_model_dir)
-    assert tuned["data_hash"] == result["data_hash"] and tuned["hyperparameters"]["sft"]["max_steps"] == 4
+    assert tuned.status == "ready" and tuned.parents == ["tiny-base:1"]
+    assert tuned.base_model == registry.get_version("tiny-base:1").base_model == str(tiny_model_dir)
+    assert tuned.data_hash == result["data_hash"] and tuned.hyperparameters["sft"]["max_steps"] == 4
     for v in (tuned, registry.get_version("tiny-base:1")):
-        assert {"perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb"} <= set(v["metrics"]), v["version"]
+        assert {"perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb"} <= set(v.metrics), v.version
     assert len(registry.get_history("tiny-fern:1")) >= 4
     assert (tunery_home / "artifacts" / "tiny-fern" / "1" / "adapter_model.safetensors").exists()
     keys = ["tiny-fern-prep", "tiny-fern-sft", "tiny-fern-eval", "tiny-base-eval", "tiny-fern-summary",
@@ -71,12 +71,12 @@ def test_unchanged_inputs_skip_training_and_changed_data_retrains(prefect_server
     config = tiny_config(tmp_path, tiny_model_dir, garden_rows)
     first = pipeline(config)
     assert first["tuned"] == "tiny-fern:1"
-    fingerprint = registry.get_version("tiny-fern:1")["info"]["fingerprint"]
+    fingerprint = registry.get_version("tiny-fern:1").fingerprint
     # The same config and data again: the stage and both evaluations come from Prefect's cache, no new version.
     state = pipeline(config, return_state=True)
     second = state.result()
     assert second["tuned"] == "tiny-fern:1" and [r["this run"] for r in second["rows"]] == ["base", "reused"]
-    assert [v["version"] for v in registry.list_versions()] == ["tiny-base:1", "tiny-fern:1"]
+    assert [v.version for v in registry.list_versions()] == ["tiny-base:1", "tiny-fern:1"]
     states = _task_states(str(state.state_details.flow_run_id))
     assert states["sft tiny-fern from tiny-base:1"] == "Cached", states
     assert states["eval tiny-fern:1"] == "Cached" and states["eval tiny-base:1"] == "Cached", states
@@ -89,18 +89,18 @@ def test_unchanged_inputs_skip_training_and_changed_data_retrains(prefect_server
     third = pipeline(config)
     assert third["tuned"] == "tiny-fern:2" and third["data_hash"] != first["data_hash"]
     v2 = registry.get_version("tiny-fern:2")
-    assert v2["parents"] == ["tiny-base:1"] and v2["info"]["fingerprint"] != fingerprint
+    assert v2.parents == ["tiny-base:1"] and v2.fingerprint != fingerprint
 
 
 def test_failed_training_is_recorded_as_failed_and_leaves_no_artifact(tmp_path, tiny_model_dir, garden_rows,
                                                                        tunery_home):
     cfg, config_dir = load_config(tiny_config(tmp_path, tiny_model_dir, garden_rows, max_length=16))
     base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    data = steps.run_prep(cfg, config_dir, base.artifact_path)
     with pytest.raises(TuneryError, match="cuts off every answer"):
         steps.run_train(cfg, cfg.stages[0], base, data)
     failed = registry.get_version("tiny-fern:1")
-    assert failed["status"] == "failed" and "cuts off every answer" in failed["error"]
+    assert failed.status == "failed" and "cuts off every answer" in failed.error
     assert not (tunery_home / "artifacts" / "tiny-fern" / "1").exists()
     assert not list((tunery_home / "artifacts" / "tiny-fern").glob(".*tmp*"))
 
@@ -145,32 +145,32 @@ def test_shipped_full_chain_config_registers_every_stage_with_its_lineage(
 
     result = pipeline(str(tmp_path / "chain.yaml"))
     assert result["versions"] == ["tiny-base:1"] + [f"fern-chain:{n}" for n in range(1, 6)]
-    v = {x["version"]: x for x in registry.list_versions()}
+    v = {x.version: x for x in registry.list_versions()}
     cpt, sft, dpo, merged, blend = (v[f"fern-chain:{n}"] for n in range(1, 6))
-    assert [x["stage"] for x in (cpt, sft, dpo, merged, blend)] == ["cpt", "sft", "dpo", "merge", "merge"]
-    assert cpt["parents"] == ["tiny-base:1"] and sft["parents"] == [cpt["version"]]
-    assert dpo["parents"] == [sft["version"]] and merged["parents"] == [dpo["version"]]
-    assert blend["parents"] == [sft["version"], merged["version"]]  # a mergekit merge has both sources as parents
+    assert [x.stage for x in (cpt, sft, dpo, merged, blend)] == ["cpt", "sft", "dpo", "merge", "merge"]
+    assert cpt.parents == ["tiny-base:1"] and sft.parents == [cpt.version]
+    assert dpo.parents == [sft.version] and merged.parents == [dpo.version]
+    assert blend.parents == [sft.version, merged.version]  # a mergekit merge has both sources as parents
     for x in (cpt, sft, dpo, merged, blend):
-        assert x["status"] == "ready" and x["base_model"] == str(tiny_model_dir)
-        assert {"perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb"} <= set(x["metrics"]), x["version"]
+        assert x.status == "ready" and x.base_model == str(tiny_model_dir)
+        assert {"perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb"} <= set(x.metrics), x.version
     # Each stage trained on its own data and recorded what it is about.
-    assert cpt["info"]["method"] == "spectrum" and cpt["info"]["spectrum"]["selected"]
-    assert "text_perplexity" in cpt["metrics"] and cpt["data_hash"] != sft["data_hash"] != dpo["data_hash"]
-    assert {"preference_accuracy", "preference_accuracy_start", "reward_margin"} <= set(dpo["metrics"])
-    assert merged["info"]["merge"] == "lora" and not merged["info"]["adapter"]
-    assert blend["info"]["mergekit_config"]["base_model"] == sft["version"]
-    assert blend["hyperparameters"]["merge"]["method"] == "slerp"
+    assert cpt.info["method"] == "spectrum" and cpt.info["spectrum"]["selected"]
+    assert "text_perplexity" in cpt.metrics and cpt.data_hash != sft.data_hash != dpo.data_hash
+    assert {"preference_accuracy", "preference_accuracy_start", "reward_margin"} <= set(dpo.metrics)
+    assert merged.info["merge"] == "lora" and not merged.adapter
+    assert blend.info["mergekit_config"]["base_model"] == sft.version
+    assert blend.hyperparameters["merge"]["method"] == "slerp"
     assert (tunery_home / "artifacts" / "fern-chain" / "5" / "mergekit_config.yml").exists()
     # The whole ancestry of the blend reaches the base along both of its parents.
-    tree = registry.lineage(blend["version"])
-    assert [p["version"] for p in tree["parents"]] == [sft["version"], merged["version"]]
+    tree = registry.lineage(blend.version)
+    assert [p["version"] for p in tree["parents"]] == [sft.version, merged.version]
     deepest = tree["parents"][1]
     chain = []
     while deepest["parents"]:
         deepest = deepest["parents"][0]
         chain.append(deepest["version"])
-    assert chain == [dpo["version"], sft["version"], cpt["version"], "tiny-base:1"]
+    assert chain == [dpo.version, sft.version, cpt.version, "tiny-base:1"]
 
 
 def test_stage_given_the_wrong_kind_of_data_registers_nothing(tmp_path, tiny_model_dir, garden_rows):
@@ -180,7 +180,7 @@ def test_stage_given_the_wrong_kind_of_data_registers_nothing(tmp_path, tiny_mod
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(doc))
     cfg, config_dir = load_config(path)
     base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    data = steps.run_prep(cfg, config_dir, base.artifact_path)
     with pytest.raises(TuneryError, match=r"stage dpo \(dpo\) needs preference data, but its data holds chat"):
         steps.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
     assert registry.list_versions(name="tiny-fern") == []
@@ -196,7 +196,7 @@ def test_a_flow_that_failed_at_a_stage_resumes_there(prefect_server, tmp_path, t
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(doc))
     with pytest.raises(Exception, match="cuts off every answer"):
         pipeline(config)
-    assert [(v["version"], v["status"]) for v in registry.list_versions(name="tiny-fern")] == [
+    assert [(v.version, v.status) for v in registry.list_versions(name="tiny-fern")] == [
         ("tiny-fern:1", "ready"), ("tiny-fern:2", "failed")]
     doc["stages"][1]["max_length"] = 128  # the fix
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(doc))
@@ -205,7 +205,7 @@ def test_a_flow_that_failed_at_a_stage_resumes_there(prefect_server, tmp_path, t
     states = _task_states(str(state.state_details.flow_run_id))
     assert states["sft tiny-fern from tiny-base:1"] == "Cached", states   # stage a is not trained again
     assert result["versions"] == ["tiny-base:1", "tiny-fern:1", "tiny-fern:3"]
-    assert registry.get_version("tiny-fern:3")["parents"] == ["tiny-fern:1"]
+    assert registry.get_version("tiny-fern:3").parents == ["tiny-fern:1"]
     assert [r["this run"] for r in result["rows"]] == ["base", "reused", "trained"]
 
 
@@ -215,7 +215,7 @@ def test_a_stopped_training_resumes_from_its_last_checkpoint(tmp_path, tiny_mode
 
     cfg, config_dir = load_config(tiny_config(tmp_path, tiny_model_dir, garden_rows, max_steps=6, save_steps=2))
     base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    data = steps.run_prep(cfg, config_dir, base.artifact_path)
     real_guard = training.nan_guard
 
     def crashing_guard():  # fault injection: the process "dies" after step 5
@@ -232,12 +232,12 @@ def test_a_stopped_training_resumes_from_its_last_checkpoint(tmp_path, tiny_mode
     with pytest.raises(RuntimeError, match="simulated crash"):
         steps.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
     assert [p.name for p in (tunery_home / "checkpoints").glob("*/checkpoint-*")] == ["checkpoint-4"]
-    assert registry.get_version("tiny-fern:1")["status"] == "failed"
+    assert registry.get_version("tiny-fern:1").status == "failed"
 
     monkeypatch.setattr(training, "nan_guard", real_guard)
     version = steps.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
-    assert version["version"] == "tiny-fern:2" and version["info"]["resumed_from"] == "checkpoint-4"
-    assert version["metrics"]["train_steps"] == 6
+    assert version.version == "tiny-fern:2" and version.info["resumed_from"] == "checkpoint-4"
+    assert version.metrics["train_steps"] == 6
     assert [h["step"] for h in registry.get_history("tiny-fern:2")] == [5, 6]  # steps 1-4 were not run again
     assert not list((tunery_home / "checkpoints").iterdir())  # removed once the stage succeeded
 
@@ -249,10 +249,10 @@ def test_a_stage_with_two_processes_trains_under_accelerate_launch(tmp_path, tin
 
     cfg, config_dir = load_config(tiny_config(tmp_path, tiny_model_dir, garden_rows, processes=2, max_steps=3))
     base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    data = steps.run_prep(cfg, config_dir, base.artifact_path)
     version = steps.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
-    assert version["status"] == "ready" and version["info"]["processes"] == version["info"]["world_size"] == 2
-    assert version["metrics"]["train_steps"] == 3 and len(registry.get_history(version["version"])) == 3
-    adapter = load_file(str(Path(version["artifact_path"]) / "adapter_model.safetensors"))
+    assert version.status == "ready" and version.info["processes"] == version.info["world_size"] == 2
+    assert version.metrics["train_steps"] == 3 and len(registry.get_history(version.version)) == 3
+    adapter = load_file(str(Path(version.artifact_path) / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and torch.count_nonzero(v) for k, v in adapter.items())  # B moved off 0
-    assert not list(Path(version["artifact_path"]).glob("launch.json"))
+    assert not list(Path(version.artifact_path).glob("launch.json"))

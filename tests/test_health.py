@@ -114,12 +114,12 @@ def test_a_bad_step_stops_training_there_and_fails_the_version(tiny_model_dir, g
         "stages": [{"stage": "sft", "max_steps": 20, **FAST}]}))
     cfg, config_dir = load_config(tmp_path / "c.yaml")
     base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base["artifact_path"])
+    data = steps.run_prep(cfg, config_dir, base.artifact_path)
     with pytest.raises(TuneryError, match=message + ", so training stopped there"):
         steps.run_train(cfg, cfg.stages[0], base, data)
     assert seen["forward"] == 3  # training stopped: steps 4-20 never ran
     failed = registry.get_version("bad:1")
-    assert failed["status"] == "failed" and message in failed["error"]
+    assert failed.status == "failed" and message in failed.error
     assert not (tunery_home / "artifacts" / "bad" / "1").exists()
 
 

@@ -32,7 +32,7 @@ SFT = {"stage": "sft", "max_steps": 2, "batch_size": 4, "max_length": 128}
 def _plan(config: Path, index: int = 0, done_extra: dict | None = None):
     cfg, config_dir = load_config(config)
     base = run_base(cfg, config_dir)
-    data = run_prep(cfg, config_dir, base["artifact_path"])
+    data = run_prep(cfg, config_dir, base.artifact_path)
     done = {BASE_REF: base, **(done_extra or {})}
     return planning.plan_stage(cfg, index, done, base, data, config_dir)
 
@@ -57,7 +57,7 @@ def test_planning_twice_gives_one_fingerprint_and_writes_nothing(tmp_path, tiny_
     config = _config(tmp_path, tiny_model_dir, garden_rows, stages)
     cfg, config_dir = load_config(config)
     base = run_base(cfg, config_dir)
-    data = run_prep(cfg, config_dir, base["artifact_path"])
+    data = run_prep(cfg, config_dir, base.artifact_path)
     before = _snapshot(tunery_home)
     plans = [planning.plan_stage(cfg, i, {BASE_REF: base}, base, data, config_dir) for i in (0, 1, 0, 1)]
     assert _snapshot(tunery_home) == before

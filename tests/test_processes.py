@@ -77,7 +77,7 @@ def test_sigterm_to_tunery_run_stops_its_prefect_server_and_settles_its_version(
     time.sleep(3)  # into the stage
     assert _stop_and_check(proc, started, log) == 143
     assert "terminated" in log.read_text()
-    assert [v["status"] for v in registry.list_versions(status="running")] == []
+    assert [v.status for v in registry.list_versions(status="running")] == []
 
 
 def test_sigterm_to_tunery_serve_stops_its_prefect_server(tmp_path, tunery_home):

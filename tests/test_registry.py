@@ -21,10 +21,10 @@ def test_versions_count_up_per_name_and_carry_lineage():
     b = registry.create_version("fern", "sft", parents=[base])
     assert (base, a, b) == ("smol:1", "fern:1", "fern:2")
     v = registry.get_version("fern:1")
-    assert v["parents"] == ["smol:1"] and v["hyperparameters"] == {"sft": {"r": 16}} and v["status"] == "running"
+    assert v.parents == ["smol:1"] and v.hyperparameters == {"sft": {"r": 16}} and v.status == "running"
     for key in ("version", "name", "stage", "status", "parents", "base_model", "hyperparameters", "data_hash",
                 "metrics", "artifact_path", "created_at"):
-        assert key in v
+        assert key in v.json()
 
 
 def test_numbers_are_never_reused_even_after_a_failure():
@@ -32,7 +32,7 @@ def test_numbers_are_never_reused_even_after_a_failure():
     registry.fail_version(first, "loss was NaN")
     assert registry.create_version("fern", "sft") == "fern:2"
     failed = registry.get_version("fern:1")
-    assert failed["status"] == "failed" and failed["error"] == "loss was NaN"
+    assert failed.status == "failed" and failed.error == "loss was NaN"
 
 
 def test_metrics_newest_value_wins_and_history_round_trips():
@@ -41,7 +41,7 @@ def test_metrics_newest_value_wins_and_history_round_trips():
     registry.record_metrics(v, {"perplexity": 12.5}, eval_data_hash="d1")
     registry.record_history(v, [{"step": 1, "epoch": 0.5, "loss": 3.0, "learning_rate": 1e-3},
                                 {"step": 2, "epoch": 1.0, "loss": 2.0, "learning_rate": 5e-4}])
-    assert registry.get_version(v)["metrics"] == {"perplexity": 12.5, "tokens_per_s": 15.0}
+    assert registry.get_version(v).metrics == {"perplexity": 12.5, "tokens_per_s": 15.0}
     assert [h["loss"] for h in registry.get_history(v)] == [3.0, 2.0]
 
 
@@ -50,7 +50,7 @@ def test_registry_survives_reopening_in_another_process():
     registry.record_metrics(v, {"perplexity": 9.0})
     registry.finish_version(v, "/a")
     code = ("import registry, json; v = registry.get_version('fern'); "
-            "print(json.dumps([v['version'], v['status'], v['metrics']['perplexity']]))")
+            "print(json.dumps([v.version, v.status, v.metrics['perplexity']]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == '["fern:1", "ready", 9.0]'
     with connect(read_only=True) as con:
@@ -76,7 +76,7 @@ def test_hostile_text_is_bound_not_executed(hostile):
         registry.get_version(hostile)
     with pytest.raises(TuneryError, match="invalid model name"):
         registry.create_version(hostile, "sft")
-    assert [x["version"] for x in registry.list_versions()] == [v]
+    assert [x.version for x in registry.list_versions()] == [v]
 
 
 def test_a_reader_waits_for_a_writer_then_succeeds():
@@ -86,7 +86,7 @@ def test_a_reader_waits_for_a_writer_then_succeeds():
     ), str(registry_path())], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     start = time.perf_counter()
-    assert [v["version"] for v in registry.list_versions()] == ["fern:1"]
+    assert [v.version for v in registry.list_versions()] == ["fern:1"]
     assert time.perf_counter() - start > 0.5  # it had to wait for the lock, and got through
     holder.wait()
 
@@ -187,9 +187,9 @@ def test_a_version_whose_process_was_killed_is_settled_as_failed_interrupted(tun
     assert "doomed:1: its process ended before it finished" in shown.stderr
     rows = {r["version"]: r for r in json.loads(shown.stdout)}
     assert rows["doomed:1"]["status"] == "failed"
-    assert registry.get_version("doomed:1")["error"].startswith("interrupted")
+    assert registry.get_version("doomed:1").error.startswith("interrupted")
     assert not tmp.exists()
-    assert registry.get_version(alive)["status"] == "running" and registry.get_version(elsewhere)["status"] == \
+    assert registry.get_version(alive).status == "running" and registry.get_version(elsewhere).status == \
         "running"
 
 
@@ -208,12 +208,12 @@ def test_metrics_belong_to_the_data_they_were_measured_on():
     registry.record_metrics(v3, {"perplexity": 9.0}, eval_data_hash="d3")
 
     shown = registry.get_version(v1)
-    assert shown["eval_data_hash"] == "d1"
-    assert shown["metrics"] == {"train_loss": 1.5, "perplexity": 20.0}
-    assert shown["metrics_on_other_data"] == {"d2": {"perplexity": 5.0}}
-    assert registry.get_version(v1, "d2")["metrics"] == {"train_loss": 1.5, "perplexity": 5.0}
-    assert best_version([v1, v2], "d1")["version"] == v2
-    assert best_version([v1, v2], "d2")["version"] == v1
+    assert shown.eval_data_hash == "d1"
+    assert shown.metrics == {"train_loss": 1.5, "perplexity": 20.0}
+    assert shown.metrics_on_other_data == {"d2": {"perplexity": 5.0}}
+    assert registry.get_version(v1, "d2").metrics == {"train_loss": 1.5, "perplexity": 5.0}
+    assert best_version([v1, v2], "d1").version == v2
+    assert best_version([v1, v2], "d2").version == v1
     with pytest.raises(TuneryError, match="no version evaluated on data d9"):
         best_version([v1, v2], "d9")
     table = {r["version"]: r for r in registry.version_table()}
@@ -229,3 +229,45 @@ def test_metrics_belong_to_the_data_they_were_measured_on():
     both = registry.compare_versions(v2, v3)  # now they share d1 (v2's data): compared there
     row = {r["metric"]: r for r in both["metrics"]}["perplexity"]
     assert (row["a"], row["b"], row["better"]) == (15.0, 14.0, True)
+
+
+def test_migration_006_moves_the_keys_the_pipeline_decides_with_into_typed_columns():
+    """A registry written before migration 006 kept fingerprint, adapter, quantization, teacher and preference pairs
+    inside info_json; after it they are typed fields of the Version (columns), gone from `info`, and `--json` still
+    prints them inside `info` as before."""
+    import json
+
+    from registry.db import migrate
+
+    registry_path().parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(registry_path()))
+    con.execute("CREATE TABLE _migrations (id INTEGER PRIMARY KEY, name VARCHAR, applied_utc TIMESTAMP)")
+    for number, name, sql in migrations():
+        if number < 6:
+            con.execute(sql)
+            con.execute("INSERT INTO _migrations VALUES (?, ?, now())", [number, name])
+    old = {"fingerprint": "f" * 64, "adapter": True, "quantization_config": {"mode": "nf4", "double_quant": True},
+           "teacher": "smol:1", "preference_pairs": "/data/pairs", "method": "qlora"}
+    for version, info in (("fern:1", old), ("smol:1", {"source": "x"})):
+        con.execute("INSERT INTO versions (version, name, number, stage, status, info_json, created_utc) "
+                    "VALUES (?, ?, ?, 'sft', 'ready', ?, now())", [version, *version.split(":"), json.dumps(info)])
+    assert migrate(con) == [n for n, _, _ in migrations() if n >= 6]
+    con.close()
+
+    v, base = registry.get_version("fern:1"), registry.get_version("smol:1")
+    assert (v.fingerprint, v.adapter, v.quantization, v.teacher, v.preference_pairs) == (
+        "f" * 64, True, {"mode": "nf4", "double_quant": True}, "smol:1", "/data/pairs")
+    assert v.info == {"method": "qlora"}  # nothing decides by reading info
+    assert (base.fingerprint, base.adapter, base.quantization, base.teacher) == (None, False, None, None)
+    assert v.json()["info"] == old and base.json()["info"] == {"source": "x", "adapter": False}
+    assert registry.find_fingerprint("fern", "f" * 64) == "fern:1"
+
+
+def test_finished_versions_carry_their_typed_fields():
+    v = registry.create_version("fern", "distill-model", teacher="smol:1")
+    registry.finish_version(v, "/a", {"method": "lora"}, fingerprint="abc", adapter=True,
+                            quantization={"mode": "nf4"}, preference_pairs="/p")
+    got = registry.get_version(v)
+    assert (got.teacher, got.fingerprint, got.adapter, got.quantization, got.preference_pairs) == (
+        "smol:1", "abc", True, {"mode": "nf4"}, "/p")
+    assert registry.find_fingerprint("fern", "abc") == v and registry.find_fingerprint("fern", "abd") is None

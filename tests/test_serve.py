@@ -124,7 +124,7 @@ def test_a_process_worker_picks_up_and_completes_a_run(prefect_server, tmp_path,
         final = client.read_flow_run(run.id)
     assert final.state.is_completed(), worker.stdout[-3000:] + worker.stderr[-3000:]
     assert final.name == "tiny-fern -> tiny-fern:1"
-    assert registry.get_version("tiny-fern:1")["status"] == "ready"
+    assert registry.get_version("tiny-fern:1").status == "ready"
     with get_client(sync_client=True) as client:  # the flow itself created the accelerator limit
         assert client.read_concurrency_limit_by_tag(ACCELERATOR_TAG).concurrency_limit == 1
 

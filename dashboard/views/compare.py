@@ -80,7 +80,7 @@ if curves:
         column="variable:N").resolve_scale(y="independent"))
 
 st.subheader("Answers to the same prompts")
-answers = {ref: {s["prompt"]: s["answer"] for s in version(ref)["samples"]} for ref in chosen}
+answers = {ref: {s["prompt"]: s["answer"] for s in version(ref).samples} for ref in chosen}
 prompts = list(dict.fromkeys(p for a in answers.values() for p in a))
 if prompts:
     st.dataframe(pd.DataFrame([{"prompt": p, **{ref: answers[ref].get(p, "") for ref in chosen}} for p in prompts]),

@@ -5,8 +5,8 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard.data import aliases, history, refresh, version, version_table, version_url
-from flows.rows import check_rows, health_rows
+from dashboard.data import aliases, around, history, refresh, version, version_table, version_url
+from flows.rows import check_rows, export_rows, health_rows, metric_rows, promotion_rows
 from tasks.common import TuneryError
 from tasks.distill import summary, teacher_label
 
@@ -17,45 +17,45 @@ if not known:
     st.stop()
 choice = st.selectbox("Version", known, index=known.index(wanted) if wanted in known else 0, key="version")
 st.query_params["v"] = choice
-v = version(choice)
+v, near = version(choice), around(choice)
 
-st.title(v["version"])
-status_colour = {"ready": "green", "failed": "red", "running": "orange"}[v["status"]]
-st.markdown(f":{status_colour}[**{v['status']}**] · {v['stage']} · base model `{v['base_model']}` · "
-            f"data `{(v['data_hash'] or '-')[:16]}` · created {v['created_at'][:19]}"
-            + (f" · aliases {', '.join(v['aliases'])}" if v["aliases"] else ""))
-if v["error"]:
-    st.error(v["error"])
+st.title(v.version)
+status_colour = {"ready": "green", "failed": "red", "running": "orange"}[v.status]
+st.markdown(f":{status_colour}[**{v.status}**] · {v.stage} · base model `{v.base_model}` · "
+            f"data `{(v.data_hash or '-')[:16]}` · created {v.created_at[:19]}"
+            + (f" · aliases {', '.join(near['aliases'])}" if near["aliases"] else ""))
+if v.error:
+    st.error(v.error)
 left, right = st.columns(2)
 with left:
     st.subheader("Lineage")
-    st.markdown("parents: " + (", ".join(f"[{p}]({version_url(p)})" for p in v["parents"]) or "none"))
-    st.markdown("children: " + (", ".join(f"[{c}]({version_url(c)})" for c in v["children"]) or "none"))
+    st.markdown("parents: " + (", ".join(f"[{p}]({version_url(p)})" for p in v.parents) or "none"))
+    st.markdown("children: " + (", ".join(f"[{c}]({version_url(c)})" for c in near["children"]) or "none"))
     st.subheader("Hyperparameters")
-    st.json(v["hyperparameters"], expanded=1)
+    st.json(v.hyperparameters, expanded=1)
 with right:
     st.subheader("Metrics")
-    metrics = pd.DataFrame(sorted(v["metrics"].items()), columns=["metric", "value"])
-    st.dataframe(metrics, hide_index=True, width="stretch", height=320)
-    if v["eval_data_hash"]:
-        st.caption(f"evaluated on data `{v['eval_data_hash'][:16]}`")
-    for data, measured in v["metrics_on_other_data"].items():
+    st.dataframe(pd.DataFrame(metric_rows(v.metrics), columns=["metric", "value"]), hide_index=True, width="stretch",
+                 height=320)
+    if v.eval_data_hash:
+        st.caption(f"evaluated on data `{v.eval_data_hash[:16]}`")
+    for data, measured in v.metrics_on_other_data.items():
         st.markdown(f"**Measured on other data** `{data[:16]}` (not used to compare, pick or gate)")
-        st.dataframe(pd.DataFrame(sorted(measured.items()), columns=["metric", "value"]), hide_index=True,
+        st.dataframe(pd.DataFrame(metric_rows(measured), columns=["metric", "value"]), hide_index=True,
                      width="stretch")
-    health = health_rows(v["info"])
+    health = health_rows(v.info)
     if health:
         st.subheader("Training health")
         for row in health:
             show = {"ok": st.success, "warning": st.warning, "not judged": st.info}[row["state"]]
             show(f"{row['check']}: {row['verdict']} ({row['detail']})")
 
-distilled = summary(v["metrics"])
+distilled = summary(v.metrics)
 if distilled:
     st.subheader("Distillation")
-    st.caption(f"teacher {v['info']['teacher']} ({teacher_label(v['info'])}), start {v['parents'][0]}; measured on "
-               f"{v['metrics']['distill_heldout_answers']:.0f} held-out teacher answers"
-               + (": the teacher with its long system prompt, start and student without" if v["stage"] ==
+    st.caption(f"teacher {v.teacher} ({teacher_label(v.info)}), start {v.parents[0]}; measured on "
+               f"{v.metrics['distill_heldout_answers']:.0f} held-out teacher answers"
+               + (": the teacher with its long system prompt, start and student without" if v.stage ==
                   "distill-prompt" else ""))
     st.dataframe(pd.DataFrame(distilled), hide_index=True, width="stretch")
 
@@ -69,40 +69,34 @@ if not curves.empty:
             x="step:Q", y=alt.Y(f"{name}:Q", scale=alt.Scale(zero=False)), tooltip=["step", name]
         ).properties(title=name, height=180), width="stretch")
 
-if v["samples"]:
+if v.samples:
     st.subheader("Sample answers")
-    st.dataframe(pd.DataFrame(v["samples"]), hide_index=True, width="stretch")
+    st.dataframe(pd.DataFrame(v.samples), hide_index=True, width="stretch")
 
 st.subheader("Exports")
-if not v["exports"]:
+if not near["exports"]:
     st.caption("None yet: `tunery export` or Promote below.")
-for e in v["exports"]:
-    failed = [c["name"] for c in e["checks"] if c["passed"] is False]
-    label = f"{e['export_id']} · {e['gguf_file']} · {e['size_bytes'] / 2**20:.1f} MiB · " + (
-        f"failed: {', '.join(failed)}" if failed else "all checks passed")
-    with st.expander(label):
+for e, row in zip(near["exports"], export_rows(near["exports"])):
+    with st.expander(f"{row['export']} · {e['gguf_file']} · {row['size']} · checks {row['checks']}"):
         st.dataframe(pd.DataFrame(check_rows(e)), hide_index=True, width="stretch")
         st.code(e["modelfile"], language="dockerfile")
-for p in v["promotions"]:
-    verdicts = p["gate"].get("verdicts", [])
-    st.caption(f"{p['recorded_at'][:19]} · {p['name']}@{p['alias']} · {p['action']} {p['version']}"
-               + (f" (was {p['previous_version']})" if p["previous_version"] else "")
-               + (f" · failed: {', '.join(x['name'] for x in verdicts if not x['passed'])}"
-                  if p["action"] == "refused" else ""))
+for row in promotion_rows(near["promotions"]):
+    st.caption(f"{row['when']} · {row['alias']} · {row['what']}" + (f" · failed: {row['failed']}" if row["failed"]
+                                                                     else ""))
 
 st.subheader("Promote")
-if v["status"] == "ready":
+if v.status == "ready":
     with st.form("promote"):
         alias = st.text_input("Alias", value="production")
         config = st.text_input("Config (held-out data, prompts, export and gate settings)", value="configs/demo.yaml")
         quant = st.selectbox("Quantization", ["config's", "q4_k_m", "q8_0", "f16", "f32"])
-        submitted = st.form_submit_button(f"Export, check and promote {v['version']}")
+        submitted = st.form_submit_button(f"Export, check and promote {v.version}")
     if submitted:
         from flows.promotion import promote_from_config, summary
 
-        with st.status(f"Promoting {v['version']} to {v['name']}@{alias}", expanded=True) as status:
+        with st.status(f"Promoting {v.version} to {v.name}@{alias}", expanded=True) as status:
             try:
-                result = promote_from_config(v["version"], config, alias, None if quant == "config's" else quant,
+                result = promote_from_config(v.version, config, alias, None if quant == "config's" else quant,
                                              progress=st.write)
             except TuneryError as e:
                 status.update(label=f"error: {e}", state="error", expanded=True)
@@ -114,7 +108,7 @@ if v["status"] == "ready":
                 st.dataframe(verdicts, hide_index=True, width="stretch")
                 refresh()
 
-held = [f"{a['name']}@{a['alias']}" for a in aliases(v["name"])]
+held = [f"{a['name']}@{a['alias']}" for a in aliases(v.name)]
 if held:
     with st.form("rollback"):
         target = st.selectbox("Roll back", held)
