@@ -125,35 +125,32 @@ def fail_version(version: str, error: str) -> None:
 
 def record_metrics(version: str, metrics: dict[str, float], eval_data_hash: str | None = None) -> None:
     """Add measured values for a version; a later value of the same metric on the same data supersedes."""
-    if not metrics:
-        return
-    with connect() as con:
-        _require(con, version)
-        now = utcnow()
-        con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?)",
-                        [[version, k, float(v), eval_data_hash, now] for k, v in metrics.items()])
+    now = utcnow()
+    _insert(version, "INSERT INTO metrics VALUES (?, ?, ?, ?, ?)",
+            [[version, k, float(v), eval_data_hash, now] for k, v in metrics.items()])
 
 
 def record_samples(version: str, samples: list[dict[str, str]], eval_data_hash: str | None = None) -> None:
     """Store one evaluation's sample answers ({prompt, answer} in prompt order)."""
-    if not samples:
-        return
-    with connect() as con:
-        _require(con, version)
-        now = utcnow()
-        con.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?)",
-                        [[version, i, s["prompt"], s["answer"], eval_data_hash, now] for i, s in enumerate(samples)])
+    now = utcnow()
+    _insert(version, "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?)",
+            [[version, i, s["prompt"], s["answer"], eval_data_hash, now] for i, s in enumerate(samples)])
 
 
-def record_history(version: str, history: list[dict[str, float]]) -> None:
-    """Store a run's logged training history (one row per step and value)."""
-    rows = [[version, int(h["step"]), h.get("epoch"), k, float(v)]
-            for h in history for k, v in h.items() if k not in ("step", "epoch")]
+def _insert(version: str, sql: str, rows: list[list[Any]]) -> None:
+    """Insert rows about a registered version in one transaction (nothing when there are none)."""
     if not rows:
         return
     with connect() as con:
         _require(con, version)
-        con.executemany("INSERT INTO training_history VALUES (?, ?, ?, ?, ?)", rows)
+        con.executemany(sql, rows)
+
+
+def record_history(version: str, history: list[dict[str, float]]) -> None:
+    """Store a run's logged training history (one row per step and value)."""
+    _insert(version, "INSERT INTO training_history VALUES (?, ?, ?, ?, ?)",
+            [[version, int(h["step"]), h.get("epoch"), k, float(v)]
+             for h in history for k, v in h.items() if k not in ("step", "epoch")])
 
 
 def record_dataset(meta: dict[str, Any], path: str) -> None:

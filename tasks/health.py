@@ -41,10 +41,17 @@ def _quarters(values: list[float]) -> tuple[list[float], list[float], list[float
     return values[:n], values[n:2 * n], values[-n:]
 
 
+def _too_short(values: list[float], needed: int, what: str) -> dict[str, Any] | None:
+    """The "too short" verdict (not judged) when fewer than `needed` values were logged, else None."""
+    if len(values) >= needed:
+        return None
+    return {"verdict": "too short", "ok": None,
+            "detail": f"only {len(values)} {what}; {needed} or more are needed for a trend"}
+
+
 def loss_verdict(losses: list[float]) -> dict[str, Any]:
-    if len(losses) < 4:
-        return {"verdict": "too short", "ok": None,
-                "detail": f"only {len(losses)} logged losses; 4 or more are needed for a trend"}
+    if short := _too_short(losses, 4, "logged losses"):
+        return short
     first, _, last = _quarters(losses)
     a, b = statistics.fmean(first), statistics.fmean(last)
     change = (b - a) / abs(a) if a else 0.0
@@ -102,9 +109,8 @@ def learning_rate_verdict(points: list[tuple[int, float]], scheduler: str, learn
 
 
 def memory_verdict(rss: list[float]) -> dict[str, Any]:
-    if len(rss) < 8:
-        return {"verdict": "too short", "ok": None,
-                "detail": f"only {len(rss)} memory readings; 8 or more are needed for a trend"}
+    if short := _too_short(rss, 8, "memory readings"):
+        return short
     _, second, last = _quarters(rss)
     a, b = statistics.median(second), statistics.median(last)
     growth = (b - a) / a
