@@ -196,7 +196,7 @@ def _single_stage(kind: str, config: Path, start: str | None, stage_id: str | No
     # The stage is checked first; only then is the base resolved and the top-level data prepared, if the stage
     # trains on it (a merge takes no data, a stage with its own `data` prepares that instead).
     base = steps.run_base(cfg, config_dir)
-    uses_top_level = kind != "merge" and stage.data is None
+    uses_top_level = stage.data_kind is not None and stage.data is None
     data = steps.run_prep(cfg, config_dir, base.artifact_path) if uses_top_level else None
     version = steps.run_stage(cfg, index, {BASE_REF: base}, base, data, config_dir)
     if as_json:

@@ -92,7 +92,7 @@ def _data(cfg: PipelineConfig, index: int, done: dict[str, registry.Version], da
     written): its own `data`, else the config's (a merge, or a distill stage given `prompts`, takes none; a dpo
     stage with `pairs_from` the pairs a distill-model stage wrote)."""
     stage = cfg.stages[index]
-    if isinstance(stage, MergeStage) or (stage.stage in DISTILL and stage.prompts):
+    if stage.data_kind is None or (stage.stage in DISTILL and stage.prompts):
         return "none", None
     if isinstance(stage, DpoStage) and stage.pairs_from:
         path = done[stage.pairs_from].preference_pairs

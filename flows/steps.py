@@ -113,16 +113,16 @@ def _record(version: str, run, fingerprint: str | None = None, preference_pairs:
     return registry.get_version(version)
 
 
-def run_train(cfg: PipelineConfig, stage: StageFields, start: registry.Version, data: StageResult,
+def run_train(cfg: PipelineConfig, stage: StageFields, start: registry.Version, data: StageResult | None,
               stage_id: str | None = None, flow_run_id: str | None = None, fingerprint: str | None = None,
               teacher: registry.Version | None = None, info: dict[str, Any] | None = None,
               preference_pairs: str | None = None) -> registry.Version:
-    """Train `start` with a cpt, sft or dpo stage on `data` as a new version of `cfg.name`; return the version.
-    A distill stage trains its student with sft on the teacher's answers (`data`) and measures it against the
+    """Run a stage of the catalogue other than merge (cpt, sft, dpo, ...) from `start` on `data` (None for a kind
+    that takes none) as a new version of `cfg.name`; return the version. A distill stage trains its student with sft on the teacher's answers (`data`) and measures it against the
     `teacher`, a parent of the new version next to `start`."""
     # The trainer checks this too; checking here first means a mismatch leaves no failed version behind.
     kind = STAGES[stage.stage].data_kind
-    if data.info["kind"] != kind:
+    if kind is not None and data.info["kind"] != kind:
         raise TuneryError(f"stage {stage_id or stage.stage} ({stage.stage}) needs {kind} data, but its data holds "
                           f"{data.info['kind']} examples; give the stage its own `data:`")
     hyperparameters = {stage.stage: stage.hyperparameters(), "seed": cfg.seed, "device": cfg.device}
@@ -132,8 +132,8 @@ def run_train(cfg: PipelineConfig, stage: StageFields, start: registry.Version, 
         parents = list(dict.fromkeys(parents + [teacher.version]))
     version = registry.create_version(
         cfg.name, stage.stage, base_model=start.base_model, parents=parents,
-        hyperparameters=hyperparameters, data_hash=data.info["data_hash"], flow_run_id=flow_run_id,
-        teacher=teacher.version if teacher is not None else None,
+        hyperparameters=hyperparameters, data_hash=data.info["data_hash"] if data else None,
+        flow_run_id=flow_run_id, teacher=teacher.version if teacher is not None else None,
     )
 
     # Checkpoints live outside the version's temporary folder, keyed by the stage's inputs: a failed attempt leaves
@@ -142,7 +142,8 @@ def run_train(cfg: PipelineConfig, stage: StageFields, start: registry.Version, 
 
     def train(tmp: Path) -> StageResult:
         start_folder = model_folder(start)
-        inputs = StageInputs(start=start_folder, data=data.artifact_path, device=cfg.device, seed=cfg.seed,
+        inputs = StageInputs(start=start_folder, data=data.artifact_path if data else None, device=cfg.device,
+                             seed=cfg.seed,
                              teacher=model_folder(teacher) if teacher is not None else None,
                              checkpoints=str(checkpoints) if checkpoints else None)
         result = stage.run(inputs, tmp)

@@ -173,3 +173,78 @@ def test_changed_code_reruns_the_stage_and_its_evaluation_and_another_server_fin
         assert states["sft tiny-fern from tiny-base:1"] == "Completed", states
         assert states["eval tiny-fern:2"] == "Completed" and states["eval tiny-base:1"] == "Completed", states
     assert os.path.isdir(tunery_home / "prefect" / "results")
+
+
+SNAPSHOT_KIND = '''"""A `snapshot` stage: the start model copied as a new version, with the number of rows it was given."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from tasks.common import StageResult
+from tasks.prep import load_prepared
+from tasks.stage import StageFields, StageInputs
+
+
+class SnapshotStage(StageFields):
+    """A `snapshot` stage of a pipeline config."""
+
+    kind: ClassVar[str] = "snapshot"
+    data_kind: ClassVar[str | None] = "chat"
+    summary: ClassVar[str] = "Copy the start model as a new version."
+    stage: Literal["snapshot"] = "snapshot"
+    note: str = Field("", description="Recorded with the version.")
+
+    def run(self, inputs: StageInputs, out_dir: Path) -> StageResult:
+        for f in Path(inputs.start).iterdir():
+            shutil.copy2(f, out_dir / f.name)
+        _, train, _ = load_prepared(inputs.data)
+        return StageResult(stage="snapshot", artifact_path=str(out_dir), metrics={"rows_seen": float(len(train))},
+                           info={"note": self.note})
+'''
+
+def test_a_new_stage_kind_is_one_module_and_one_catalogue_entry(tmp_path, tiny_model_dir, garden_rows, tunery_home):
+    """What the README's layout section promises: a copy of tasks/ with tasks/snapshot.py and its entry in
+    tasks/catalogue.py, and nothing else changed, gives a config key, a CLI command that runs it, the data-kind
+    check and a registered version."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    shutil.copytree(REPO / "tasks", tmp_path / "code" / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "code" / "tasks" / "snapshot.py").write_text(SNAPSHOT_KIND)
+    catalogue = tmp_path / "code" / "tasks" / "catalogue.py"
+    text = catalogue.read_text()
+    text = text.replace("from tasks.sft import SftStage\n", "from tasks.sft import SftStage\n"
+                                                           "from tasks.snapshot import SnapshotStage\n")
+    text = text.replace("DistillModelStage)}", "DistillModelStage, SnapshotStage)}")
+    catalogue.write_text(text)
+    config = _config(tmp_path, tiny_model_dir, garden_rows, [{"stage": "snapshot", "note": "kept"}])
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "code"), "TUNERY_HOME": str(tunery_home)}
+
+    def tunery(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    assert "Copy the start model as a new version." in tunery("snapshot", "--help").stdout
+    ran = tunery("snapshot", str(config), "--json")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    version = json.loads(ran.stdout)
+    assert version["stage"] == "snapshot" and version["parents"] == ["tiny-base:1"]
+    assert version["hyperparameters"]["snapshot"] == {"note": "kept"} and version["info"]["note"] == "kept"
+    assert version["metrics"]["rows_seen"] > 0 and (Path(version["artifact_path"]) / "model.safetensors").exists()
+    # The data-kind check comes from the class too: preference data is refused, and nothing is registered.
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No."}
+                                           for i in range(12)])
+    doc = yaml.safe_load(config.read_text())
+    doc["data"] = {"train": "pairs.jsonl", "val_fraction": 0.2}
+    config.write_text(yaml.safe_dump(doc))
+    refused = tunery("snapshot", str(config))
+    assert refused.returncode == 1 and "needs chat data, but its data holds preference examples" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert [v.version for v in registry.list_versions(name="tiny-fern")] == ["tiny-fern:1"]
