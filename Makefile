@@ -10,6 +10,10 @@ STAMP := $(VENV)/.installed
 BASE_MODEL := $(TUNERY_HOME)/base_models/SmolLM2-135M-Instruct/model.safetensors
 # Renders Ollama TEMPLATEs with Go's text/template (Ollama's own engine) to check exported chat templates.
 GOTEMPLATE := $(BIN)/tunery-gotemplate
+# llama.cpp's own HF -> GGUF converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py), unpacked from
+# the source archive of the pinned llama-cpp-python: the converter of the llama.cpp that tunery runs.
+LLAMA_CPP_PYTHON := $(shell sed -n 's/^llama[-_]cpp[-_]python==//Ip' requirements/lock.txt)
+CONVERTER := $(VENV)/llama.cpp/convert_hf_to_gguf.py
 # Debian's Chromium and its driver, for the dashboard's browser tests.
 CHROMEDRIVER := /usr/bin/chromedriver
 # llama-cpp-python has no wheel on the index, so pip compiles llama.cpp. Its multimodal library (mtmd), which
@@ -21,7 +25,7 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 # Two chains in parallel: the Python environment then the base model, and the system packages (apt, one at a
 # time: dpkg takes a lock) then the Go template checker.
 setup:
-	$(MAKE) -j2 $(STAMP) $(BASE_MODEL) $(GOTEMPLATE) $(CHROMEDRIVER)
+	$(MAKE) -j2 $(STAMP) $(CONVERTER) $(BASE_MODEL) $(GOTEMPLATE) $(CHROMEDRIVER)
 
 $(STAMP): requirements/torch.txt requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +34,15 @@ $(STAMP): requirements/torch.txt requirements/lock.txt pyproject.toml
 	$(BIN)/pip install -q -r requirements/lock.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+$(CONVERTER): requirements/lock.txt | $(STAMP)
+	rm -rf $(VENV)/llama.cpp $(VENV)/llama.cpp-sdist && mkdir -p $(VENV)/llama.cpp
+	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/llama.cpp-sdist
+	tar -xzf $(VENV)/llama.cpp-sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz --strip-components=3 \
+		-C $(VENV)/llama.cpp --wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' \
+		'*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*'
+	rm -rf $(VENV)/llama.cpp-sdist
+	test -f $(CONVERTER)
 
 $(GOTEMPLATE): tools/gotemplate/main.go tools/gotemplate/go.mod | $(CHROMEDRIVER)
 	mkdir -p $(BIN)

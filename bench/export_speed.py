@@ -28,7 +28,7 @@ def main() -> None:
 
     from tasks import verify
     from tasks.evaluation import latency
-    from tasks.export import write_gguf
+    from tasks.convert import write_gguf
     from tasks.models import ensure_default_base_model, load_model, load_tokenizer, prompt_ids
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -22,7 +22,8 @@ import registry
 from flows.steps import model_folder
 from registry import exports as export_store
 from tasks.common import StageResult, TuneryError, atomic_dir, check_name, home, write_json
-from tasks.export import ExportConfig, GateConfig, write_gguf
+from tasks.convert import convert
+from tasks.export import ExportConfig, GateConfig
 from tasks.modelfile import (SAMPLE_CONVERSATIONS, chat_frames, go_template, hf_render, parse_modelfile,
                              render_modelfile, stop_tokens)
 from tasks.prep import load_prepared
@@ -93,23 +94,23 @@ def recipe(version: registry.Version, cfg: ExportConfig) -> Recipe:
 
 
 def write_files(r: Recipe, cfg: ExportConfig, tmp: Path, version: registry.Version,
-                progress: Progress) -> tuple[Path, Path, str]:
-    """Write the full-precision GGUF, the quantized one (unless they are the same) and the Modelfile into `tmp`;
-    return (full-precision file, exported file, Modelfile text)."""
+                progress: Progress) -> tuple[Path, Path, str, dict[str, Any]]:
+    """Write the full-precision GGUF (llama.cpp's converter), the quantized one (unless they are the same) and the
+    Modelfile into `tmp`; return (full-precision file, exported file, Modelfile text, what the conversion found)."""
     from tasks import verify
 
     stem = f"{version.name}-v{version.number}"
     full = "f32" if cfg.quant == "f32" else "f16"
     full_path = tmp / f"{stem}-{full}.gguf"
     progress(f"writing {full_path.name}")
-    write_gguf(r.folder, full_path, full, name=version.version)
+    converted = convert(r.folder, full_path, full, name=version.version)
     gguf = full_path
     if cfg.quant != full:
         progress(f"quantizing to {cfg.quant} with llama.cpp")
         gguf = verify.quantize(full_path, tmp / f"{stem}-{cfg.quant}.gguf", cfg.quant, cfg.threads)
     modelfile = render_modelfile(gguf.name, r.template, r.stops, cfg.system, r.parameters)
     (tmp / "Modelfile").write_text(modelfile)
-    return full_path, gguf, modelfile
+    return full_path, gguf, modelfile, {k: v for k, v in converted.items() if k != "path"}
 
 
 def run_checks(r: Recipe, cfg: ExportConfig, full_path: Path, gguf: Path, modelfile: str, prompts: list[str],
@@ -173,14 +174,15 @@ def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list
     tag = _free_tag(version.name, version.number, cfg.quant)
     final = exports_dir() / version.name / tag
     with atomic_dir(final) as tmp:
-        full_path, gguf, modelfile = write_files(r, cfg, tmp, version, progress)
+        full_path, gguf, modelfile, converted = write_files(r, cfg, tmp, version, progress)
         checks, samples = run_checks(r, cfg, full_path, gguf, modelfile, prompts, examples, progress)
         if gguf != full_path and not cfg.keep_full_precision:
             full_path.unlink()
         write_json(tmp / "checks.json", {"version": version.version, "checks": checks, "answers": samples})
         sha, size = _sha256(gguf), gguf.stat().st_size
     info = {"config": cfg.model_dump(), "stops": r.stops, "template_source": "config" if cfg.template else "derived",
-            "answers": samples, "model_folder": str(r.folder), "eval_data_hash": data.info["data_hash"]}
+            "answers": samples, "model_folder": str(r.folder), "eval_data_hash": data.info["data_hash"],
+            "conversion": converted}
     export = {"export_id": f"{version.name}/{tag}", "version": version.version, "quant": cfg.quant,
               "path": str(final), "gguf_file": gguf.name, "size_bytes": size, "sha256": sha, "modelfile": modelfile,
               "passed": all(c["passed"] is not False for c in checks), "info": info}

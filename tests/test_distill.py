@@ -67,7 +67,7 @@ def test_batched_teacher_answers_equal_one_at_a_time_greedy(chatty):
 def test_llama_cpp_teacher_answers_equal_hf_on_an_f32_export(chatty, tmp_path, monkeypatch):
     from llama_cpp import Llama
 
-    from tasks.export import write_gguf
+    from tasks.convert import write_gguf
 
     gguf = write_gguf(chatty, tmp_path / "tiny.gguf", "f32")
     model, tok = load_model(str(chatty)), load_tokenizer(str(chatty))

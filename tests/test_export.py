@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tasks.common import TuneryError
-from tasks.export import write_gguf
+from tasks.convert import write_gguf
 from tasks.models import load_model, load_tokenizer
 
 
@@ -33,9 +33,10 @@ def test_unsupported_architecture_is_named(tiny_model_dir, tmp_path):
 
     shutil.copytree(tiny_model_dir, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
-    with pytest.raises(TuneryError, match="cannot export model_type 'gpt_neox' to GGUF"):
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
+    with pytest.raises(TuneryError, match="llama.cpp cannot convert this model .*'NoSuchForCausalLM' not supported"):
         write_gguf(tmp_path / "m", tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_rope_base_and_logits_survive_the_round_trip(tiny_model_dir, tmp_path):
@@ -239,3 +240,24 @@ def test_answers_are_decoded_with_the_modelfile_s_repeat_penalty(tiny_model_dir,
     assert "no repeat penalty" in plain["detail"]
     assert "repeat_penalty 1.5 over the last 64 tokens, as the Modelfile sets" in penalised["detail"]
     assert samples[0]["answer"] != plain_samples[0]["answer"]
+
+
+def test_the_pre_tokenizer_is_read_from_tokenizer_json_and_an_unknown_one_is_named(tiny_model_dir, tmp_path):
+    """llama.cpp's converter writes the file; the pre-tokenizer name comes from tokenizer.json (what HF runs), and
+    one that neither tunery nor llama.cpp's hash table knows stops the export with the file named, and no GGUF."""
+    import json
+    import shutil
+
+    from tasks.convert import convert
+
+    found = convert(tiny_model_dir, tmp_path / "tiny.gguf", "f32")
+    assert found["architecture"] == "LlamaForCausalLM"
+    assert (found["pre_tokenizer"], found["pre_tokenizer_from"]) == ("gpt-2", "tokenizer.json")
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    spec = json.loads((tmp_path / "m" / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, spec["pre_tokenizer"]]}
+    (tmp_path / "m" / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(TuneryError, match=r"m/tokenizer.json: llama.cpp does not know this tokenizer, and its "
+                                          r"pre-tokenizer \(WhitespaceSplit, ByteLevel\) matches none"):
+        convert(tmp_path / "m", tmp_path / "m.gguf", "f32")
+    assert not (tmp_path / "m.gguf").exists()

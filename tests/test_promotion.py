@@ -102,9 +102,9 @@ def test_failed_export_leaves_no_folder_and_no_row(tiny_model_dir, tmp_path, pre
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
     config = json.loads((broken / "config.json").read_text())
-    (broken / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    (broken / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
     version = _register(broken)
-    with pytest.raises(TuneryError, match="cannot export model_type 'gpt_neox'"):
+    with pytest.raises(TuneryError, match="llama.cpp cannot convert this model"):
         promotion.promote(version, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)
     assert export_store.list_exports() == [] and export_store.promotion_history() == []
     assert not list((tunery_home / "exports").rglob("*.gguf"))
