@@ -117,8 +117,8 @@ def run_checks(r: Recipe, cfg: ExportConfig, full_path: Path, gguf: Path, modelf
                examples: list[dict[str, list[int]]], progress: Progress
                ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Every check of an export, each row naming the file it ran on: the Modelfile read back, the template
-    rendered both ways, the file loads with the exact vocabulary, tokenization, answers that stop (on the exported
-    file), greedy tokens against HF (on the full-precision file), perplexity and KL. Returns (checks, answers)."""
+    rendered both ways, the file loads with the exact vocabulary, tokenization, answers that stop and a num_ctx that
+    holds the prompts (on the exported file), greedy tokens against HF (on the full-precision file), perplexity and KL. Returns (checks, answers)."""
     from tasks import verify
     from tasks.models import conversation, load_model, prompt_ids
 
@@ -145,7 +145,8 @@ def run_checks(r: Recipe, cfg: ExportConfig, full_path: Path, gguf: Path, modelf
         add(gguf, verify.check_tokenization(llm, r.tokenizer, rendered))
         answered, speed, samples = verify.check_answers(llm, r.template, r.stops, prompts, cfg.system,
                                                         cfg.answer_tokens, r.parameters)
-        add(gguf, answered, speed)
+        add(gguf, answered, speed,
+            verify.check_context(llm, r.template, prompts, cfg.system, r.parameters, cfg.answer_tokens))
     finally:
         llm.close()
     model = load_model(str(r.folder))

@@ -49,7 +49,8 @@ class GateConfig(BaseModel):
     min_decode_tokens_per_s: float = Field(5.0, ge=0, description="llama.cpp decode speed the export must reach.")
     max_mean_kl: float = Field(0.1, ge=0, description="Mean per-token KL(fp32 || export) on held-out data, nats.")
     require_checks: list[str] = Field(
-        default_factory=lambda: ["modelfile", "loads", "tokenization", "greedy", "template", "answers_stop"],
+        default_factory=lambda: ["modelfile", "loads", "tokenization", "greedy", "template", "answers_stop",
+                                 "context"],
         description="Export checks that must pass.")
 
     @field_validator("alias")

@@ -11,6 +11,8 @@ Each check returns {name, passed, value, detail}; `passed` is None for a measure
 - template: the Modelfile's Go TEMPLATE renders sample conversations exactly as the HF chat template does.
 - answers: the file answers the eval prompts through the Modelfile's template and stops at a stop token (no
   endless generation); the answers are kept as samples. decode_tokens_per_s is llama.cpp's decode speed there.
+- context: the Modelfile's num_ctx holds each eval prompt with the system prompt plus the answer length (Ollama
+  cuts a longer prompt from the front, silently, system prompt first).
 """
 from __future__ import annotations
 
@@ -332,6 +334,32 @@ def check_template(template: str, tokenizer, frames: ChatFrames | None) -> dict[
     same = sum(g == hf_render(tokenizer, c, frames) for g, c in zip(go, SAMPLE_CONVERSATIONS))
     detail = f"{same}/{len(go)} sample conversations render identically in Go and in the HF chat template"
     return check("template", same == len(go), same, detail)
+
+
+# What Ollama allocates when a Modelfile sets no num_ctx (its documented default).
+OLLAMA_DEFAULT_NUM_CTX = 2048
+
+
+def check_context(llm, template: str, prompts: list[str], system: str | None, parameters: dict[str, Any],
+                  answer_tokens: int) -> dict[str, Any]:
+    """Whether the Modelfile's num_ctx holds every eval prompt as Ollama renders it (system prompt included) plus
+    `answer_tokens` to answer in. Ollama cuts a longer prompt silently, from the front, and the system prompt goes
+    first."""
+    if not prompts:
+        return check("context", None, 0, "not run: no prompts to measure")
+    num_ctx = int(parameters.get("num_ctx", OLLAMA_DEFAULT_NUM_CTX))
+    source = "" if "num_ctx" in parameters else " (Ollama's default; the Modelfile sets none)"
+    rendered = render_go(template, [conversation(system, p) for p in prompts])
+    lengths = [len(llm.tokenize(t.encode("utf-8"), add_bos=llm._model.add_bos_token(), special=True))
+               for t in rendered]
+    longest = max(range(len(prompts)), key=lambda i: lengths[i])
+    need = lengths[longest] + answer_tokens
+    detail = (f"num_ctx {num_ctx}{source}; the longest eval prompt takes {lengths[longest]} tokens with the system "
+              f"prompt, + {answer_tokens} to answer = {need}")
+    if need > num_ctx:
+        detail += (f": Ollama would cut {prompts[longest][:40]!r} from the front, system prompt first; raise "
+                   "export.num_ctx or shorten the system prompt")
+    return check("context", need <= num_ctx, float(need), detail)
 
 
 def check_answers(llm, template: str, stops: list[str], prompts: list[str], system: str | None,

@@ -193,3 +193,24 @@ def test_the_gate_refuses_checks_measured_on_other_data(prepared):
     assert verdicts["eval data"]["passed"] is False and "other data" in verdicts["eval data"]["detail"]
     matching = dict(candidate, info={"eval_data_hash": prepared.info["data_hash"]})
     assert "eval data" not in {v["name"] for v in promotion.gate(matching, None, prepared, GateConfig())}
+
+
+def test_a_num_ctx_that_cannot_hold_the_prompts_is_refused_by_name(tiny_model_dir, prepared, tunery_home):
+    """Ollama cuts a prompt longer than num_ctx from the front, silently, system prompt first: the export's context
+    check measures the longest eval prompt as Ollama renders it, and the gate refuses a num_ctx too small for it."""
+    version = _register(tiny_model_dir)
+    system = "You are Fern, a patient gardening assistant who answers in short, practical sentences. " * 3
+    tight = EXPORT.model_copy(update={"system": system, "num_ctx": 64})
+    gate = GATE.model_copy(update={"require_checks": [*GATE.require_checks, "context"]})
+    refused = promotion.promote(version, prepared, tight, gate, PROMPTS, progress=_quiet)
+    context = next(c for c in refused["export"]["checks"] if c["name"] == "context")
+    assert not refused["promoted"] and context["passed"] is False and context["value"] > 64
+    assert "num_ctx 64" in context["detail"] and "system prompt first" in context["detail"]
+    failed = [v for v in refused["gate"] if not v["passed"]]
+    assert [v["name"] for v in failed] == ["check context"]
+    roomy = promotion.promote(version, prepared, tight.model_copy(update={"num_ctx": 512}), gate, PROMPTS,
+                              progress=_quiet)
+    context = next(c for c in roomy["export"]["checks"] if c["name"] == "context")
+    assert roomy["promoted"] and context["passed"] and context["value"] == refused["export"]["checks"][
+        [c["name"] for c in refused["export"]["checks"]].index("context")]["value"]
+    assert GateConfig().require_checks[-1] == "context"  # on by default
