@@ -337,6 +337,38 @@ def rollback(alias: str = typer.Argument(..., help="NAME@ALIAS, e.g. fern@produc
 
 
 @command
+def chat(target: str = typer.Argument(..., help="NAME:N, NAME (its newest ready version) or NAME@ALIAS."),
+         system: Optional[str] = typer.Option(None, "--system", help="The system prompt; default: the Modelfile's "
+                                                                    "SYSTEM, else none."),
+         backend: str = typer.Option("auto", "--backend", help="gguf (the export, as Ollama serves it), hf "
+                                                              "(transformers) or auto: gguf when there is an export "
+                                                              "that passed its checks."),
+         temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0,
+                                                     help="0 for greedy; default: the Modelfile's, else Ollama's 0.8."),
+         seed: int = typer.Option(0, "--seed"),
+         max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Most tokens per answer.")) -> None:
+    """Talk with a version: answers stream as they are generated, each followed by its tokens/s. Lines starting
+    /reset, /system TEXT and /quit control the conversation; end of input ends it."""
+    import sys
+
+    from flows.chat import Settings, converse, resolve
+
+    if backend not in ("auto", "gguf", "hf"):
+        raise TuneryError(f"--backend must be auto, gguf or hf, got {backend!r}")
+    found = resolve(target, backend)
+    interactive = sys.stdin.isatty()
+
+    def read() -> str | None:
+        try:
+            return input("you> " if interactive else "")
+        except EOFError:
+            return None
+
+    converse(found, Settings(system=system, temperature=temperature, seed=seed, max_tokens=max_tokens), read,
+             STDOUT)
+
+
+@command
 def dashboard(host: str = typer.Option("127.0.0.1", help="Address to listen on; the default keeps it on this "
                                                          "machine. Use 0.0.0.0 only on a network you trust."),
               port: int = typer.Option(8501, help="Port to listen on.")) -> None:
