@@ -47,12 +47,22 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "f16", n
         raise TuneryError(f"GGUF outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     if not (converter_dir() / "convert_hf_to_gguf.py").exists():
         raise TuneryError(f"llama.cpp's converter is not in {converter_dir()}; run `make setup`")
-    spec = {"model_dir": str(model_dir), "out": str(out_path), "outtype": outtype, "name": name or model_dir.name}
+    spec = {"model_dir": str(model_dir), "out": str(out_path), "outtype": outtype,
+            "name": _general_name(model_dir, name or model_dir.name)}
     try:
         return run_child("tasks.convert", spec, f"converting {model_dir} to GGUF")
     except BaseException:
         out_path.unlink(missing_ok=True)  # no half-written file
         raise
+
+
+def _general_name(model_dir: Path, name: str) -> str:
+    """The GGUF's general.name: the name given, with the model type in brackets (`fern:3 (phi3)`). llama.cpp
+    reads some tokenizer behaviour off this name: Phi-3's turn markers strip the whitespace after them, as HF's
+    tokenizer.json says, only when the name contains "phi3"."""
+    config_file = model_dir / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.exists() else None
+    return f"{name} ({model_type})" if model_type and model_type not in name else name
 
 
 # Hugging Face pre-tokenizers and the llama.cpp pre-tokenizer that splits text the same way, for tokenizers whose
@@ -91,8 +101,34 @@ def pre_tokenizer(spec: dict[str, Any], where: Path) -> str:
     return name
 
 
+def _staged(model_dir: Path, tmp: Path) -> Path:
+    """The model folder as llama.cpp's converter reads it: the same files (links), and a tokenizer_config.json
+    that lists the added tokens. transformers 5 keeps them only in tokenizer.json, and without that list the
+    converter writes a SentencePiece model's turn markers ([INST], <start_of_turn>) as plain text tokens, which
+    llama.cpp then spells out letter by letter."""
+    config_file, spec_file = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    if config.get("added_tokens_decoder") or not spec_file.exists():
+        return model_dir
+    added = json.loads(spec_file.read_text()).get("added_tokens", [])
+    config["added_tokens_decoder"] = {str(t["id"]): {"content": t["content"], "special": t.get("special", False)}
+                                      for t in added}
+    for entry in model_dir.iterdir():
+        if entry.name != "tokenizer_config.json":
+            (tmp / entry.name).symlink_to(entry.resolve())
+    (tmp / "tokenizer_config.json").write_text(json.dumps(config))
+    return tmp
+
+
 def _convert(spec: dict[str, Any]) -> dict[str, Any]:
     """The child's side: run llama.cpp's converter on the folder, with the pre-tokenizer fallback."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tunery-convert-") as tmp:
+        return _convert_staged(spec, _staged(Path(spec["model_dir"]), Path(tmp)))
+
+
+def _convert_staged(spec: dict[str, Any], model_dir: Path) -> dict[str, Any]:
     root = converter_dir()
     sys.path[:0] = [str(root / "gguf-py"), str(root)]
     for noisy in ("hf-to-gguf", "gguf.gguf_writer", "gguf.vocab"):
@@ -100,14 +136,14 @@ def _convert(spec: dict[str, Any]) -> dict[str, Any]:
     import convert_hf_to_gguf
     from conversion import ModelBase, ModelType, base, get_model_architecture, get_model_class
 
-    model_dir = Path(spec["model_dir"])
+    where = Path(spec["model_dir"])  # the folder the user knows, for messages
     found: dict[str, Any] = {"path": spec["out"], "pre_tokenizer": None, "pre_tokenizer_from": None}
     known = base.TextModel.get_vocab_base_pre
 
     def get_vocab_base_pre(self, tokenizer) -> str:
         spec_file = model_dir / "tokenizer.json"
         try:
-            name = pre_tokenizer(json.loads(spec_file.read_text()) if spec_file.exists() else {}, model_dir)
+            name = pre_tokenizer(json.loads(spec_file.read_text()) if spec_file.exists() else {}, where)
             found.update(pre_tokenizer=name, pre_tokenizer_from="tokenizer.json")
             return name
         except TuneryError as unnamed:
@@ -128,16 +164,19 @@ def _convert(spec: dict[str, Any]) -> dict[str, Any]:
         found["architecture"] = get_model_architecture(hparams, ModelType.TEXT)
         get_model_class(found["architecture"], mmproj=False)
     except NotImplementedError as e:
-        raise TuneryError(f"{model_dir}: llama.cpp cannot convert this model ({e})") from None
+        raise TuneryError(f"{where}: llama.cpp cannot convert this model ({e})") from None
     sys.argv = ["convert_hf_to_gguf.py", str(model_dir), "--outfile", spec["out"], "--outtype", spec["outtype"],
                 "--model-name", spec["name"]]
     try:
         convert_hf_to_gguf.main()
+    except FileNotFoundError as e:
+        raise TuneryError(f"{where}: llama.cpp's converter needs {Path(e.filename or '?').name}, which the folder "
+                          "does not have") from None
     except SystemExit as e:
         if e.code:
-            raise TuneryError(f"{model_dir}: llama.cpp's converter stopped (exit {e.code}); its output is above")
+            raise TuneryError(f"{where}: llama.cpp's converter stopped (exit {e.code}); its output is above")
     if not Path(spec["out"]).exists():
-        raise TuneryError(f"{model_dir}: llama.cpp's converter wrote no file")
+        raise TuneryError(f"{where}: llama.cpp's converter wrote no file")
     return found
 
 

@@ -424,7 +424,7 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
     main = trainer.is_world_process_zero()  # under `accelerate launch`, only one process writes the result
     if main:
         trainer.model.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+        save_tokenizer(tokenizer, model_path, out_dir)
     metrics = {**(start_metrics or {}), **estimate, **_run_metrics(trainer, output, runtime, losses, info, estimate)}
     if after_train is not None:
         metrics.update(after_train())
@@ -439,6 +439,15 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
     return StageResult(stage=stage, artifact_path=str(out_dir), metrics=metrics, history=history, info=info,
                        adapter=config.adapter,
                        quantization=config.quantization.model_dump() if config.quantized else None)
+
+
+def save_tokenizer(tokenizer, model_path: str, out_dir: Path) -> None:
+    """Save the tokenizer beside the trained weights, with the start model's SentencePiece file: transformers 5
+    writes tokenizer.json only, and llama.cpp's converter reads a SentencePiece vocabulary from tokenizer.model."""
+    tokenizer.save_pretrained(out_dir)
+    source = Path(model_path) / "tokenizer.model"
+    if source.exists() and not (Path(out_dir) / "tokenizer.model").exists():
+        shutil.copy2(source, Path(out_dir) / "tokenizer.model")
 
 
 def _train_guarded(trainer, stage: str, config: TrainingConfig, info: dict[str, Any], checkpoints: Path | None

@@ -146,17 +146,45 @@ def check_vocabulary(llm, tokenizer) -> dict[str, Any]:
 
 
 def check_tokenization(llm, tokenizer, extra: list[str] = ()) -> dict[str, Any]:
+    """llama.cpp's tokens against HF's on the corpus and `extra` texts (rendered conversations).
+
+    One difference is known and named rather than failed: a SentencePiece tokenizer's text that starts with
+    whitespace, at the start or right after a special token. SentencePiece, and so llama.cpp, puts its dummy-prefix
+    space before it anyway; HF's fast tokenizer (tokenizers' Metaspace) does not when the text already starts with
+    a space. Such a text passes when llama.cpp's tokens equal HF's with that one space added (Ollama then sends one
+    more space token than training saw there)."""
     texts = TOKENIZER_CORPUS + list(extra)
-    bad = []
+    bad, prefixed = [], []
     for text in texts:
-        ours = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        theirs = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if list(ours) != list(theirs):
+        ours = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        if ours == tokenizer(text, add_special_tokens=False)["input_ids"]:
+            continue
+        spaced = _dummy_prefixed(tokenizer, text)
+        if spaced != text and ours == tokenizer(spaced, add_special_tokens=False)["input_ids"]:
+            prefixed.append(text)
+        else:
             bad.append(text)
-    detail = f"{len(texts) - len(bad)}/{len(texts)} texts tokenize identically"
+    same = len(texts) - len(bad) - len(prefixed)
+    detail = f"{same}/{len(texts)} texts tokenize identically"
+    if prefixed:
+        detail += (f", {len(prefixed)} more but for SentencePiece's dummy-prefix space before leading whitespace "
+                   f"(e.g. {prefixed[0][:40]!r})")
     if bad:
         detail += f"; first mismatch: {bad[0]!r}"
-    return check("tokenization", not bad, len(texts) - len(bad), detail)
+    return check("tokenization", not bad, same + len(prefixed), detail)
+
+
+def _dummy_prefixed(tokenizer, text: str) -> str:
+    """`text` with one space added where SentencePiece's dummy prefix lands on whitespace: at the start, and after
+    each special token, where the following text starts with whitespace."""
+    import re
+
+    specials = sorted({t for t in [*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()] if t}, key=len,
+                      reverse=True)
+    if not specials:
+        return " " + text if text[:1].isspace() else text
+    parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", text)
+    return "".join(" " + p if i % 2 == 0 and p[:1].isspace() else p for i, p in enumerate(parts))
 
 
 def last_logits(llm) -> np.ndarray:
