@@ -131,12 +131,17 @@ class HfChat:
 
     def __init__(self, version: registry.Version, settings: Settings):
         from flows.steps import adapter_base, model_folder
+        from tasks.modelfile import chat_frames
         from tasks.models import load_model, load_tokenizer
 
         self.settings = settings
         self.default_system = None
         folder = adapter_base(version) if version.adapter else model_folder(version)
         self.tokenizer = load_tokenizer(version.artifact_path if version.adapter else folder)
+        try:
+            self.frames = chat_frames(self.tokenizer)
+        except TuneryError:
+            self.frames = None  # the template is used as it is
         self.model = load_model(folder, adapter=version.artifact_path if version.adapter else None,
                                 merge=version.adapter)
 
@@ -144,9 +149,10 @@ class HfChat:
         import torch
         from transformers import TextIteratorStreamer
 
+        from tasks.modelfile import for_template
         from tasks.models import prompt_ids, turn_end_ids
 
-        ids = torch.tensor([prompt_ids(self.tokenizer, messages)])
+        ids = torch.tensor([prompt_ids(self.tokenizer, for_template(messages, self.frames))])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         temperature = 0.8 if self.settings.temperature is None else self.settings.temperature
         torch.manual_seed(self.settings.seed)

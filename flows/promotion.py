@@ -24,7 +24,7 @@ from registry import exports as export_store
 from tasks.common import StageResult, TuneryError, atomic_dir, check_name, home, write_json
 from tasks.convert import convert
 from tasks.export import ExportConfig, GateConfig
-from tasks.modelfile import (SAMPLE_CONVERSATIONS, chat_frames, go_template, hf_render, parse_modelfile,
+from tasks.modelfile import (SAMPLE_CONVERSATIONS, chat_frames, for_template, go_template, hf_render, parse_modelfile,
                              render_modelfile, stop_tokens)
 from tasks.prep import load_prepared
 
@@ -150,7 +150,7 @@ def run_checks(r: Recipe, cfg: ExportConfig, full_path: Path, gguf: Path, modelf
     finally:
         llm.close()
     model = load_model(str(r.folder))
-    ids = [prompt_ids(r.tokenizer, conversation(cfg.system, p)) for p in prompts]
+    ids = [prompt_ids(r.tokenizer, for_template(conversation(cfg.system, p), r.frames)) for p in prompts]
     stop_ids = set(r.tokenizer.convert_tokens_to_ids(r.stops))
     full_llm = verify.open_gguf(full_path, threads=cfg.threads)
     try:

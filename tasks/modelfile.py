@@ -57,6 +57,13 @@ class ChatFrames:
     generation_prompt: str
     default_system: str      # written before the first turn when the conversation has no system message
     bos: str                 # a BOS token the template writes first; llama.cpp adds it itself (add_bos_token)
+    # Where a system message goes: "turn" (a turn of its own), "first" / "last" (inside the first / last user
+    # turn, before its content, then `system_join`), or "none": the template refuses system messages, so tunery
+    # puts the system prompt into the first user turn the way templates that fold it do ("first", joined by a
+    # blank line), for the HF reference as for the Go TEMPLATE.
+    system: str = "turn"
+    system_join: str = ""
+    trims: bool = False      # the template strips whitespace around each content (`| trim`)
 
 
 def _render(tok, messages: list[dict[str, str]], generation: bool) -> str:
@@ -74,47 +81,107 @@ def _split(text: str, marks: list[str]) -> list[str]:
     return pieces + [text]
 
 
+def _renders(tok, conv: list[dict[str, str]]) -> tuple[str, str] | None:
+    """(without, with) the generation prompt, or None when the template refuses the conversation."""
+    try:
+        return _render(tok, conv, False), _render(tok, conv, True)
+    except Exception:  # a Jinja template may raise anything on a conversation it does not accept
+        return None
+
+
+def _generation(tok, full: str, with_prompt: str) -> tuple[str, str]:
+    """(the conversation as both renderings share it, the generation prompt). A template may end a conversation
+    rendered without a generation prompt with EOS (Phi-3): that trailer is not part of any prompt."""
+    for trailer in ("", tok.eos_token or ""):
+        shared = full[:len(full) - len(trailer)] if trailer and full.endswith(trailer) else full
+        if (not trailer or full.endswith(trailer)) and with_prompt.startswith(shared):
+            return shared, with_prompt[len(shared):]
+    raise TuneryError("the chat template's generation prompt is not appended at the end")
+
+
 def chat_frames(tok) -> ChatFrames:
     """Read a tokenizer's chat template into ChatFrames (TuneryError when it has no usable template)."""
     if not getattr(tok, "chat_template", None):
         raise TuneryError("the tokenizer has no chat template; give the export a TEMPLATE")
-    conv = [{"role": "system", "content": MARK["system"]}, {"role": "user", "content": MARK["user1"]},
-            {"role": "assistant", "content": MARK["assistant"]}, {"role": "user", "content": MARK["user2"]}]
-    try:
-        full = _render(tok, conv, False)
-        with_prompt = _render(tok, conv, True)
-        no_system = _render(tok, conv[1:2], False)
-    except Exception as e:  # a Jinja template may raise anything on a conversation it does not accept
-        raise TuneryError(f"the chat template does not render a system + multi-turn conversation: {e}") from None
-    if not with_prompt.startswith(full):
-        raise TuneryError("the chat template's generation prompt is not appended at the end")
-    generation = with_prompt[len(full):]
-    s0, s1, s2, s3, s4 = _split(full, [MARK[k] for k in ("system", "user1", "assistant", "user2")])
-    d0, d1 = _split(no_system, [MARK["user1"]])
+    m = MARK
+    system, user1, assistant, user2 = ({"role": r, "content": m[k]} for r, k in (
+        ("system", "system"), ("user", "user1"), ("assistant", "assistant"), ("user", "user2")))
+    no_system = _renders(tok, [user1])
+    plain = _renders(tok, [user1, assistant, user2])
+    if no_system is None or plain is None:
+        raise TuneryError("the chat template does not render a user / assistant / user conversation")
+    d0, d1 = _split(no_system[0], [m["user1"]])
+    shared, generation = _generation(tok, *plain)
+    p0, p1, p2, p3 = _split(shared, [m[k] for k in ("user1", "assistant", "user2")])
     bos = tok.bos_token or ""
-    if bos and "bos_token" in tok.chat_template and s0.startswith(bos) and d0.startswith(bos):
-        s0, d0 = s0[len(bos):], d0[len(bos):]
+    if bos and "bos_token" in tok.chat_template and p0.startswith(bos) and d0.startswith(bos):
+        p0, d0 = p0[len(bos):], d0[len(bos):]
     else:
         bos = ""
-    user_suffix = s4
-    if d1 != user_suffix or not s2.startswith(user_suffix):
+    user_suffix = p3
+    if d1 != user_suffix and not d1.startswith(user_suffix) or not p1.startswith(user_suffix):
         raise TuneryError("the chat template ends user turns differently depending on their position")
-    assistant_prefix = s2[len(user_suffix):]
-    # Most templates close every turn the same way (ChatML's <|im_end|>\n, Llama 3's <|eot_id|>); then the text
-    # between two turns splits as that suffix + the next turn's prefix. Otherwise the suffix is left empty and the
-    # next prefix carries it, which renders the same for conversations that end with a user turn.
-    if s1.startswith(user_suffix) and s3.startswith(user_suffix) and s1[len(user_suffix):] == s3[len(user_suffix):]:
-        system_suffix = assistant_suffix = user_suffix
-        user_prefix = s1[len(user_suffix):]
-    elif s1 == s3:
-        system_suffix = assistant_suffix = ""
-        user_prefix = s1
+    assistant_prefix = p1[len(user_suffix):]
+    # The text between an assistant turn and the next user turn: ChatML's <|im_end|>\n + <|im_start|>user\n. Most
+    # templates close every turn the same way; then it splits as the user suffix + the next user prefix.
+    # The first user turn may come after a default system turn (SmolLM2, Qwen2.5), so the user prefix is what the
+    # text before the first and before the second user turn end with.
+    if p2.startswith(user_suffix) and p0.endswith(p2[len(user_suffix):]) and len(p2) > len(user_suffix):
+        assistant_suffix, user_prefix = user_suffix, p2[len(user_suffix):]
     else:
-        raise TuneryError("the chat template opens user turns differently after a system and an assistant turn")
+        user_prefix = os.path.commonprefix([p0[::-1], p2[::-1]])[::-1]
+        if not user_prefix:
+            raise TuneryError("the chat template opens user turns differently after an assistant turn")
+        assistant_suffix = p2[:len(p2) - len(user_prefix)]
     if not d0.endswith(user_prefix):
-        raise TuneryError("the chat template opens the first user turn differently without a system message")
-    return ChatFrames(s0, system_suffix, user_prefix, user_suffix, assistant_prefix, assistant_suffix,
-                      generation, d0[:len(d0) - len(user_prefix)], bos)
+        raise TuneryError("the chat template opens the first user turn differently after another turn")
+    default_system = d0[:len(d0) - len(user_prefix)]
+    frames = ChatFrames("", "", user_prefix, user_suffix, assistant_prefix, assistant_suffix, generation,
+                        default_system, bos, trims=_trims(tok))
+    _place_system(tok, frames, system, user1, assistant, user2)
+    return frames
+
+
+def _trims(tok) -> bool:
+    try:
+        text = _render(tok, [{"role": "user", "content": f"  {MARK['user1']}  "}], False)
+    except Exception:
+        return False
+    return f"  {MARK['user1']}  " not in text and MARK["user1"] in text
+
+
+def _place_system(tok, frames: ChatFrames, system, user1, assistant, user2) -> None:
+    """Find where the template writes a system message: its own turn, or inside the first or last user turn."""
+    m = MARK
+    rendered = _renders(tok, [system, user1, assistant, user2])
+    if rendered is None:  # no system role: tunery folds it into the first user turn, as Gemma 3's template does
+        frames.system, frames.system_join = "none", "\n\n"
+        return
+    full = _generation(tok, *rendered)[0]
+    if frames.bos and full.startswith(frames.bos):
+        full = full[len(frames.bos):]
+    order = sorted(("system", "user1", "assistant", "user2"), key=lambda k: full.find(m[k]))
+    pieces = _split(full, [m[k] for k in order])
+    f = frames
+    if order == ["system", "user1", "assistant", "user2"]:
+        s0, s1, s2, s3, s4 = pieces
+        if s1 == "" or s0 == f.user_prefix and f.user_prefix:  # inside the first user turn
+            if s0 != f.user_prefix:
+                raise TuneryError("the chat template writes the system message where tunery cannot place it")
+            f.system, f.system_join = "first", s1
+        elif s1.endswith(f.user_prefix):
+            f.system_prefix, f.system_suffix, f.system = s0, s1[:len(s1) - len(f.user_prefix)], "turn"
+        else:
+            raise TuneryError("the chat template opens the first user turn differently after a system turn")
+        if s2 != f.user_suffix + f.assistant_prefix or s4 != f.user_suffix:
+            raise TuneryError("the chat template writes turns differently when there is a system message")
+    elif order == ["user1", "assistant", "system", "user2"]:  # inside the last user turn (Mistral)
+        q0, q1, q2, q3, q4 = pieces
+        if q0 != f.user_prefix or q2 != f.assistant_suffix + f.user_prefix or q4 != f.user_suffix:
+            raise TuneryError("the chat template writes turns differently when there is a system message")
+        f.system, f.system_join = "last", q3
+    else:
+        raise TuneryError("the chat template writes the system message where tunery cannot place it")
 
 
 def _literal(text: str) -> str:
@@ -125,18 +192,27 @@ def _literal(text: str) -> str:
 def go_template(frames: ChatFrames) -> str:
     """An Ollama TEMPLATE (Go text/template over .Messages) that renders like the chat template it came from.
 
-    No action trims whitespace (`{{-`): every character outside the actions is the chat template's own text.
+    No action trims whitespace (`{{-`): every character outside the actions is the chat template's own text. A
+    system prompt folded into a user turn comes from `.System` (Ollama joins the system messages into it).
     """
-    f = {k: _literal(v) for k, v in frames.__dict__.items()}
+    f = {k: _literal(v) if isinstance(v, str) else v for k, v in frames.__dict__.items()}
     default = ""
     if frames.default_system:
         default = ('{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}'
                    + f["default_system"] + "{{ end }}")
+    folded = ""
+    if frames.system in ("first", "none"):
+        folded = '{{ if and $first $.System }}{{ $.System }}' + (f["system_join"] or "") + "{{ end }}"
+    elif frames.system == "last":
+        folded = ('{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}' + f["system_join"]
+                  + "{{ end }}")
+    system = ('{{ if eq .Role "system" }}' + f["system_prefix"] + "{{ .Content }}" + f["system_suffix"] + "{{ else "
+              if frames.system == "turn" else '{{ if eq .Role "system" }}{{ else ')
     return (
         default
-        + '{{ $last := "" }}{{ range .Messages }}{{ $last = .Role }}'
-        + '{{ if eq .Role "system" }}' + f["system_prefix"] + "{{ .Content }}" + f["system_suffix"]
-        + '{{ else if eq .Role "user" }}' + f["user_prefix"] + "{{ .Content }}" + f["user_suffix"]
+        + '{{ $last := "" }}{{ $first := true }}{{ range $i, $m := .Messages }}{{ $last = .Role }}'
+        + system + 'if eq .Role "user" }}' + f["user_prefix"] + folded + "{{ $first = false }}{{ .Content }}"
+        + f["user_suffix"]
         + '{{ else if eq .Role "assistant" }}' + f["assistant_prefix"] + "{{ .Content }}" + f["assistant_suffix"]
         + "{{ end }}{{ end }}"
         + '{{ if ne $last "assistant" }}' + f["generation_prompt"] + "{{ end }}"
@@ -161,9 +237,28 @@ def stop_tokens(tok, frames: ChatFrames | None, model_dir: Path | None = None) -
 
 
 def hf_render(tok, messages: list[dict[str, str]], frames: ChatFrames) -> str:
-    """The HF chat template's prompt for `messages`, without the BOS that llama.cpp adds itself."""
+    """The HF chat template's prompt for `messages`, without the BOS that llama.cpp adds itself. For a template
+    without a system role, the system prompt goes into the first user turn as tunery's Go TEMPLATE puts it."""
+    messages = for_template(messages, frames)
     text = _render(tok, messages, messages[-1]["role"] != "assistant")
     return text[len(frames.bos):] if frames.bos and text.startswith(frames.bos) else text
+
+
+def for_template(messages: list[dict[str, str]], frames: ChatFrames | None) -> list[dict[str, str]]:
+    """The conversation as the chat template takes it: with the system prompt in the first user message where the
+    template has no system role (as the Go TEMPLATE puts it)."""
+    return fold_system(messages, frames.system_join) if frames is not None and frames.system == "none" else messages
+
+
+def fold_system(messages: list[dict[str, str]], join: str = "\n\n") -> list[dict[str, str]]:
+    """The conversation with its system messages moved into the first user message (`system + join + content`),
+    for templates that have no system role."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    first = next((m for m in rest if m["role"] == "user"), None)
+    if system and first is not None:
+        first["content"] = system + join + first["content"]
+    return rest
 
 
 def renderer_path() -> str | None:

@@ -355,12 +355,23 @@ def distribution_checks(path: Path, model, examples: list[dict[str, list[int]]],
 def check_template(template: str, tokenizer, frames: ChatFrames | None) -> dict[str, Any]:
     if frames is None:
         return check("template", False, detail="no template derived from the chat template")
+    # A template that trims contents (Llama 3's `| trim`) is compared on what it gives the model: Go's text/template
+    # has no trim, so Go renders the trimmed contents and the detail says where Ollama differs.
+    conversations = ([[{**m, "content": m["content"].strip()} for m in c] for c in SAMPLE_CONVERSATIONS]
+                     if frames.trims else SAMPLE_CONVERSATIONS)
     try:
-        go = render_go(template, SAMPLE_CONVERSATIONS)
+        go = render_go(template, conversations)
     except TuneryError as e:
         return check("template", False, detail=str(e))
     same = sum(g == hf_render(tokenizer, c, frames) for g, c in zip(go, SAMPLE_CONVERSATIONS))
     detail = f"{same}/{len(go)} sample conversations render identically in Go and in the HF chat template"
+    if frames.trims:
+        detail += (" (the chat template trims whitespace around each message and Ollama's template cannot: compared "
+                   "on trimmed messages; a message sent with surrounding whitespace keeps it in Ollama)")
+    if frames.system == "none":
+        detail += "; the chat template has no system role: a system prompt opens the first user message"
+    elif frames.system in ("first", "last"):
+        detail += f"; the system prompt goes into the {frames.system} user message, as the chat template puts it"
     return check("template", same == len(go), same, detail)
 
 

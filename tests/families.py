@@ -140,3 +140,38 @@ def build(name: str, out: Path) -> Path:
     torch.manual_seed(0)
     model_class(config).save_pretrained(out, safe_serialization=True)
     return out
+
+
+SHORT_ANSWERS = [("Is basil a herb?", "Yes."), ("Is a tomato a fruit?", "Yes."), ("Is soil blue?", "No."),
+                 ("Do roses need sun?", "Yes."), ("Is snow hot?", "No."), ("Can mint spread?", "Yes."),
+                 ("Is sand wet?", "No."), ("Do weeds grow?", "Yes.")]
+
+
+def taught(name: str, work: Path) -> Path:
+    """The family's tiny model after 60 full fine-tuning steps on yes/no answers (with and without a system
+    prompt where the template has a system role): it answers briefly and ends its
+    turn with the family's end-of-turn token, so an export's answers can be checked to stop (a random model never
+    stops). Returns the trained model folder."""
+    import os
+
+    from tasks.prep import PrepConfig, prepare
+    from tasks.sft import SftConfig, train_sft
+
+    base = build(name, work / "random")
+    system = [{"role": "system", "content": "You are Fern, a gardener."}] if FAMILIES[name].system_role else []
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in SHORT_ANSWERS] * 2 + [{"messages": system + [
+                {"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in SHORT_ANSWERS] * 2
+    (work / "short.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    saved = os.environ.get("TUNERY_HOME")
+    os.environ["TUNERY_HOME"] = str(work / "home")
+    try:
+        data = prepare(PrepConfig(train=["short.jsonl"], val_fraction=0.15), work, str(base))
+        train_sft(SftConfig(method="full", max_steps=60, batch_size=8, max_length=64, learning_rate=3e-3,
+                            warmup_ratio=0.0), str(base), data.artifact_path, work / "taught", device="cpu")
+    finally:
+        if saved is None:
+            os.environ.pop("TUNERY_HOME")
+        else:
+            os.environ["TUNERY_HOME"] = saved
+    return work / "taught"

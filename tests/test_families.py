@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
+import registry
 from conftest import write_jsonl
-from families import FAMILIES, build
+from families import FAMILIES, build, taught
 
 PROMPTS = ["How often should I water basil?", "What can I plant in autumn?"]
 
 
 @pytest.fixture(scope="session")
 def family_dirs(tmp_path_factory):
-    """Each family's tiny model, built once per session on first use."""
+    """Each family's tiny model, random (`build`), built once per session on first use."""
     built: dict[str, Path] = {}
 
     def get(name: str) -> Path:
@@ -28,63 +29,62 @@ def family_dirs(tmp_path_factory):
     return get
 
 
-def _conversations(tokenizer) -> list[str]:
-    """The export check's sample conversations as the family's template renders them (those it accepts), without
-    the BOS text llama.cpp adds itself."""
-    from tasks.modelfile import SAMPLE_CONVERSATIONS
+@pytest.fixture(scope="session")
+def taught_dirs(tmp_path_factory):
+    """Each family's tiny model taught to answer briefly and end its turn (`taught`), once per session."""
+    built: dict[str, Path] = {}
 
-    rendered = []
-    for conversation in SAMPLE_CONVERSATIONS:
-        try:
-            text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        except Exception:  # Gemma 2's template refuses a system turn
-            continue
-        rendered.append(text.removeprefix(tokenizer.bos_token or ""))
-    return rendered
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = taught(name, tmp_path_factory.mktemp(f"taught-{name}"))
+        return built[name]
+
+    return get
+
+
+def _register(name: str, folder: Path, parents: list[str] = ()) -> str:
+    version = registry.create_version(name, "base" if not parents else "merge", parents=list(parents))
+    registry.finish_version(version, str(folder))
+    return version
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_each_family_trains_merges_and_exports_as_llama_cpp_reads_it(name, family_dirs, tmp_path, garden_rows):
-    import gguf
-
-    from tasks import verify
-    from tasks.convert import convert
+def test_each_family_trains_merges_and_exports_with_every_check_passing(name, taught_dirs, tmp_path, garden_rows):
+    """LoRA sft 2 steps, merge, then `tunery export`'s path: F16 by llama.cpp's converter, Q8_0 by its quantizer,
+    the Modelfile's TEMPLATE derived from the family's chat template with a SYSTEM prompt, and every check passes:
+    the template renders like HF, the vocabulary and tokens match, greedy F16 == HF, answers stop, context fits."""
+    from flows import promotion
+    from tasks.export import ExportConfig
     from tasks.merge import merge_adapter
-    from tasks.models import conversation, load_model, load_tokenizer, prompt_ids, turn_end_ids
     from tasks.prep import PrepConfig, prepare
     from tasks.sft import SftConfig, train_sft
 
     family = FAMILIES[name]
-    base = family_dirs(name)
+    start = taught_dirs(name)
     write_jsonl(tmp_path / "garden.jsonl", garden_rows)
-    data = prepare(PrepConfig(train=["garden.jsonl"], val_fraction=0.15), tmp_path, str(base))
-    config = SftConfig(method="lora", max_steps=2, batch_size=4, max_length=128, learning_rate=1e-2)
-    trained = train_sft(config, str(base), data.artifact_path, tmp_path / "adapter", device="cpu")
+    data = prepare(PrepConfig(train=["garden.jsonl"], val_fraction=0.15), tmp_path, str(start))
+    config = SftConfig(method="lora", max_steps=2, batch_size=4, max_length=128)
+    trained = train_sft(config, str(start), data.artifact_path, tmp_path / "adapter", device="cpu")
     assert trained.adapter and trained.metrics["train_steps"] == 2
-    merge_adapter(str(base), str(tmp_path / "adapter"), tmp_path / "merged")
-    merged = tmp_path / "merged"
-    tokenizer, model = load_tokenizer(str(merged)), load_model(str(merged))
+    merge_adapter(str(start), str(tmp_path / "adapter"), tmp_path / "merged")
+    version = _register(name, tmp_path / "merged", [_register(f"{name}-base", start)])
 
-    found = convert(merged, tmp_path / "f16.gguf", "f16")
-    assert found["architecture"] == family.architecture
-    kind = gguf.GGUFReader(str(tmp_path / "f16.gguf")).fields["tokenizer.ggml.model"].contents()
-    assert kind == {"bpe": "gpt2", "spm": {"gemma2": "llama"}.get(name, "llama")}[family.tokenizer]
-    q8 = verify.quantize(tmp_path / "f16.gguf", tmp_path / "q8_0.gguf", "q8_0")
-    rendered = _conversations(tokenizer)
-    assert len(rendered) == (2 if not family.system_role else 4)
-    for path in (tmp_path / "f16.gguf", q8):
-        llm, loads = verify.check_loads(path, tokenizer)
-        try:
-            assert loads["passed"], loads
-            tokens = verify.check_tokenization(llm, tokenizer, rendered)
-            assert tokens["passed"], tokens
-            assert llm._model.add_bos_token() == (tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id])
-            if path.name == "f16.gguf":
-                ids = [prompt_ids(tokenizer, conversation(None, p)) for p in PROMPTS]
-                greedy = verify.check_greedy(llm, model, tokenizer, ids, 16, turn_end_ids(tokenizer), "f16")
-                assert greedy["passed"] and greedy["value"] == len(PROMPTS), greedy
-        finally:
-            llm.close()
+    export = promotion.export_version(version, data, ExportConfig(
+        quant="q8_0", system="You are Fern, a gardener.", heldout_rows=4, max_new_tokens=16, answer_tokens=16,
+        window=128), PROMPTS, progress=lambda _: None)
+    checks = {c["name"]: c for c in export["checks"]}
+    failed = {n: c["detail"] for n, c in checks.items() if c["passed"] is False}
+    assert export["passed"] and not failed, (failed, export["info"]["answers"])
+    for required in ("modelfile", "template", "loads", "tokenization", "greedy", "answers_stop", "context"):
+        assert checks[required]["passed"] is True, (required, checks[required])
+    assert checks["greedy"]["file"].endswith("-f16.gguf") and export["gguf_file"].endswith("-q8_0.gguf")
+    assert export["info"]["conversion"]["architecture"] == family.architecture
+    assert f"PARAMETER stop {family.eos}" in export["modelfile"]
+    placement = {"turn": "", "none": "no system role", "last": "last user message"}[
+        {"gemma2": "none", "mistral": "last"}.get(name, "turn")]
+    assert placement in checks["template"]["detail"]
+    assert [a["answer"] for a in export["info"]["answers"]] and all(
+        a["answer"] in ("Yes.", "No.") for a in export["info"]["answers"]), export["info"]["answers"]
 
 
 def test_sentencepiece_tokens_equal_hf_and_the_dummy_prefix_is_named_not_hidden(family_dirs, tmp_path):
