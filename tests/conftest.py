@@ -51,6 +51,28 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model_dir, tmp_path_factory):
+    """The tiny model as converted by llama.cpp's converter (once per session and file type), copied into the
+    caller's folder: tests that only read an export need not run the converter again (test_export's first test
+    checks the conversion itself)."""
+    import shutil
+
+    from tasks.convert import write_gguf
+
+    made: dict[str, Path] = {}
+
+    def get(outtype: str, folder: Path) -> Path:
+        if outtype not in made:
+            made[outtype] = write_gguf(tiny_model_dir, tmp_path_factory.mktemp("tiny-gguf") / f"tiny-{outtype}.gguf",
+                                       outtype)
+        target = folder / ("tiny.gguf" if outtype == "f32" else f"tiny-{outtype}.gguf")
+        shutil.copy2(made[outtype], target)
+        return target
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def tunery_home(tmp_path, monkeypatch) -> Path:
     """Every test gets its own TUNERY_HOME, so no test touches the user's registry or another test's."""

@@ -19,10 +19,17 @@ ANSWERED = re.compile(r"\[(\d+) tokens, ([\d.]+) tokens/s\]")
 
 
 @pytest.fixture
-def promoted(tiny_model_dir, prepared) -> str:
-    """The tiny model registered and promoted to tiny@production (an f32 export that passed what it can)."""
+def registered(tiny_model_dir) -> str:
+    """The tiny model registered as it is (no export)."""
     version = registry.create_version("tiny", "base")
     registry.finish_version(version, str(tiny_model_dir))
+    return version
+
+
+@pytest.fixture
+def promoted(registered, prepared) -> str:
+    """The tiny model registered and promoted to tiny@production (an f32 export that passed what it can)."""
+    version = registered
     gate = GateConfig(require_checks=["modelfile", "loads", "tokenization", "template", "greedy"],
                       min_decode_tokens_per_s=0.0)
     result = promotion.promote(version, prepared, EXPORT, gate, ["How often should I water basil?"],
@@ -53,8 +60,8 @@ def test_chat_answers_a_piped_two_turn_conversation_through_the_export(promoted,
     assert done.stdout.startswith(f"chatting with {promoted}, export tiny/v1-f32 (its checks failed: answers_stop);")
 
 
-def test_chat_through_transformers_and_its_commands(promoted, tunery_home):
-    done = _chat([promoted, "--backend", "hf", "--temperature", "0", "--max-tokens", "5"],
+def test_chat_through_transformers_and_its_commands(registered, tunery_home):
+    done = _chat([registered, "--backend", "hf", "--temperature", "0", "--max-tokens", "5"],
                  "Water?\n/reset\nWater?\n/system Be brief.\nWater?\n", tunery_home)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "(transformers)" in done.stdout.splitlines()[0]
@@ -91,7 +98,7 @@ def test_the_conversation_keeps_its_history_and_the_system_prompt(promoted, monk
     assert seen[0] == [{"role": "user", "content": "Hi"}]
 
 
-def test_chat_names_what_it_cannot_find(promoted, tunery_home):
+def test_chat_names_what_it_cannot_find(registered, tunery_home):
     done = _chat(["tiny@staging"], "", tunery_home)
     assert done.returncode == 1 and "tiny@staging: no such alias" in done.stderr and "Traceback" not in done.stderr
     base = registry.create_version("other", "base")

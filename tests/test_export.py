@@ -63,13 +63,13 @@ def _checks(found: list[dict]) -> dict[str, dict]:
     return {c["name"]: c for c in found}
 
 
-def test_llama_cpp_reproduces_a_tiny_f32_export(tiny_model_dir, tmp_path, prepared):
+def test_llama_cpp_reproduces_a_tiny_f32_export(tiny_model_dir, tiny_gguf, tmp_path, prepared):
     """llama.cpp loads the tiny export, tokenizes like HF, gives HF's greedy tokens and (F32) its distributions."""
     from flows.promotion import heldout_examples
     from tasks import verify
     from tasks.models import prompt_ids
 
-    path = write_gguf(tiny_model_dir, tmp_path / "tiny.gguf", "f32")
+    path = tiny_gguf("f32", tmp_path)
     tok = load_tokenizer(str(tiny_model_dir))
     llm, loads = verify.check_loads(path, tok)
     try:
@@ -86,12 +86,12 @@ def test_llama_cpp_reproduces_a_tiny_f32_export(tiny_model_dir, tmp_path, prepar
     assert found["perplexity"]["value"] == pytest.approx(found["perplexity_hf"]["value"], rel=1e-3)
 
 
-def test_quantized_tiny_export_is_measured_not_matched(tiny_model_dir, tmp_path, prepared):
+def test_quantized_tiny_export_is_measured_not_matched(tiny_model_dir, tiny_gguf, tmp_path, prepared):
     """Q8_0 of the tiny model: a real KL above zero, perplexity near fp32's, recorded rather than asserted equal."""
     from flows.promotion import heldout_examples
     from tasks import verify
 
-    f16 = write_gguf(tiny_model_dir, tmp_path / "tiny-f16.gguf", "f16")
+    f16 = tiny_gguf("f16", tmp_path)
     q8 = verify.quantize(f16, tmp_path / "tiny-q8_0.gguf", "q8_0")
     assert q8.stat().st_size < f16.stat().st_size
     tok = load_tokenizer(str(tiny_model_dir))
@@ -103,10 +103,10 @@ def test_quantized_tiny_export_is_measured_not_matched(tiny_model_dir, tmp_path,
         verify.quantize(f16, tmp_path / "x.gguf", "q9")
 
 
-def test_a_corrupt_gguf_is_named_with_llama_cpp_s_reason(tiny_model_dir, tmp_path):
+def test_a_corrupt_gguf_is_named_with_llama_cpp_s_reason(tiny_model_dir, tiny_gguf, tmp_path):
     from tasks import verify
 
-    path = write_gguf(tiny_model_dir, tmp_path / "tiny.gguf", "f32")
+    path = tiny_gguf("f32", tmp_path)
     path.write_bytes(path.read_bytes()[:100_000])
     with pytest.raises(TuneryError, match="llama.cpp cannot load tiny.gguf: .*(corrupted|incomplete|bounds)"):
         verify.open_gguf(path)
@@ -168,11 +168,11 @@ def test_loads_compares_the_vocabulary_token_for_token(tiny_model_dir, tmp_path)
         llm.close()
 
 
-def test_repeat_penalty_decoding_is_llama_cpp_s_own(tiny_model_dir, tmp_path):
+def test_repeat_penalty_decoding_is_llama_cpp_s_own(tiny_model_dir, tiny_gguf, tmp_path):
     """greedy_ids with a repeat penalty picks the tokens llama.cpp's penalties sampler picks (temperature 0)."""
     from tasks import verify
 
-    path = write_gguf(tiny_model_dir, tmp_path / "tiny.gguf", "f32")
+    path = tiny_gguf("f32", tmp_path)
     llm = verify.open_gguf(path, threads=2)
     try:
         prompt = llm.tokenize(b"<|im_start|>user\nWater basil?<|im_end|>\n<|im_start|>assistant\n", add_bos=False,
@@ -223,13 +223,13 @@ def test_greedy_parts_only_at_a_near_tie_or_it_fails_with_the_gap(tiny_model_dir
         llm.close()
 
 
-def test_answers_are_decoded_with_the_modelfile_s_repeat_penalty(tiny_model_dir, tmp_path):
+def test_answers_are_decoded_with_the_modelfile_s_repeat_penalty(tiny_model_dir, tiny_gguf, tmp_path):
     from tasks import verify
     from tasks.modelfile import chat_frames, go_template
 
     tok = load_tokenizer(str(tiny_model_dir))
     template = go_template(chat_frames(tok))
-    path = write_gguf(tiny_model_dir, tmp_path / "tiny.gguf", "f32")
+    path = tiny_gguf("f32", tmp_path)
     llm = verify.open_gguf(path, threads=2)
     try:
         plain, _, plain_samples = verify.check_answers(llm, template, ["<|im_end|>"], ["Water basil?"], None, 24)
