@@ -51,6 +51,19 @@ def history(ref: str) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
+def held_out_answers(ref: str) -> list[dict[str, Any]]:
+    """The version's newest greedy answers (transformers) to the held-out prompts of its evaluation data."""
+    v = registry.get_version(ref)
+    return registry.get_answers(v.version, "hf", v.eval_data_hash)
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def judgements(ref: str, against: str) -> list[dict[str, Any]]:
+    """The judge's newest verdicts on `ref`'s held-out answers against `against`'s."""
+    return registry.get_judgements(registry.resolve(ref), registry.resolve(against))
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
 def compare(a: str, b: str) -> dict[str, Any]:
     return registry.compare_versions(a, b)
 

@@ -162,6 +162,11 @@ def prep(config: Path = typer.Argument(..., help="Pipeline YAML whose `data` sec
         info = result.info
         out.print(f"prepared {info['train_rows']} train / {info['validation_rows']} validation {info['kind']} "
                   f"examples ({info['duplicates_removed']} duplicates removed) -> {result.artifact_path}")
+        for part, found in info.get("contamination", {}).items():
+            what = "held-out rows" if part == "heldout" else "general-suite items"
+            out.print(f"contamination: {found['rows']} of {found['of']} {what} found in the training rows"
+                      + "".join(f"\n  {e['row']} ~ {e['train']}: {e['kind']}, {e['detail']}"
+                                for e in found["examples"][:5]))
 
 
 def _single_stage(kind: str, config: Path, start: str | None, stage_id: str | None, sources: list[str],

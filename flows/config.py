@@ -93,9 +93,23 @@ def load_config(path: str | Path) -> tuple[PipelineConfig, Path]:
     if not isinstance(raw, dict):
         raise TuneryError(f"{path}: expected a mapping of settings at the top level")
     try:
-        return PipelineConfig.model_validate(raw), path.resolve().parent
+        cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
         raise TuneryError(f"{path}: " + "; ".join(_describe(err) for err in e.errors())) from None
+    if cfg.eval.general not in (None, "default"):
+        from tasks.general import load_suite
+
+        suite = Path(cfg.eval.general)
+        cfg.eval.general = str(suite if suite.is_absolute() else path.resolve().parent / suite)
+        try:
+            load_suite(cfg.eval.general)  # a bad item is named now, before anything trains
+        except TuneryError as e:
+            raise TuneryError(f"{path}: eval.general: {e}") from None
+    # The contamination checks compare the training rows with the suite the versions are scored on.
+    for prep in [cfg.data] + [getattr(s, "data", None) for s in cfg.stages]:
+        if isinstance(prep, PrepConfig) and "general" not in prep.contamination.model_fields_set:
+            prep.contamination.general = cfg.eval.general
+    return cfg, path.resolve().parent
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -55,7 +55,7 @@ def transient_only(task, task_run, state) -> bool:
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": transient_only}
 
-SUMMARY_METRICS = ("perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb")
+SUMMARY_METRICS = ("perplexity", "answer_f1", "general_accuracy", "tokens_per_s", "ttft_ms", "peak_rss_mb")
 
 
 def _key(*parts: str) -> str:
@@ -163,7 +163,8 @@ def eval_task(version: registry.Version, data, eval_cfg) -> dict[str, float]:
 @task(task_run_name="promote {version.version}")
 def promote_task(version: registry.Version, data, cfg) -> dict[str, Any]:
     """Export the version, check it with llama.cpp and promote it through the config's gate."""
-    result = promotion.promote(version.version, data, cfg.export, cfg.promote, cfg.eval_config().prompts)
+    result = promotion.promote(version.version, data, cfg.export, cfg.promote, cfg.eval_config().prompts,
+                               evals=cfg.eval_config())
     checks = markdown_table(check_rows(result["export"]))
     create_markdown_artifact(
         key=_key(version.name, "promotion"),

@@ -23,6 +23,7 @@ from flows.steps import model_folder
 from registry import exports as export_store
 from tasks.common import StageResult, TuneryError, atomic_dir, check_name, home, write_json
 from tasks.convert import convert
+from tasks.evaluation import EvalConfig
 from tasks.export import ExportConfig, GateConfig
 from tasks.modelfile import (SAMPLE_CONVERSATIONS, chat_frames, for_template, go_template, hf_render, parse_modelfile,
                              render_modelfile, stop_tokens)
@@ -164,9 +165,59 @@ def run_checks(r: Recipe, cfg: ExportConfig, full_path: Path, gguf: Path, modelf
     return checks, samples
 
 
+def answer_checks(r: Recipe, cfg: ExportConfig, gguf: Path, data: StageResult, version: registry.Version,
+                  evals: EvalConfig, progress: Progress) -> tuple[list[dict[str, Any]], dict[str, float], list[dict]]:
+    """What the exported file answers, scored as transformers' answers are: greedy answers to the held-out prompts
+    (the Modelfile's template, stops and parameters, up to `evals.answer_tokens`) against the reference answers,
+    and the general multiple-choice suite (the forgetting check) with its drop from the first parent's accuracy.
+    Returns (measurement rows for the checks, `gguf_*` metrics, the answers)."""
+    from tasks import general, verify
+    from tasks.evaluation import answered_rows
+    from tasks.scores import answer_scores
+
+    rows: list[dict[str, Any]] = []
+    metrics: dict[str, float] = {}
+    _, _, validation = load_prepared(data.artifact_path)
+    picked = answered_rows(validation, evals.generation_rows)[:cfg.answer_rows]
+    answers: list[dict[str, Any]] = []
+    llm = verify.open_gguf(gguf, threads=cfg.threads)
+    try:
+        if picked:
+            progress(f"answering {len(picked)} held-out prompts with llama.cpp")
+            prompts = [next(m["content"] for m in reversed(validation[i]["messages"][:-1]) if m["role"] == "user")
+                       for i in picked]
+            _, _, said = verify.check_answers(llm, r.template, r.stops, prompts, cfg.system, evals.answer_tokens,
+                                              r.parameters)
+            answers = [{"prompt": s["prompt"], "answer": s["answer"], "reference": validation[i]["messages"][-1][
+                "content"], "category": validation[i].get("category")} for i, s in zip(picked, said)]
+            metrics.update(answer_scores(answers, prefix="gguf_answer"))
+            rows.append(verify.check("heldout_answers", None, metrics["gguf_answer_f1"],
+                                     f"{len(answers)} held-out answers: token F1 {metrics['gguf_answer_f1']:.3f}, "
+                                     f"ROUGE-L {metrics['gguf_answer_rougeL']:.3f}, chrF "
+                                     f"{metrics['gguf_answer_chrf']:.1f}, exact {metrics['gguf_answer_exact']:.3f}"))
+    finally:
+        llm.close()
+    if evals.general:
+        progress("general multiple-choice suite with llama.cpp (forgetting check)")
+        items = general.load_suite(None if evals.general == "default" else evals.general)
+        found = general.accuracy(items, general.gguf_logliks(gguf, r.tokenizer, items, cfg.threads), "gguf_general")
+        metrics.update(found)
+        detail = f"{found['gguf_general_accuracy']:.3f} on {len(items)} items"
+        parent = registry.get_version(version.parents[0], data.info["data_hash"]).metrics if version.parents else {}
+        drop = general.drop_points(parent.get("general_accuracy"), found["gguf_general_accuracy"])
+        if drop is not None:
+            metrics["gguf_general_drop_pct"] = drop
+            detail += f"; {version.parents[0]} (transformers) {parent['general_accuracy']:.3f}: {drop:+.1f} points lost"
+        rows.append(verify.check("general", None, found["gguf_general_accuracy"], detail))
+    return rows, metrics, answers
+
+
 def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list[str],
-                   progress: Progress = print) -> dict[str, Any]:
-    """Write exports/NAME/vN-QUANT (GGUF + Modelfile), run every check on it, record export and checks."""
+                   progress: Progress = print, evals: EvalConfig | None = None) -> dict[str, Any]:
+    """Write exports/NAME/vN-QUANT (GGUF + Modelfile), run every check on it, record export and checks, and record
+    what the file answers (`answer_checks`) as the version's `gguf_*` metrics on the data's hash. `evals` (default:
+    EvalConfig()) says how held-out answers are made and which general suite is scored."""
+    evals = evals or EvalConfig()
     version = registry.get_version(ref)
     if version.status != "ready":
         raise TuneryError(f"{version.version} is {version.status}; only ready versions can be exported")
@@ -177,6 +228,8 @@ def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list
     with atomic_dir(final) as tmp:
         full_path, gguf, modelfile, converted = write_files(r, cfg, tmp, version, progress)
         checks, samples = run_checks(r, cfg, full_path, gguf, modelfile, prompts, examples, progress)
+        measured, gguf_metrics, answers = answer_checks(r, cfg, gguf, data, version, evals, progress)
+        checks += [{**c, "file": gguf.name} for c in measured]
         if gguf != full_path and not cfg.keep_full_precision:
             full_path.unlink()
         write_json(tmp / "checks.json", {"version": version.version, "checks": checks, "answers": samples})
@@ -188,6 +241,8 @@ def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list
               "path": str(final), "gguf_file": gguf.name, "size_bytes": size, "sha256": sha, "modelfile": modelfile,
               "passed": all(c["passed"] is not False for c in checks), "info": info}
     export_store.record_export(export, checks)
+    registry.record_metrics(version.version, gguf_metrics, eval_data_hash=data.info["data_hash"])
+    registry.record_answers(version.version, export["export_id"], answers, eval_data_hash=data.info["data_hash"])
     return export_store.get_export(export["export_id"])
 
 
@@ -220,6 +275,7 @@ def gate(candidate: dict[str, Any], holder: dict[str, Any] | None, data: StageRe
     verdicts.append({"name": "decode_tokens_per_s", "passed": speed is not None and
                      speed >= cfg.min_decode_tokens_per_s, "value": speed,
                      "threshold": cfg.min_decode_tokens_per_s, "detail": "llama.cpp greedy decode"})
+    verdicts += answer_verdicts(candidate, data, cfg)
     if holder is None or holder["version"] == candidate["version"]:
         verdicts.append({"name": "perplexity_vs_holder", "passed": True, "value": _value(candidate, "perplexity"),
                          "threshold": None, "detail": "no other version holds the alias"})
@@ -242,6 +298,26 @@ def gate(candidate: dict[str, Any], holder: dict[str, Any] | None, data: StageRe
     verdicts.append({"name": "perplexity_vs_holder", "passed": ours <= limit, "value": ours, "threshold": limit,
                      "detail": f"{ours:.3f} vs {holder['version']}'s {theirs:.3f} "
                                f"(+{cfg.max_perplexity_increase_pct:g}% allowed)"})
+    return verdicts
+
+
+def answer_verdicts(candidate: dict[str, Any], data: StageResult, cfg: GateConfig) -> list[dict[str, Any]]:
+    """The gate's verdicts on what the export answers, for the thresholds the config sets: general-suite points
+    lost against the first parent (forgetting) and the held-out answers' token F1."""
+    verdicts = []
+    measured = registry.get_version(candidate["version"], data.info["data_hash"]).metrics
+    if cfg.max_general_drop_pct is not None:
+        drop = measured.get("gguf_general_drop_pct")
+        verdicts.append({"name": "general_drop_pct", "passed": drop is not None and drop <= cfg.max_general_drop_pct,
+                         "value": drop, "threshold": cfg.max_general_drop_pct,
+                         "detail": "points of general multiple-choice accuracy lost against the first parent" if
+                         drop is not None else "not measured: the export or its parent has no general accuracy"})
+    if cfg.min_answer_f1 is not None:
+        f1 = measured.get("gguf_answer_f1")
+        verdicts.append({"name": "answer_f1", "passed": f1 is not None and f1 >= cfg.min_answer_f1, "value": f1,
+                         "threshold": cfg.min_answer_f1,
+                         "detail": "token F1 of the export's held-out answers" if f1 is not None else
+                         "not measured: no held-out answers (export.answer_rows 0 or no chat data)"})
     return verdicts
 
 
@@ -275,11 +351,11 @@ def _ollama_create(name: str, alias: str, export: dict[str, Any]) -> str:
 
 
 def promote(ref: str, data: StageResult, export_cfg: ExportConfig, gate_cfg: GateConfig, prompts: list[str],
-            progress: Progress = print) -> dict[str, Any]:
+            progress: Progress = print, evals: EvalConfig | None = None) -> dict[str, Any]:
     """Export `ref`, gate it against the alias's holder, and move the alias on a pass. Either way, a row."""
     version = registry.get_version(ref)
     name, alias = version.name, gate_cfg.alias  # GateConfig validated the alias
-    candidate = export_version(version.version, data, export_cfg, prompts, progress)
+    candidate = export_version(version.version, data, export_cfg, prompts, progress, evals)
     current = export_store.get_alias(name, alias)
     holder = export_store.get_export(current["export_id"]) if current else None
     progress(f"gate for {name}@{alias}" + (f" (held by {holder['version']})" if holder else ""))
@@ -355,14 +431,14 @@ def export_from_config(ref: str, config: str | Path | None = None, quant: str | 
                        progress: Progress = print) -> dict[str, Any]:
     """`tunery export`: the config's held-out data, eval prompts and export settings (the demo's by default)."""
     cfg, data, export_cfg, _ = _setup(ref, config, quant, None)
-    return export_version(ref, data, export_cfg, cfg.eval_config().prompts, progress)
+    return export_version(ref, data, export_cfg, cfg.eval_config().prompts, progress, cfg.eval_config())
 
 
 def promote_from_config(ref: str, config: str | Path | None = None, alias: str | None = None,
                         quant: str | None = None, progress: Progress = print) -> dict[str, Any]:
     """`tunery promote` and the dashboard's Promote button: export, check and gate as the config says."""
     cfg, data, export_cfg, gate_cfg = _setup(ref, config, quant, alias)
-    return promote(ref, data, export_cfg, gate_cfg, cfg.eval_config().prompts, progress)
+    return promote(ref, data, export_cfg, gate_cfg, cfg.eval_config().prompts, progress, cfg.eval_config())
 
 
 def summary(result: dict[str, Any]) -> str:

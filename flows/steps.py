@@ -322,9 +322,45 @@ def run_eval(version: registry.Version, data: StageResult, eval_cfg: EvalConfig)
         result = evaluate(adapter_base(version), data.artifact_path, eval_cfg, adapter=version.artifact_path)
     else:
         result = evaluate(version.artifact_path, data.artifact_path, eval_cfg)
-    registry.record_metrics(version.version, result.metrics, eval_data_hash=data.info["data_hash"])
-    registry.record_samples(version.version, result.info.get("samples", []), eval_data_hash=data.info["data_hash"])
-    return result.metrics
+    measured_on = data.info["data_hash"]
+    metrics = {**result.metrics, **forgetting(version, result.metrics, measured_on)}
+    registry.record_metrics(version.version, metrics, eval_data_hash=measured_on)
+    registry.record_samples(version.version, result.info.get("samples", []), eval_data_hash=measured_on)
+    registry.record_answers(version.version, "hf", result.info.get("answers", []), eval_data_hash=measured_on)
+    if eval_cfg.judge is not None:
+        judged = run_judge(version, eval_cfg.judge, measured_on)
+        registry.record_metrics(version.version, judged, eval_data_hash=measured_on)
+        metrics.update(judged)
+    return metrics
+
+
+def run_judge(version: registry.Version, cfg, eval_data_hash: str) -> dict[str, float]:
+    """The judge's verdicts on the version's held-out answers against its first parent's (tasks.judge), recorded;
+    returns the `judge_*` rates (nothing when it has no parent or the parent has no answers on this data)."""
+    from tasks.judge import rates, run_judge as judge
+
+    if not version.parents:
+        return {}
+    mine = registry.get_answers(version.version, "hf", eval_data_hash)
+    theirs = registry.get_answers(version.parents[0], "hf", eval_data_hash)
+    if not mine or not theirs:
+        return {}
+    folder = model_folder(registry.get_version(cfg.model)) if cfg.kind == "version" else None
+    verdicts = judge(cfg, mine, theirs, folder)
+    registry.record_judgements(version.version, version.parents[0], cfg.model, verdicts, eval_data_hash)
+    return rates(verdicts)
+
+
+def forgetting(version: registry.Version, metrics: dict[str, float], eval_data_hash: str) -> dict[str, float]:
+    """`general_drop_pct`: how many points of general-suite accuracy the version lost against its first parent,
+    measured in the parent's evaluation on the same data (nothing when either was not measured)."""
+    from tasks.general import drop_points
+
+    if not version.parents or "general_accuracy" not in metrics:
+        return {}
+    parent = registry.get_version(version.parents[0], eval_data_hash).metrics
+    drop = drop_points(parent.get("general_accuracy"), metrics["general_accuracy"])
+    return {} if drop is None else {"general_drop_pct": drop, "general_accuracy_parent": parent["general_accuracy"]}
 
 
 def _reason(e: BaseException) -> str:

@@ -137,6 +137,51 @@ def record_samples(version: str, samples: list[dict[str, str]], eval_data_hash: 
             [[version, i, s["prompt"], s["answer"], eval_data_hash, now] for i, s in enumerate(samples)])
 
 
+def record_answers(version: str, backend: str, answers: list[dict[str, Any]], eval_data_hash: str | None = None
+                   ) -> None:
+    """Store one evaluation's greedy answers to the held-out prompts ({prompt, reference, answer, category?}), made
+    through `backend`: 'hf' (transformers) or an export id (its GGUF through llama.cpp)."""
+    now = utcnow()
+    _insert(version, "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [[version, backend, i, a["prompt"], a["reference"], a["answer"], a.get("category"), eval_data_hash, now]
+             for i, a in enumerate(answers)])
+
+
+def get_answers(version: str, backend: str = "hf", eval_data_hash: str | None = None) -> list[dict[str, Any]]:
+    """The newest set of a version's held-out answers through `backend` (on `eval_data_hash` when given), in
+    prompt order; empty when there is none."""
+    with connect(read_only=True) as con:
+        rows = con.execute(
+            "SELECT prompt, reference, answer, category FROM answers a WHERE version = ? AND backend = ? AND "
+            "eval_data_hash IS NOT DISTINCT FROM coalesce(?, eval_data_hash) AND recorded_utc = ("
+            "SELECT max(recorded_utc) FROM answers WHERE version = a.version AND backend = a.backend AND "
+            "eval_data_hash IS NOT DISTINCT FROM coalesce(?, eval_data_hash)) ORDER BY position",
+            [version, backend, eval_data_hash, eval_data_hash]).fetchall()
+    return [{"prompt": p, "reference": r, "answer": a, "category": c} for p, r, a, c in rows]
+
+
+def record_judgements(version: str, against: str, judge: str, verdicts: list[dict[str, Any]],
+                      eval_data_hash: str | None = None) -> None:
+    """Store a judge's verdicts on `version`'s answers against `against`'s ({prompt, first, second, outcome})."""
+    now = utcnow()
+    _insert(version, "INSERT INTO judgements VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [[version, against, judge, i, v["prompt"], v["first"], v["second"], v["outcome"], eval_data_hash, now]
+             for i, v in enumerate(verdicts)])
+
+
+def get_judgements(version: str, against: str | None = None) -> list[dict[str, Any]]:
+    """The newest set of judge verdicts on `version` (against `against`, or whichever version it was last judged
+    against), in prompt order."""
+    with connect(read_only=True) as con:
+        rows = con.execute(
+            "SELECT against, judge, prompt, first, second, outcome FROM judgements j WHERE version = ? AND "
+            "against = coalesce(?, against) AND recorded_utc = (SELECT max(recorded_utc) FROM judgements WHERE "
+            "version = j.version AND against = coalesce(?, against)) ORDER BY position",
+            [version, against, against]).fetchall()
+    return [{"against": a, "judge": j, "prompt": p, "first": f, "second": s, "outcome": o}
+            for a, j, p, f, s, o in rows]
+
+
 def _insert(version: str, sql: str, rows: list[list[Any]]) -> None:
     """Insert rows about a registered version in one transaction (nothing when there are none)."""
     if not rows:
@@ -332,7 +377,12 @@ def get_history(version: str) -> list[dict[str, Any]]:
 LOWER_IS_BETTER = {"perplexity", "text_perplexity", "nll_sum", "ttft_ms", "ttft_ms_adapter", "peak_rss_mb",
                    "peak_cuda_mb", "cost_per_mtok_usd", "train_loss", "train_peak_rss_mb", "health_warnings"}
 HIGHER_IS_BETTER = {"tokens_per_s", "tokens_per_s_adapter", "train_tokens_per_s", "preference_accuracy",
-                    "preference_margin", "reward_accuracy", "reward_margin"}
+                    "preference_margin", "reward_accuracy", "reward_margin",
+                    # answer scores and the forgetting check (transformers, and the exported GGUF)
+                    *(f"{backend}answer_{score}" for backend in ("", "gguf_")
+                      for score in ("exact", "f1", "rougeL", "chrf")),
+                    "general_accuracy", "gguf_general_accuracy", "judge_win_rate"}
+LOWER_IS_BETTER |= {"general_drop_pct", "gguf_general_drop_pct"}
 
 
 def _change(x: Any, y: Any) -> tuple[float | None, float | None]:
@@ -391,7 +441,7 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
-TABLE_METRICS = ("perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb")
+TABLE_METRICS = ("perplexity", "answer_f1", "general_accuracy", "tokens_per_s", "ttft_ms", "peak_rss_mb")
 
 
 def version_table(names: list[str] = (), stages: list[str] = (), base_models: list[str] = (),

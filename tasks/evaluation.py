@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import StageResult, TuneryError, peak_rss_mb, resolve_device
+from tasks.judge import JudgeConfig
 from tasks.models import (answer_length, check_model_folder, encode_chat, greedy_answers, load_model, load_tokenizer,
                           prompt_ids, turn_end_ids)
 from tasks.prep import load_prepared
@@ -46,8 +47,18 @@ class EvalConfig(BaseModel):
     repeats: int = Field(3, ge=1, description="Timed runs per prompt; the median is reported.")
     warmup: int = Field(1, ge=0, description="Untimed runs first (allocator, kernels, caches).")
     device: str = Field("auto", description="auto|cpu|cuda|mps for the measurement.")
-    generation_rows: int = Field(4, ge=0, description="Held-out prompts per category answered greedily to measure "
-                                                      "the generated length (0: skip).")
+    generation_rows: int | None = Field(None, ge=0, description="Held-out prompts per category answered greedily "
+                                        "(None: every one; 0: none). The answers are scored against the reference "
+                                        "answers (exact match, token F1, ROUGE-L, chrF: tasks/scores.py), stored "
+                                        "for the judge and the dashboard, and their length is measured.")
+    answer_tokens: int = Field(128, ge=2, le=4096, description="Tokens a held-out answer may take before it is cut "
+                                                               "(answers are compared with whole reference answers).")
+    general: str | None = Field("default", description="The multiple-choice suite of the forgetting check "
+                                "(tasks/general.py): default (data/general, written for tunery), a JSONL file or a "
+                                "folder of them (relative to the config file), or null to skip it.")
+    judge: JudgeConfig | None = Field(None, description="A pairwise judge of each version's held-out answers "
+                                      "against its parent's (tasks/judge.py): a registered NAME:N, a .gguf file, or "
+                                      "an OpenAI-compatible endpoint URL; or {model, endpoint_model, rows, ...}.")
     price_per_hour: float | None = Field(None, ge=0, description="What an hour of the measuring hardware costs "
                                                                  "(USD); gives the cost per million generated tokens.")
 
@@ -238,37 +249,57 @@ def by_category(rows: list[dict]) -> dict[str, list[int]]:
     return groups
 
 
-def quality(model, tokenizer, rows: list[dict], config: EvalConfig, progress: bool = False) -> dict[str, float]:
-    """Perplexity overall and per category (token-weighted, so the categories add up to the whole), and the
-    generated answer length on up to `generation_rows` held-out prompts per category."""
+def quality(model, tokenizer, rows: list[dict], config: EvalConfig, progress: bool = False
+            ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Perplexity overall and per category (token-weighted, so the categories add up to the whole), and the greedy
+    answers to the held-out prompts (`held_out_answers`) with their scores and lengths. Returns (metrics, answers)."""
+    from tasks.scores import answer_scores
+
     encoded = [scored_tokens(tokenizer, r) for r in rows]
     scores = answer_nll(model, tokenizer, encoded, config.max_length, config.batch_size, progress)
     metrics = _totals(scores)
     if metrics is None:
         raise TuneryError("no answer tokens to score in the validation data")
-    groups = by_category(rows)
-    for cat, idx in groups.items():
+    for cat, idx in by_category(rows).items():
         part = _totals([scores[i] for i in idx])
         if part is not None:
             metrics.update({f"{k}/{cat}": v for k, v in part.items()})
             metrics[f"rows/{cat}"] = float(len(idx))
-    if config.generation_rows and rows and "messages" in rows[0]:
-        chosen = [i for idx in groups.values() for i in idx[:config.generation_rows]]
-        uncategorised = [i for i, r in enumerate(rows) if not r.get("category")][:config.generation_rows]
-        picked = sorted(set(chosen + uncategorised))
-        answers = dict(zip(picked, generate(model, tokenizer, [rows[i]["messages"][:-1] for i in picked],
-                                            config.max_new_tokens, config.batch_size)))
-        metrics["gen_tokens"] = statistics.fmean(n for _, n in answers.values())
-        for cat, idx in groups.items():
-            lengths = [answers[i][1] for i in idx if i in answers]
-            if lengths:
-                metrics[f"gen_tokens/{cat}"] = statistics.fmean(lengths)
-    return metrics
+    answers = held_out_answers(model, tokenizer, rows, config)
+    if answers:
+        metrics.update(answer_scores(answers))
+        metrics["gen_tokens"] = statistics.fmean(a["tokens"] for a in answers)
+        for cat in sorted({a["category"] for a in answers if a["category"]}):
+            metrics[f"gen_tokens/{cat}"] = statistics.fmean(a["tokens"] for a in answers if a["category"] == cat)
+    return metrics, answers
+
+
+def answered_rows(rows: list[dict], per_category: int | None) -> list[int]:
+    """Indices of the held-out chat rows to answer: all, or the first `per_category` of each category (rows
+    without one form their own group)."""
+    if per_category is None or not rows or "messages" not in rows[0]:
+        return list(range(len(rows))) if rows and "messages" in rows[0] else []
+    groups: dict[str | None, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.get("category") or None, []).append(i)
+    return sorted(i for idx in groups.values() for i in idx[:per_category])
+
+
+def held_out_answers(model, tokenizer, rows: list[dict], config: EvalConfig) -> list[dict[str, Any]]:
+    """Greedy answers (up to `answer_tokens`) to the conversations of the held-out chat rows before their last
+    answer: {prompt (the last user turn), reference (the held-out answer), answer, category, tokens}."""
+    picked = answered_rows(rows, config.generation_rows)
+    generated = generate(model, tokenizer, [rows[i]["messages"][:-1] for i in picked], config.answer_tokens,
+                         config.batch_size)
+    return [{"prompt": next(m["content"] for m in reversed(rows[i]["messages"][:-1]) if m["role"] == "user"),
+             "reference": rows[i]["messages"][-1]["content"], "answer": text, "category": rows[i].get("category"),
+             "tokens": n} for i, (text, n) in zip(picked, generated)]
 
 
 def measure(model_path: str, data_dir: str, config: EvalConfig, adapter: str | None = None,
-            progress: bool = True) -> tuple[dict[str, float], list[dict[str, str]]]:
-    """Load a version and measure it in this process; return (metrics, sample answers to the fixed prompts).
+            progress: bool = True) -> tuple[dict[str, float], list[dict[str, str]], list[dict[str, Any]]]:
+    """Load a version and measure it in this process; return (metrics, sample answers to the fixed prompts, the
+    held-out answers).
 
     A LoRA version is timed twice: as base plus adapter (`*_adapter` metrics, the extra matmuls an unmerged adapter
     costs at inference) and merged, which is how it is served and what the main latency metrics describe.
@@ -291,7 +322,13 @@ def measure(model_path: str, data_dir: str, config: EvalConfig, adapter: str | N
                         progress)
         metrics.update({f"{k}_adapter": v for k, v in timed.items()})
         model = model.merge_and_unload()
-    metrics.update(quality(model, tokenizer, validation, config, progress))
+    measured, held_out = quality(model, tokenizer, validation, config, progress)
+    metrics.update(measured)
+    if config.general:
+        from tasks import general
+
+        items = general.load_suite(None if config.general == "default" else config.general)
+        metrics.update(general.accuracy(items, general.hf_logliks(model, tokenizer, items, 4 * config.batch_size)))
     answers: list[list[int]] = []
     metrics.update(latency(model, tokenizer, config.prompts, config.max_new_tokens, config.repeats,
                            config.warmup, progress, answers=answers))
@@ -302,7 +339,7 @@ def measure(model_path: str, data_dir: str, config: EvalConfig, adapter: str | N
         metrics["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     metrics["eval_rows"] = float(len(validation))
     samples = [{"prompt": p, "answer": strip_answer(tokenizer, a)} for p, a in zip(config.prompts, answers)]
-    return metrics, samples
+    return metrics, samples, held_out
 
 
 def evaluate(model_path: str, data_dir: str, config: EvalConfig, adapter: str | None = None) -> StageResult:
@@ -315,12 +352,13 @@ def evaluate(model_path: str, data_dir: str, config: EvalConfig, adapter: str | 
     spec = {"model_path": model_path, "data_dir": str(data_dir), "adapter": adapter, "config": config.model_dump()}
     result = run_child("tasks.evaluation", spec, f"evaluation of {adapter or model_path}")
     return StageResult(stage="eval", artifact_path=adapter or model_path, metrics=result["metrics"],
-                       info={"samples": result["samples"]})
+                       info={"samples": result["samples"], "answers": result["answers"]})
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
-    metrics, samples = measure(spec["model_path"], spec["data_dir"], EvalConfig(**spec["config"]), spec["adapter"])
-    return {"metrics": metrics, "samples": samples}
+    metrics, samples, answers = measure(spec["model_path"], spec["data_dir"], EvalConfig(**spec["config"]),
+                                        spec["adapter"])
+    return {"metrics": metrics, "samples": samples, "answers": answers}
 
 
 if __name__ == "__main__":

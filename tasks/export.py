@@ -23,6 +23,9 @@ class ExportConfig(BaseModel):
     max_new_tokens: int = Field(48, ge=4, le=1024, description="Tokens per greedy comparison with HF.")
     answer_tokens: int = Field(256, ge=4, le=4096, description="Most tokens a sample answer may take before it "
                                                                "counts as not stopping (endless generation).")
+    answer_rows: int = Field(16, ge=0, description="Held-out prompts the exported file answers through llama.cpp "
+                             "with the Modelfile, scored against the reference answers like transformers' answers "
+                             "(gguf_answer_* metrics; 0: none).")
     heldout_rows: int = Field(16, ge=1, description="Held-out examples for the perplexity and KL checks.")
     window: int = Field(512, ge=32, description="Tokens per held-out example in those checks (longer are cut).")
     threads: int | None = Field(None, ge=1, description="llama.cpp threads; default: every core.")
@@ -48,6 +51,11 @@ class GateConfig(BaseModel):
                                                "may exceed the current holder's (same tokens, same run) by this %.")
     min_decode_tokens_per_s: float = Field(5.0, ge=0, description="llama.cpp decode speed the export must reach.")
     max_mean_kl: float = Field(0.1, ge=0, description="Mean per-token KL(fp32 || export) on held-out data, nats.")
+    max_general_drop_pct: float | None = Field(None, ge=0, description="Points of general multiple-choice accuracy "
+                                               "(the forgetting check) the exported file may have lost against the "
+                                               "version's first parent; null: not gated.")
+    min_answer_f1: float | None = Field(None, ge=0, le=1, description="Token F1 the exported file's held-out answers "
+                                        "must reach against the reference answers; null: not gated.")
     require_checks: list[str] = Field(
         default_factory=lambda: ["modelfile", "loads", "tokenization", "greedy", "template", "answers_stop",
                                  "context"],

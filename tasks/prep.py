@@ -25,6 +25,7 @@ from typing import Any, Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.common import StageResult, TuneryError, atomic_dir, datasets_dir, read_json, read_utf8, write_json
+from tasks.contamination import ContaminationConfig
 
 FORMATS = ("chat", "prompt", "alpaca", "preference", "text")
 ROLES = ("system", "user", "assistant")
@@ -49,6 +50,9 @@ class PrepConfig(BaseModel):
     )
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of each file (quick trials).")
     seed: int = Field(0, description="Mixed into the split hash: a different seed holds out different rows.")
+    contamination: ContaminationConfig = Field(default_factory=ContaminationConfig,
+                                               description="Held-out and general-suite rows inside the training "
+                                                           "rows: found, reported and refused above a share.")
 
     @field_validator("train", "validation", mode="before")
     @classmethod
@@ -423,6 +427,7 @@ def prepare(config: PrepConfig, base_dir: Path | None = None, tokenizer_path: st
     out = datasets_dir() / digest[:16]
     meta = {"data_hash": digest, "kind": kind, "sources": [str(base_dir / p) for p in config.train], **counts,
             "train_rows": len(train), "validation_rows": len(validation)}
+    meta["contamination"] = contamination(config.contamination, train, validation, sources)
     if tokenizer_path and kind == "chat":
         meta.update(_template_check(tokenizer_path, train + validation, sources))
     if write and not (out / "meta.json").exists():
@@ -435,6 +440,7 @@ def prepare(config: PrepConfig, base_dir: Path | None = None, tokenizer_path: st
     metrics = {k: float(meta[k]) for k in ("train_rows", "validation_rows", "duplicates_removed")}
     if "tokens" in meta:
         metrics["tokens"] = float(meta["tokens"])
+    metrics.update({f"contamination_{part}_share": found["share"] for part, found in meta["contamination"].items()})
     return StageResult(stage="prep", artifact_path=str(out), metrics=metrics, info=meta)
 
 
@@ -471,6 +477,30 @@ def read_splits(config: PrepConfig, base_dir: Path, sources: dict[int, str]
                           "example(s) that are also in the validation data")
     return kind, train, validation, {"rows_read": n_raw, "duplicates_removed": duplicates,
                                      "validation_overlap_removed": overlap}
+
+
+def contamination(config: ContaminationConfig, train: list[dict], validation: list[dict], sources: dict[int, str]
+                  ) -> dict[str, dict[str, Any]]:
+    """tasks.contamination's checks of the held-out rows and of the general suite against the training rows:
+    {heldout: report, general: report}. Raises TuneryError, naming the overlapping rows, above the allowed shares."""
+    from tasks import contamination as check
+    from tasks.general import load_suite
+
+    train_text = [check.row_text(ex) for ex in train]
+    train_names = [sources.get(id(ex), f"training row {i + 1}") for i, ex in enumerate(train)]
+    found = {"heldout": check.report(
+        check.overlaps(train_text, [check.row_text(ex) for ex in validation], config.ngram, config.near_threshold),
+        [sources.get(id(ex), f"held-out row {i + 1}") for i, ex in enumerate(validation)], train_names)}
+    if found["heldout"]["share"] > config.max_heldout_share:
+        raise TuneryError(check.describe("held-out rows", found["heldout"], config.max_heldout_share))
+    if config.general:
+        items = load_suite(None if config.general == "default" else config.general)
+        found["general"] = check.report(
+            check.overlaps(train_text, [check.item_text(i) for i in items], config.ngram, config.near_threshold),
+            [f"general item {i + 1} ({item['question'][:40]!r})" for i, item in enumerate(items)], train_names)
+        if found["general"]["share"] > config.max_general_share:
+            raise TuneryError(check.describe("general-suite items", found["general"], config.max_general_share))
+    return found
 
 
 def _template_check(tokenizer_path: str, examples: list[dict], sources: dict[int, str]) -> dict[str, Any]:

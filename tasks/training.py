@@ -93,6 +93,9 @@ class TrainingConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW decoupled weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate the validation loss every N steps.")
+    patience: int | None = Field(None, ge=1, description="Early stopping (needs eval_steps): stop when the validation "
+                                 "loss has not improved for this many evaluations in a row; the version is the best "
+                                 "evaluation's weights, and the best and the last step are recorded.")
     logging_steps: int = Field(1, ge=1, description="Record loss, learning rate, grad norm and memory every N steps.")
     processes: int = Field(1, ge=1, le=64, description="Data-parallel training processes, one per GPU: above 1 the "
                            "stage runs under `accelerate launch --num_processes N` (on a CPU-only machine, with "
@@ -121,6 +124,12 @@ class TrainingConfig(BaseModel):
     def _consistent(self):
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("max_steps must be -1 (use epochs) or a positive number of steps")
+        if self.patience and not self.eval_steps:
+            raise ValueError("patience needs eval_steps: early stopping watches the validation loss measured every "
+                             "eval_steps steps")
+        if self.patience and self.save_steps and self.save_steps % self.eval_steps:
+            raise ValueError(f"with patience, save_steps ({self.save_steps}) must be a multiple of eval_steps "
+                             f"({self.eval_steps}): the best checkpoint is one that was evaluated")
         if self.method != "lora" and self.quantization.mode != "none":
             raise ValueError(f"method {self.method} trains full-precision weights and cannot train a quantized "
                              "model; use method: lora for QLoRA")
@@ -302,6 +311,11 @@ def trainer_arguments(config: TrainingConfig, out_dir: Path, device: str, precis
     checkpoints = checkpoints if config.save_steps else None
     saving = dict(save_strategy="steps", save_steps=config.save_steps, save_total_limit=1) if checkpoints else dict(
         save_strategy="no")
+    if config.patience and config.eval_steps and has_eval:
+        # Early stopping: a checkpoint at every evaluation (weights only), the best one loaded back at the end.
+        saving = dict(save_strategy="steps", save_steps=config.save_steps if checkpoints else config.eval_steps,
+                      save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                      greater_is_better=False, save_only_model=not checkpoints)
     return dict(
         output_dir=str(checkpoints or out_dir / "trainer"),
         **saving,
@@ -426,6 +440,10 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
         trainer.model.save_pretrained(out_dir, safe_serialization=True)
         save_tokenizer(tokenizer, model_path, out_dir)
     metrics = {**(start_metrics or {}), **estimate, **_run_metrics(trainer, output, runtime, losses, info, estimate)}
+    if "best_step" in metrics:
+        info["early_stopping"] = {"best_step": int(metrics["best_step"]), "last_step": trainer.state.global_step,
+                                  "best_eval_loss": metrics["best_eval_loss"], "patience": config.patience,
+                                  "stopped_early": bool(metrics["stopped_early"])}
     if after_train is not None:
         metrics.update(after_train())
     if torch.cuda.is_available():
@@ -435,7 +453,8 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
                                                    "start_model": model_path, "data_hash": data_hash})
         shutil.rmtree(out_dir / "trainer", ignore_errors=True)
         plot_history(history, out_dir / "training_curves.png", title=f"{stage} ({config.method}) on "
-                                                                      f"{Path(model_path).name}")
+                                                                      f"{Path(model_path).name}",
+                     best_step=metrics.get("best_step"))
     return StageResult(stage=stage, artifact_path=str(out_dir), metrics=metrics, history=history, info=info,
                        adapter=config.adapter,
                        quantization=config.quantization.model_dump() if config.quantized else None)
@@ -460,6 +479,10 @@ def _train_guarded(trainer, stage: str, config: TrainingConfig, info: dict[str, 
     trainer.add_callback(estimate_callback(stage, estimate))
     guard = nan_guard()
     trainer.add_callback(guard)
+    if trainer.args.load_best_model_at_end:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=config.patience))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -496,14 +519,20 @@ def _run_metrics(trainer, output, runtime: float, losses: list[float], info: dic
     if tokens_seen:
         metrics["train_tokens"] = tokens_seen
         metrics["train_tokens_per_s"] = tokens_seen / runtime if runtime > 0 else 0.0
+    if trainer.args.load_best_model_at_end and trainer.state.best_metric is not None:
+        best = trainer.state.best_global_step or int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
+        metrics.update(best_step=float(best), best_eval_loss=float(trainer.state.best_metric),
+                       stopped_early=float(trainer.state.global_step < trainer.state.max_steps))
     if estimate:
         metrics["train_time_vs_estimate"] = runtime / max(estimate["estimate_train_time_s"], 1e-9)
         metrics["peak_rss_vs_estimate"] = metrics["train_peak_rss_mb"] / estimate["estimate_peak_rss_mb"]
     return metrics
 
 
-def plot_history(history: list[dict[str, float]], path: Path, title: str = "") -> None:
-    """Save loss (and eval loss), learning rate, grad norm and memory against the step as one PNG."""
+def plot_history(history: list[dict[str, float]], path: Path, title: str = "", best_step: float | None = None
+                 ) -> None:
+    """Save loss (and eval loss), learning rate, grad norm and memory against the step as one PNG; with early
+    stopping, a line marks the best evaluation's step (the version's weights)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -516,6 +545,8 @@ def plot_history(history: list[dict[str, float]], path: Path, title: str = "") -
             points = [(h["step"], h[key]) for h in history if key in h]
             if points:
                 ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=key)
+        if best_step is not None and keys[0] == "loss":
+            ax.axvline(best_step, color="green", linestyle="--", linewidth=1, label=f"best (step {best_step:.0f})")
         ax.set_title(keys[0])
         ax.set_xlabel("step")
         if len(keys) > 1:

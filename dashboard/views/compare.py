@@ -1,12 +1,13 @@
 """Two or more versions against the first: metric deltas coloured by direction, hyperparameter diff, overlaid
-training curves, and the answers each gave to the same prompts."""
+training curves, the answers each gave to the same prompts, and their held-out answers side by side with the
+judge's verdicts."""
 from __future__ import annotations
 
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard.data import compare, history, version, version_table
+from dashboard.data import compare, held_out_answers, history, judgements, version, version_table
 
 st.title("Compare")
 known = version_table()["version"].tolist()
@@ -87,3 +88,33 @@ if prompts:
                  hide_index=True, width="stretch")
 else:
     st.caption("No sample answers recorded for these versions.")
+
+st.subheader("Held-out answers and the judge's verdicts")
+held = {ref: {a["prompt"]: a for a in held_out_answers(ref)} for ref in chosen}
+verdicts = {}  # (other, prompt) -> "win (version, version)" from the other version's side against the baseline
+for other in others:
+    found = judgements(other, base)
+    for v in found:
+        verdicts[(other, v["prompt"])] = f"{v['outcome']} ({v['first']} / {v['second']})"
+    if found:
+        wins = sum(v["outcome"] == "win" for v in found)
+        ties = sum(v["outcome"] == "tie" for v in found)
+        agree = sum(v["first"] == v["second"] for v in found)
+        st.markdown(f"**{other}** against **{base}**, judged by `{found[0]['judge']}`: win rate "
+                    f"**{(wins + ties / 2) / len(found):.2f}** ({wins} won, {len(found) - wins - ties} lost, {ties} "
+                    f"tied of {len(found)}), the two orders agreed on {agree / len(found):.0%}")
+held_prompts = list(dict.fromkeys(p for a in held.values() for p in a))
+if held_prompts:
+    table_rows = []
+    for p in held_prompts:
+        row = {"prompt": p, "reference": next((held[r][p]["reference"] for r in chosen if p in held[r]), "")}
+        for ref in chosen:
+            row[ref] = held[ref].get(p, {}).get("answer", "")
+            if ref != base and (ref, p) in verdicts:
+                row[f"judge: {ref} vs {base}"] = verdicts[(ref, p)]
+        table_rows.append(row)
+    st.caption("Each verdict is the pair's outcome for the version, then which side won with its answer shown "
+               "first / second.")
+    st.dataframe(pd.DataFrame(table_rows), hide_index=True, width="stretch", key="compare_held_out")
+else:
+    st.caption("No held-out answers recorded for these versions.")

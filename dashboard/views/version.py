@@ -5,7 +5,8 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard.data import aliases, around, history, refresh, version, version_table, version_url
+from dashboard.data import (aliases, around, held_out_answers, history, refresh, version, version_table,
+                            version_url)
 from flows.rows import check_rows, export_rows, health_rows, metric_rows, promotion_rows
 from tasks.common import TuneryError
 from tasks.distill import summary, teacher_label
@@ -64,14 +65,30 @@ if not curves.empty:
     st.subheader("Training curves")
     present = [c for c in ("loss", "learning_rate", "grad_norm", "rss_mb", "eval_loss") if c in curves]
     cols = st.columns(len(present))
+    best = v.metrics.get("best_step")
     for col, name in zip(cols, present):
-        col.altair_chart(alt.Chart(curves.dropna(subset=[name])).mark_line(point=True).encode(
-            x="step:Q", y=alt.Y(f"{name}:Q", scale=alt.Scale(zero=False)), tooltip=["step", name]
-        ).properties(title=name, height=180), width="stretch")
+        chart = alt.Chart(curves.dropna(subset=[name])).mark_line(point=True).encode(
+            x="step:Q", y=alt.Y(f"{name}:Q", scale=alt.Scale(zero=False)), tooltip=["step", name])
+        if best is not None and name in ("loss", "eval_loss"):  # early stopping kept this step's weights
+            chart += alt.Chart(pd.DataFrame({"step": [best]})).mark_rule(color="green", strokeDash=[4, 4]).encode(
+                x="step:Q", tooltip=["step"])
+        col.altair_chart(chart.properties(title=name, height=180), width="stretch")
+    if best is not None:
+        stopped = "stopped early" if v.metrics.get("stopped_early") else "ran to the end"
+        st.caption(f"early stopping: the version is step {best:.0f}'s weights (best validation loss "
+                   f"{v.metrics['best_eval_loss']:.4g}, dashed line); training {stopped} at step "
+                   f"{v.metrics.get('train_steps', float('nan')):.0f}")
 
 if v.samples:
     st.subheader("Sample answers")
     st.dataframe(pd.DataFrame(v.samples), hide_index=True, width="stretch")
+held_out = held_out_answers(choice)
+if held_out:
+    st.subheader("Held-out answers")
+    st.caption("greedy answers to the held-out prompts against their references (answer_* metrics); "
+               "Compare puts two versions' side by side with the judge's verdicts")
+    st.dataframe(pd.DataFrame(held_out)[["category", "prompt", "reference", "answer"]], hide_index=True,
+                 width="stretch")
 
 st.subheader("Exports")
 if not near["exports"]:
