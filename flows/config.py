@@ -105,6 +105,12 @@ def load_config(path: str | Path) -> tuple[PipelineConfig, Path]:
             load_suite(cfg.eval.general)  # a bad item is named now, before anything trains
         except TuneryError as e:
             raise TuneryError(f"{path}: eval.general: {e}") from None
+    judge = cfg.eval.judge
+    if judge is not None and judge.kind == "gguf":
+        found = Path(judge.model) if Path(judge.model).is_absolute() else path.resolve().parent / judge.model
+        if not found.is_file():
+            raise TuneryError(f"{path}: eval.judge: {found}: no such GGUF file")
+        judge.model = str(found)
     # The contamination checks compare the training rows with the suite the versions are scored on.
     for prep in [cfg.data] + [getattr(s, "data", None) for s in cfg.stages]:
         if isinstance(prep, PrepConfig) and "general" not in prep.contamination.model_fields_set:

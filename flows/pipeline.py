@@ -209,8 +209,10 @@ def pipeline(config_path: str) -> dict[str, Any]:
     for settled in registry.settle_interrupted():
         get_run_logger().warning(f"{settled}: its process ended before it finished; marked failed (interrupted)")
     base = base_task(cfg, config_dir)
-    data = prep_task(cfg, config_dir, base)
     eval_cfg = cfg.eval_config()
+    if eval_cfg.judge is not None and eval_cfg.judge.kind == "version":
+        registry.get_version(eval_cfg.judge.model)  # an unknown judge is named before anything trains
+    data = prep_task(cfg, config_dir, base)
     storage = result_storage()
     evaluate = eval_task.with_options(result_storage=storage)
     results = [(base, evaluate(base, data, eval_cfg))]

@@ -176,7 +176,14 @@ def test_run_on_smollm2_registers_base_and_a_better_fine_tune(tmp_path, tunery_h
     # Enough steps that the fine-tune ends its answers (6 still looped past the gate's answer_tokens).
     cfg["stages"] = [{"stage": "sft", "method": "lora", "max_steps": 14, "batch_size": 8, "max_length": 256,
                       "learning_rate": 2.0e-3, "warmup_ratio": 0.0}]
-    cfg["eval"].update({"prompts": ["When should I plant garlic?"], "max_new_tokens": 8, "repeats": 1})
+    # The forgetting check on 8 items of each kind of the packaged suite, one held-out answer per category (the
+    # full suite and every answer cost about a minute per evaluation on this model); the judge has its own test.
+    suite = [line for f in sorted((REPO / "data/general").glob("*.jsonl")) for line in f.read_text().splitlines()[:8]]
+    (tmp_path / "suite.jsonl").write_text("\n".join(suite) + "\n")
+    cfg["eval"].update({"prompts": ["When should I plant garlic?"], "max_new_tokens": 8, "repeats": 1,
+                        "general": str(tmp_path / "suite.jsonl"), "generation_rows": 1, "answer_tokens": 48,
+                        "judge": None})
+    cfg["promote"]["max_general_drop_pct"] = 50  # 24 items: one item is 4 points
     (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(cfg))
     run = tunery("run", str(tmp_path / "e2e.yaml"), "--json", home=tunery_home)
     summary = json.loads(run.stdout)
@@ -196,6 +203,10 @@ def test_run_on_smollm2_registers_base_and_a_better_fine_tune(tmp_path, tunery_h
     assert {"cost_per_mtok_usd", "tokens_per_s_adapter", "ttft_ms_adapter", "estimate_train_time_s",
             "train_time_vs_estimate", "health_warnings"} <= set(m)
     assert set(tuned["info"]["health"]) == {"loss", "grad_norm", "learning_rate", "memory"}
+    # Answer scores against the held-out references and the forgetting check against the base.
+    assert m["answer_rows"] == len(categories) and all(f"answer_f1/{c}" in m for c in categories)
+    assert m["general_items"] == 24 and m["general_accuracy_parent"] == base["metrics"]["general_accuracy"]
+    assert m["general_drop_pct"] == pytest.approx(100 * (base["metrics"]["general_accuracy"] - m["general_accuracy"]))
     assert tuned["samples"] and all("<|im_" not in s["answer"] for s in tuned["samples"])
     shown = tunery("show", "fern:1", home=tunery_home).stdout
     assert "training health" in shown and "sample answers" in shown and "cost_per_mtok_usd" in shown
@@ -212,6 +223,13 @@ def test_run_on_smollm2_registers_base_and_a_better_fine_tune(tmp_path, tunery_h
     assert checks["mean_kl"]["value"] <= gate["max_mean_kl"] and verdicts["mean_kl"]["threshold"] == gate["max_mean_kl"]
     assert checks["decode_tokens_per_s"]["value"] >= gate["min_decode_tokens_per_s"]
     assert checks["answers_stop"]["passed"], checks["answers_stop"]
+    # What the exported file answers: held-out answers scored and the suite scored through llama.cpp, gated.
+    assert "held-out answers: token F1" in checks["heldout_answers"]["detail"]
+    assert 0 <= checks["general"]["value"] <= 1 and "on 24 items" in checks["general"]["detail"]
+    assert verdicts["general_drop_pct"]["value"] == pytest.approx(checks["general_drop_pct"]["value"])
+    exported = registry.get_version("fern:1").metrics
+    assert exported["gguf_general_accuracy"] == checks["general"]["value"]
+    assert exported["gguf_answer_f1"] == pytest.approx(checks["heldout_answers"]["value"])
     assert {f"check {n}" for n in ("modelfile", "loads", "tokenization", "greedy", "template", "answers_stop")} <= \
         set(verdicts)
     folder = tunery_home / "exports" / "fern" / "v1-q4_k_m"

@@ -144,6 +144,42 @@ def test_compare_page_colours_deltas_and_diffs_hyperparameters(filled):
     assert answers.iloc[0][filled["merged"]] == "Weekly, deeply."
 
 
+def test_compare_page_puts_held_out_answers_beside_the_judges_verdicts(filled):
+    base, sft = filled["base"], filled["sft"]
+    held = [{"prompt": "Water basil?", "reference": "Weekly.", "category": "care"},
+            {"prompt": "Sow peas?", "reference": "In March.", "category": "timing"}]
+    registry.record_answers(base, "hf", [{**h, "answer": a} for h, a in zip(held, ["Daily.", "Never."])])
+    registry.record_answers(sft, "hf", [{**h, "answer": a} for h, a in zip(held, ["Weekly, deeply.", "In May."])])
+    registry.record_judgements(sft, base, "judge:1", [
+        {"prompt": "Water basil?", "first": "version", "second": "version", "outcome": "win"},
+        {"prompt": "Sow peas?", "first": "version", "second": "against", "outcome": "tie"}])
+    at = _app("compare.py", v=[base, sft])
+    assert not at.exception
+    table = next(d.value for d in at.dataframe if "reference" in d.value).set_index("prompt")
+    assert table.loc["Water basil?", sft] == "Weekly, deeply." and table.loc["Water basil?", base] == "Daily."
+    assert table.loc["Water basil?", "reference"] == "Weekly."
+    assert table.loc["Water basil?", f"judge: {sft} vs {base}"] == "win (version / version)"
+    assert table.loc["Sow peas?", f"judge: {sft} vs {base}"] == "tie (version / against)"
+    summary = " ".join(m.value for m in at.markdown)
+    assert f"**{sft}** against **{base}**, judged by `judge:1`: win rate **0.75**" in summary
+    assert "the two orders agreed on 50%" in summary
+
+
+def test_version_page_marks_the_early_stopping_step(filled, tiny_model_dir):
+    stopped = registry.create_version("fern", "sft", base_model="tiny", parents=[filled["base"]])
+    registry.record_history(stopped, [{"step": s, "epoch": s / 10, "loss": 3.0 - 0.1 * s, "eval_loss": 2 + abs(s - 4)}
+                                      for s in range(1, 7)])
+    registry.finish_version(stopped, str(tiny_model_dir))
+    registry.record_metrics(stopped, {"best_step": 4.0, "best_eval_loss": 2.0, "stopped_early": 1.0,
+                                      "train_steps": 6.0})
+    at = _app("version.py", v=stopped)
+    assert not at.exception
+    assert any("the version is step 4's weights" in c.value and "stopped early at step 6" in c.value
+               for c in at.caption)
+    charts = [c for c in at.get("vega_lite_chart") if '"rule"' in c.proto.spec]
+    assert len(charts) == 2  # the loss and the validation loss mark the best step
+
+
 def test_quality_page_marks_the_pareto_frontier(filled):
     from dashboard.data import pareto, version_table
 

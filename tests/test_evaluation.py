@@ -136,8 +136,8 @@ def test_categories_add_up_and_samples_are_stripped(tiny_model_dir, tmp_path):
     write_jsonl(tmp_path / "d.jsonl", rows)
     data = prepare(PrepConfig(train=["d.jsonl"], val_fraction=0.4), tmp_path, str(tiny_model_dir))
     cfg = EvalConfig(prompts=["How deep?", "When?"], max_new_tokens=6, repeats=1, warmup=0, generation_rows=2,
-                     price_per_hour=0.5)
-    metrics, samples = measure(str(tiny_model_dir), data.artifact_path, cfg, progress=False)
+                     answer_tokens=6, price_per_hour=0.5)
+    metrics, samples, answers = measure(str(tiny_model_dir), data.artifact_path, cfg, progress=False)
     cats = [k.split("/")[1] for k in metrics if k.startswith("perplexity/")]
     assert sorted(cats) == ["care", "marketing", "support"]
     assert sum(metrics[f"tokens/{c}"] for c in cats) == metrics["tokens"]
@@ -145,6 +145,10 @@ def test_categories_add_up_and_samples_are_stripped(tiny_model_dir, tmp_path):
     assert math.exp(sum(metrics[f"nll_sum/{c}"] for c in cats) / metrics["tokens"]) == pytest.approx(
         metrics["perplexity"], rel=1e-9)
     assert all(0 < metrics[f"gen_tokens/{c}"] <= 6 for c in cats)
+    # generation_rows 2: two held-out prompts per category answered, each scored per category too
+    assert sorted(a["category"] for a in answers) == sorted(cats * 2) and metrics["answer_rows"] == 6
+    assert all(0 <= metrics[f"answer_f1/{c}"] <= 1 and f"answer_chrf/{c}" in metrics for c in cats)
+    assert metrics["general_items"] == 300 and 0 <= metrics["general_accuracy"] <= 1
     assert metrics["cost_per_mtok_usd"] == pytest.approx(0.5 / 3600 / metrics["tokens_per_s"] * 1e6)
     assert [s["prompt"] for s in samples] == ["How deep?", "When?"]
     for s in samples:
@@ -167,6 +171,6 @@ def test_adapter_versions_are_timed_in_both_forms(tiny_model_dir, prepared, tmp_
     train_sft(SftConfig(max_steps=1, batch_size=4, max_length=128), str(tiny_model_dir), prepared.artifact_path,
               tmp_path / "a", "cpu")
     cfg = EvalConfig(prompts=["How deep?"], max_new_tokens=4, repeats=1, warmup=0, generation_rows=0)
-    metrics, _ = measure(str(tiny_model_dir), prepared.artifact_path, cfg, adapter=str(tmp_path / "a"),
-                         progress=False)
+    metrics, _, _ = measure(str(tiny_model_dir), prepared.artifact_path, cfg, adapter=str(tmp_path / "a"),
+                            progress=False)
     assert {"tokens_per_s", "ttft_ms", "tokens_per_s_adapter", "ttft_ms_adapter"} <= set(metrics)

@@ -217,6 +217,7 @@ def test_a_new_stage_kind_is_one_module_and_one_catalogue_entry(tmp_path, tiny_m
     from conftest import REPO
 
     shutil.copytree(REPO / "tasks", tmp_path / "code" / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "data" / "general", tmp_path / "code" / "data" / "general")  # the suite beside tasks/
     (tmp_path / "code" / "tasks" / "snapshot.py").write_text(SNAPSHOT_KIND)
     catalogue = tmp_path / "code" / "tasks" / "catalogue.py"
     text = catalogue.read_text()
