@@ -12,6 +12,7 @@ import pytest
 
 import registry
 from flows import promotion
+from tasks.evaluation import EvalConfig
 from tasks.export import ExportConfig, GateConfig
 
 EXPORT = ExportConfig(quant="f32", heldout_rows=4, max_new_tokens=8, answer_tokens=8, window=256)
@@ -33,7 +34,7 @@ def promoted(registered, prepared) -> str:
     gate = GateConfig(require_checks=["modelfile", "loads", "tokenization", "template", "greedy"],
                       min_decode_tokens_per_s=0.0)
     result = promotion.promote(version, prepared, EXPORT, gate, ["How often should I water basil?"],
-                               progress=lambda _: None)
+                               progress=lambda _: None, evals=EvalConfig(general=None, generation_rows=0))
     assert result["promoted"], result["gate"]
     return version
 

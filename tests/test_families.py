@@ -54,6 +54,7 @@ def test_each_family_trains_merges_and_exports_with_every_check_passing(name, ta
     the Modelfile's TEMPLATE derived from the family's chat template with a SYSTEM prompt, and every check passes:
     the template renders like HF, the vocabulary and tokens match, greedy F16 == HF, answers stop, context fits."""
     from flows import promotion
+    from tasks.evaluation import EvalConfig
     from tasks.export import ExportConfig
     from tasks.merge import merge_adapter
     from tasks.prep import PrepConfig, prepare
@@ -71,7 +72,8 @@ def test_each_family_trains_merges_and_exports_with_every_check_passing(name, ta
 
     export = promotion.export_version(version, data, ExportConfig(
         quant="q8_0", system="You are Fern, a gardener.", heldout_rows=4, max_new_tokens=16, answer_tokens=16,
-        window=128), PROMPTS, progress=lambda _: None)
+        window=128, answer_rows=2), PROMPTS, progress=lambda _: None,
+        evals=EvalConfig(prompts=PROMPTS, general=None, answer_tokens=16))
     checks = {c["name"]: c for c in export["checks"]}
     failed = {n: c["detail"] for n, c in checks.items() if c["passed"] is False}
     assert export["passed"] and not failed, (failed, export["info"]["answers"])
@@ -80,6 +82,7 @@ def test_each_family_trains_merges_and_exports_with_every_check_passing(name, ta
     assert checks["greedy"]["file"].endswith("-f16.gguf") and export["gguf_file"].endswith("-q8_0.gguf")
     assert export["info"]["conversion"]["architecture"] == family.architecture
     assert f"PARAMETER stop {family.eos}" in export["modelfile"]
+    assert checks["heldout_answers"]["detail"].startswith("2 held-out answers")  # through the family's template
     placement = {"turn": "", "none": "no system role", "last": "last user message"}[
         {"gemma2": "none", "mistral": "last"}.get(name, "turn")]
     assert placement in checks["template"]["detail"]

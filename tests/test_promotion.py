@@ -11,13 +11,16 @@ import registry
 from flows import promotion
 from registry import exports as export_store
 from tasks.common import TuneryError
+from tasks.evaluation import EvalConfig
 from tasks.export import ExportConfig, GateConfig
 
-EXPORT = ExportConfig(quant="f32", heldout_rows=4, max_new_tokens=8, answer_tokens=8, window=256)
+EXPORT = ExportConfig(quant="f32", heldout_rows=4, max_new_tokens=8, answer_tokens=8, window=256, answer_rows=2)
 # A random tiny model never ends its answers, and its decode speed says nothing: gate on what it can pass.
 GATE = GateConfig(require_checks=["modelfile", "loads", "tokenization", "template", "greedy"],
                   min_decode_tokens_per_s=0.0, max_mean_kl=0.01)
 PROMPTS = ["How often should I water basil?"]
+# What the exported file answers is measured (held-out answers, the general suite) in the tests that gate on it.
+EVALS = EvalConfig(prompts=PROMPTS, general=None, answer_tokens=8)
 
 
 def _register(folder: Path) -> str:
@@ -51,13 +54,13 @@ def _link(tunery_home: Path) -> Path:
 def test_gate_refuses_worse_perplexity_and_leaves_the_alias(tiny_model_dir, tmp_path, prepared, tunery_home):
     good = _register(tiny_model_dir)
     worse = _register(_noisy_copy(tiny_model_dir, tmp_path / "noisy", 0.5))
-    first = promotion.promote(good, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)
+    first = promotion.promote(good, prepared, EXPORT, GATE, PROMPTS, progress=_quiet, evals=EVALS)
     assert first["promoted"] and first["previous"] is None
     assert _link(tunery_home).name == "v1-f32"
     modelfile = (tunery_home / "exports/tiny/production/Modelfile").read_text()
     assert modelfile.startswith("FROM ./tiny-v1-f32.gguf\n") and "PARAMETER stop <|im_end|>" in modelfile
 
-    second = promotion.promote(worse, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)
+    second = promotion.promote(worse, prepared, EXPORT, GATE, PROMPTS, progress=_quiet, evals=EVALS)
     assert not second["promoted"]
     failed = [v for v in second["gate"] if not v["passed"]]
     assert [v["name"] for v in failed] == ["perplexity_vs_holder"], second["gate"]
@@ -78,8 +81,8 @@ def test_gate_refuses_worse_perplexity_and_leaves_the_alias(tiny_model_dir, tmp_
 def test_rollback_restores_the_previous_export(tiny_model_dir, tmp_path, prepared, tunery_home):
     first = _register(tiny_model_dir)
     same = _register(_noisy_copy(tiny_model_dir, tmp_path / "copy", 0.0))
-    assert promotion.promote(first, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)["promoted"]
-    assert promotion.promote(same, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)["promoted"]
+    assert promotion.promote(first, prepared, EXPORT, GATE, PROMPTS, progress=_quiet, evals=EVALS)["promoted"]
+    assert promotion.promote(same, prepared, EXPORT, GATE, PROMPTS, progress=_quiet, evals=EVALS)["promoted"]
     assert _link(tunery_home).name == "v2-f32"
 
     back = promotion.rollback("tiny@production")
@@ -105,7 +108,7 @@ def test_failed_export_leaves_no_folder_and_no_row(tiny_model_dir, tmp_path, pre
     (broken / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
     version = _register(broken)
     with pytest.raises(TuneryError, match="llama.cpp cannot convert this model"):
-        promotion.promote(version, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)
+        promotion.promote(version, prepared, EXPORT, GATE, PROMPTS, progress=_quiet, evals=EVALS)
     assert export_store.list_exports() == [] and export_store.promotion_history() == []
     assert not list((tunery_home / "exports").rglob("*.gguf"))
 
@@ -114,8 +117,8 @@ def test_holder_from_another_base_model_is_not_compared(tiny_model_dir, prepared
     first = _register(tiny_model_dir)
     other = registry.create_version("tiny", "base", base_model="another-base")
     registry.finish_version(other, str(tiny_model_dir))
-    assert promotion.promote(first, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)["promoted"]
-    result = promotion.promote(other, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)
+    assert promotion.promote(first, prepared, EXPORT, GATE, PROMPTS, progress=_quiet, evals=EVALS)["promoted"]
+    result = promotion.promote(other, prepared, EXPORT, GATE, PROMPTS, progress=_quiet, evals=EVALS)
     failed = [v for v in result["gate"] if not v["passed"]]
     assert [v["name"] for v in failed] == ["perplexity_vs_holder"]
     assert "not comparable" in failed[0]["detail"]
@@ -153,12 +156,12 @@ def test_re_export_is_a_new_export_and_a_refused_gate_touches_nothing(tiny_model
     """Exports are immutable: exporting or promoting the same version and quant again writes vN-QUANT-2 and keeps
     every file and row of vN-QUANT, which the alias still points to when the gate refuses the new one."""
     version = _register(tiny_model_dir)
-    first = promotion.promote(version, prepared, EXPORT, GATE, PROMPTS, progress=_quiet)
+    first = promotion.promote(version, prepared, EXPORT, GATE, PROMPTS, progress=_quiet, evals=EVALS)
     assert first["promoted"] and first["export"]["export_id"] == "tiny/v1-f32"
     folder = tunery_home / "exports/tiny/v1-f32"
     before, rows_before = _snapshot(folder), export_store.get_export("tiny/v1-f32")
 
-    again = promotion.export_version(version, prepared, EXPORT, PROMPTS, progress=_quiet)
+    again = promotion.export_version(version, prepared, EXPORT, PROMPTS, progress=_quiet, evals=EVALS)
     assert again["export_id"] == "tiny/v1-f32-2" and again["path"].endswith("exports/tiny/v1-f32-2")
     assert (tunery_home / "exports/tiny/v1-f32-2" / again["gguf_file"]).exists()
     assert _snapshot(folder) == before and export_store.get_export("tiny/v1-f32") == rows_before
@@ -167,7 +170,7 @@ def test_re_export_is_a_new_export_and_a_refused_gate_touches_nothing(tiny_model
     strict = GATE.model_copy(update={"require_checks": [*GATE.require_checks, "answers_stop"]})
     link = tunery_home / "exports/tiny/production"
     link_before = (link.readlink(), link.lstat().st_mtime_ns)
-    refused = promotion.promote(version, prepared, EXPORT, strict, PROMPTS, progress=_quiet)
+    refused = promotion.promote(version, prepared, EXPORT, strict, PROMPTS, progress=_quiet, evals=EVALS)
     assert not refused["promoted"] and refused["export"]["export_id"] == "tiny/v1-f32-3"
     assert (link.readlink(), link.lstat().st_mtime_ns) == link_before
     assert export_store.get_alias("tiny", "production")["export_id"] == "tiny/v1-f32"
@@ -202,7 +205,7 @@ def test_a_num_ctx_that_cannot_hold_the_prompts_is_refused_by_name(tiny_model_di
     system = "You are Fern, a patient gardening assistant who answers in short, practical sentences. " * 3
     tight = EXPORT.model_copy(update={"system": system, "num_ctx": 64})
     gate = GATE.model_copy(update={"require_checks": [*GATE.require_checks, "context"]})
-    refused = promotion.promote(version, prepared, tight, gate, PROMPTS, progress=_quiet)
+    refused = promotion.promote(version, prepared, tight, gate, PROMPTS, progress=_quiet, evals=EVALS)
     context = next(c for c in refused["export"]["checks"] if c["name"] == "context")
     assert not refused["promoted"] and context["passed"] is False and context["value"] > 64
     assert "num_ctx 64" in context["detail"] and "system prompt first" in context["detail"]
@@ -214,3 +217,35 @@ def test_a_num_ctx_that_cannot_hold_the_prompts_is_refused_by_name(tiny_model_di
     assert roomy["promoted"] and context["passed"] and context["value"] == refused["export"]["checks"][
         [c["name"] for c in refused["export"]["checks"]].index("context")]["value"]
     assert GateConfig().require_checks[-1] == "context"  # on by default
+
+
+def test_the_gate_refuses_an_export_that_forgot_what_its_parent_knew(tiny_model_dir, prepared, tmp_path):
+    """The forgetting check in the gate: the exported file is scored on the general suite through llama.cpp and
+    compared with its parent's accuracy (transformers, measured on the same data); more points lost than
+    `max_general_drop_pct` refuse it by name. Held-out answers through llama.cpp are scored and gated too."""
+    from conftest import REPO
+
+    suite = [line for f in sorted((REPO / "data/general").glob("*.jsonl")) for line in f.read_text().splitlines()[:4]]
+    (tmp_path / "suite.jsonl").write_text("\n".join(suite) + "\n")
+    evals = EvalConfig(prompts=PROMPTS, general=str(tmp_path / "suite.jsonl"), answer_tokens=8)
+    parent = _register(tiny_model_dir)
+    registry.record_metrics(parent, {"general_accuracy": 1.0}, eval_data_hash=prepared.info["data_hash"])
+    child = registry.create_version("tiny", "sft", parents=[parent])
+    registry.finish_version(child, str(tiny_model_dir))
+    gate = GATE.model_copy(update={"max_general_drop_pct": 5.0, "min_answer_f1": 0.99})
+    refused = promotion.promote(child, prepared, EXPORT, gate, PROMPTS, progress=_quiet, evals=evals)
+    assert not refused["promoted"]
+    checks = {c["name"]: c for c in refused["export"]["checks"]}
+    verdicts = {v["name"]: v for v in refused["gate"]}
+    accuracy = checks["general"]["value"]
+    assert checks["general"]["detail"].startswith(f"{accuracy:.3f} on 12 items") and accuracy < 0.95
+    assert verdicts["general_drop_pct"]["value"] == pytest.approx(100 * (1.0 - accuracy))
+    assert not verdicts["general_drop_pct"]["passed"] and verdicts["general_drop_pct"]["threshold"] == 5.0
+    assert f"against {parent}'s 1.000 (transformers)" in checks["general_drop_pct"]["detail"]
+    # The random model's two held-out answers share little with the references: refused on F1 too.
+    assert checks["heldout_answers"]["detail"].startswith("2 held-out answers: token F1")
+    assert not verdicts["answer_f1"]["passed"] and verdicts["answer_f1"]["value"] < 0.99
+    measured = registry.get_version(child, prepared.info["data_hash"]).metrics
+    assert measured["gguf_general_accuracy"] == accuracy and measured["gguf_general_drop_pct"] > 5
+    assert len(registry.get_answers(child, refused["export"]["export_id"])) == 2
+    assert export_store.get_alias("tiny", "production") is None  # nothing moved
