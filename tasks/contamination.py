@@ -5,8 +5,8 @@ Each row is compared as its text without system prompts (a persona prompt shared
 the normalised words of tasks.scores.normalize. A held-out row (or a general item: its question and right answer)
 is contaminated when a training row
 - is the same text (`exact`),
-- shares a run of `ngram` words with it (`ngram`, the check of GPT-3's and Llama 2's contamination studies, which
-  catches a copied passage inside a longer row), or
+- shares a run of `ngram` words with it (`ngram`, default 13 as in GPT-3's contamination study: a copied passage
+  inside a longer row; 8 words already matched stock phrases of the demo teacher's persona answers), or
 - is a near-duplicate: the Jaccard similarity of their sets of character 5-grams, estimated with MinHash (128
   permutations) and found through locality-sensitive hashing (`datasketch`), is at least `near_threshold` (`near`:
   a reworded copy, words reordered or inflected, which shares no long run of words). Characters rather than words,
@@ -32,8 +32,9 @@ class ContaminationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    ngram: int = Field(8, ge=3, le=50, description="Words in a run shared with a training row that marks a row as "
-                                                   "contaminated (short rows are compared whole).")
+    ngram: int = Field(13, ge=3, le=50, description="Words in a run shared with a training row that marks a row as "
+                                                    "contaminated (GPT-3's contamination study used 13; shorter runs "
+                                                    "catch stock phrases that answers share by style).")
     near_threshold: float = Field(0.5, gt=0, le=1, description="Estimated Jaccard similarity of character 5-gram "
                                                                "sets (MinHash) from which two rows are "
                                                                "near-duplicates.")
@@ -76,7 +77,7 @@ def _minhash(text: str):
     return m
 
 
-def overlaps(train: list[str], others: list[str], ngram: int = 8, near_threshold: float = 0.5
+def overlaps(train: list[str], others: list[str], ngram: int = 13, near_threshold: float = 0.5
              ) -> list[dict[str, Any] | None]:
     """For each text of `others`: None, or how a training text contains it: {kind: exact | ngram | near, train:
     index of the training text, detail}."""

@@ -162,15 +162,15 @@ def test_planted_duplicates_between_train_and_held_out_rows_are_found_and_named(
 
     held = [chat("Best time to plant garlic?", "Plant cloves in autumn, pointy end up."),
             chat("What keeps aphids down?", "Ladybirds, lacewings and a strong jet of water every morning keep them "
-                 "down."),
+                 "down within a week."),
             chat("When should I sow carrots?", "From March to July, thinly, in stone-free soil.")]
     train = [chat(f"Question number {i} about beans?", f"Answer {i}: beans like sun.") for i in range(12)]
     train += [
         # a reworded copy of held-out row 1: no run of 8 words in common, a near-duplicate (MinHash)
         chat("When is the best time to plant garlic?", "In autumn: plant the cloves pointy end up."),
-        # an answer that copies 8 words of held-out row 2's answer inside a longer one (n-gram)
+        # an answer that copies 13 words of held-out row 2's answer inside a longer one (n-gram)
         chat("Any tips for a balcony?", "Grow herbs. Against pests, ladybirds, lacewings and a strong jet of water "
-             "every morning work."),
+             "every morning keep them down within days."),
     ]
     write_jsonl(tmp_path / "train.jsonl", train)
     write_jsonl(tmp_path / "held.jsonl", held)
@@ -183,7 +183,8 @@ def test_planted_duplicates_between_train_and_held_out_rows_are_found_and_named(
     assert near["kind"] == "near" and near["train"] == f"{tmp_path / 'train.jsonl'} line 13"
     ngram = by_row[f"{tmp_path / 'held.jsonl'} line 2"]
     assert ngram["kind"] == "ngram" and ngram["train"] == f"{tmp_path / 'train.jsonl'} line 14"
-    assert "ladybirds lacewings and strong jet of water every" in ngram["detail"]
+    assert "shares 13 words: 'ladybirds lacewings and strong jet of water every morning keep them down within'" in \
+        ngram["detail"]
     # Above the allowed share prep refuses, naming the rows, and writes nothing.
     strict = config.model_copy(update={"contamination": config.contamination.model_copy(
         update={"max_heldout_share": 0.1})})
