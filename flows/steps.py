@@ -345,9 +345,12 @@ def run_judge(version: registry.Version, cfg, eval_data_hash: str) -> dict[str, 
     theirs = registry.get_answers(version.parents[0], "hf", eval_data_hash)
     if not mine or not theirs:
         return {}
-    folder = model_folder(registry.get_version(cfg.model)) if cfg.kind == "version" else None
+    judge_version = registry.get_version(cfg.model) if cfg.kind == "version" else None
+    folder = model_folder(judge_version) if judge_version else None
     verdicts = judge(cfg, mine, theirs, folder)
-    registry.record_judgements(version.version, version.parents[0], cfg.model, verdicts, eval_data_hash)
+    name = judge_version.version if judge_version else cfg.model + (f" ({cfg.endpoint_model})" if
+                                                                     cfg.endpoint_model else "")
+    registry.record_judgements(version.version, version.parents[0], name, verdicts, eval_data_hash)
     return rates(verdicts)
 
 

@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,9 @@ def quality(model, tokenizer, rows: list[dict], config: EvalConfig, progress: bo
         if part is not None:
             metrics.update({f"{k}/{cat}": v for k, v in part.items()})
             metrics[f"rows/{cat}"] = float(len(idx))
+    if progress:
+        print(f"answering {len(answered_rows(rows, config.generation_rows))} held-out prompts (up to "
+              f"{config.answer_tokens} tokens each)", file=sys.stderr)
     answers = held_out_answers(model, tokenizer, rows, config)
     if answers:
         metrics.update(answer_scores(answers))
@@ -328,7 +332,8 @@ def measure(model_path: str, data_dir: str, config: EvalConfig, adapter: str | N
         from tasks import general
 
         items = general.load_suite(None if config.general == "default" else config.general)
-        metrics.update(general.accuracy(items, general.hf_logliks(model, tokenizer, items, 4 * config.batch_size)))
+        metrics.update(general.accuracy(items, general.hf_logliks(model, tokenizer, items, 4 * config.batch_size,
+                                                                  progress)))
     answers: list[list[int]] = []
     metrics.update(latency(model, tokenizer, config.prompts, config.max_new_tokens, config.repeats,
                            config.warmup, progress, answers=answers))

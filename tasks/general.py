@@ -103,11 +103,13 @@ def accuracy(items: list[dict[str, Any]], logliks: list[list[float]], prefix: st
     return metrics
 
 
-def hf_logliks(model, tokenizer, items: list[dict[str, Any]], batch_size: int = 16) -> list[list[float]]:
+def hf_logliks(model, tokenizer, items: list[dict[str, Any]], batch_size: int = 16, progress: bool = False
+               ) -> list[list[float]]:
     """Each choice's summed log-likelihood after its question under a transformers model. The question is encoded
     once: a batch of questions (left-padded, logits at the last position only) fills the KV cache, which is then
     copied to each of their choices for a second pass over the choice tokens alone."""
     import torch
+    from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -115,7 +117,7 @@ def hf_logliks(model, tokenizer, items: list[dict[str, Any]], batch_size: int = 
     out: list[list[float] | None] = [None] * len(items)
     order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))  # similar lengths pad little
     model.eval()
-    for at in range(0, len(order), batch_size):
+    for at in tqdm(range(0, len(order), batch_size), desc="general suite", unit="batch", disable=not progress):
         group = order[at:at + batch_size]
         questions = [encoded[i][0] for i in group]
         width = max(map(len, questions))

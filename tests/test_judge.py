@@ -116,3 +116,19 @@ def test_smollm2_judges_a_pipeline_run_end_to_end(tmp_path, tiny_model_dir, smol
     assert all(v["outcome"] in ("win", "loss", "tie") for v in verdicts) and verdicts[0]["judge"] == judge
     counts = tuned.metrics["judge_wins"] + tuned.metrics["judge_losses"] + tuned.metrics["judge_ties"]
     assert counts == 3
+
+
+def test_a_local_gguf_judges_through_its_own_chat_template(tiny_gguf, tmp_path):
+    """A .gguf judge: llama.cpp reads the question through the chat template the file carries and answers with the
+    likeliest of A, B and C; the verdicts are deterministic, so asking again gives the same ones."""
+    from tasks.judge import JudgeConfig, rates, run_judge
+
+    judge = JudgeConfig(model=str(tiny_gguf("f32", tmp_path)))
+    assert judge.kind == "gguf"
+    mine, theirs = _answers(["water weekly", "sow in spring"]), _answers(["water daily", "sow in winter"])
+    verdicts = run_judge(judge, mine, theirs)
+    assert [v["prompt"] for v in verdicts] == ["question 0", "question 1"]
+    assert all(v["first"] in ("version", "against", "tie") and v["outcome"] in ("win", "loss", "tie")
+               for v in verdicts)
+    assert run_judge(judge, mine, theirs) == verdicts
+    assert rates(verdicts)["judge_pairs"] == 2
