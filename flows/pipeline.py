@@ -211,7 +211,10 @@ def pipeline(config_path: str) -> dict[str, Any]:
     base = base_task(cfg, config_dir)
     eval_cfg = cfg.eval_config()
     if eval_cfg.judge is not None and eval_cfg.judge.kind == "version":
-        registry.get_version(eval_cfg.judge.model)  # an unknown judge is named before anything trains
+        try:  # an unknown judge is named before anything trains
+            registry.get_version(eval_cfg.judge.model)
+        except TuneryError as e:
+            raise TuneryError(f"{config_path}: eval.judge: {e}") from None
     data = prep_task(cfg, config_dir, base)
     storage = result_storage()
     evaluate = eval_task.with_options(result_storage=storage)

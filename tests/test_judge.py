@@ -132,3 +132,20 @@ def test_a_local_gguf_judges_through_its_own_chat_template(tiny_gguf, tmp_path):
                for v in verdicts)
     assert run_judge(judge, mine, theirs) == verdicts
     assert rates(verdicts)["judge_pairs"] == 2
+
+
+def test_an_unknown_judge_is_named_before_anything_trains(tmp_path, tiny_model_dir, prefect_server, garden_rows):
+    import yaml
+
+    import registry
+    from flows.pipeline import pipeline
+    from tasks.common import TuneryError
+
+    write_jsonl(tmp_path / "d.jsonl", garden_rows[:12])
+    doc = {"name": "judged", "base_model": str(tiny_model_dir), "base_name": "tiny-base", "device": "cpu",
+           "data": {"train": "d.jsonl", "val_fraction": 0.25}, "stages": [{"stage": "sft", "max_steps": 1}],
+           "eval": {"prompts": ["How deep?"], "general": None, "judge": "nobody:3"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(TuneryError, match=r"c.yaml: eval.judge: unknown version 'nobody:3'"):
+        pipeline(str(tmp_path / "c.yaml"))
+    assert registry.list_versions(name="judged") == []  # nothing trained
