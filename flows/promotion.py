@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import registry
-from flows.steps import model_folder
+from flows.steps import forgetting, model_folder
 from registry import exports as export_store
 from tasks.common import StageResult, TuneryError, atomic_dir, check_name, home, write_json
 from tasks.convert import convert
@@ -172,24 +172,22 @@ def answer_checks(r: Recipe, cfg: ExportConfig, gguf: Path, data: StageResult, v
     and the general multiple-choice suite (the forgetting check) with its drop from the first parent's accuracy.
     Returns (measurement rows for the checks, `gguf_*` metrics, the answers)."""
     from tasks import general, verify
-    from tasks.evaluation import answered_rows
+    from tasks.evaluation import answer_targets
     from tasks.scores import answer_scores
 
     rows: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
     _, _, validation = load_prepared(data.artifact_path)
-    picked = answered_rows(validation, evals.generation_rows)[:cfg.answer_rows]
+    targets = answer_targets(validation, evals.generation_rows)[:cfg.answer_rows]
     answers: list[dict[str, Any]] = []
     llm = verify.open_gguf(gguf, threads=cfg.threads)
     try:
-        if picked:
-            progress(f"answering {len(picked)} held-out prompts with llama.cpp")
-            prompts = [next(m["content"] for m in reversed(validation[i]["messages"][:-1]) if m["role"] == "user")
-                       for i in picked]
-            _, _, said = verify.check_answers(llm, r.template, r.stops, prompts, cfg.system, evals.answer_tokens,
-                                              r.parameters)
-            answers = [{"prompt": s["prompt"], "answer": s["answer"], "reference": validation[i]["messages"][-1][
-                "content"], "category": validation[i].get("category")} for i, s in zip(picked, said)]
+        if targets:
+            progress(f"answering {len(targets)} held-out prompts with llama.cpp")
+            _, _, said = verify.check_answers(llm, r.template, r.stops, [t["prompt"] for t in targets], cfg.system,
+                                              evals.answer_tokens, r.parameters)
+            answers = [{"prompt": t["prompt"], "answer": s["answer"], "reference": t["reference"],
+                        "category": t["category"]} for t, s in zip(targets, said)]
             metrics.update(answer_scores(answers, prefix="gguf_answer"))
             rows.append(verify.check("heldout_answers", None, metrics["gguf_answer_f1"],
                                      f"{len(answers)} held-out answers: token F1 {metrics['gguf_answer_f1']:.3f}, "
@@ -199,18 +197,18 @@ def answer_checks(r: Recipe, cfg: ExportConfig, gguf: Path, data: StageResult, v
         llm.close()
     if evals.general:
         progress("general multiple-choice suite with llama.cpp (forgetting check)")
-        items = general.load_suite(None if evals.general == "default" else evals.general)
+        items = general.load_suite(evals.general)
         found = general.accuracy(items, general.gguf_logliks(gguf, r.tokenizer, items, cfg.threads), "gguf_general")
         metrics.update(found)
         detail = f"{found['gguf_general_accuracy']:.3f} on {len(items)} items"
-        parent = registry.get_version(version.parents[0], data.info["data_hash"]).metrics if version.parents else {}
-        drop = general.drop_points(parent.get("general_accuracy"), found["gguf_general_accuracy"])
         rows.append(verify.check("general", None, found["gguf_general_accuracy"], detail))
-        if drop is not None:
-            metrics["gguf_general_drop_pct"] = drop
-            rows.append(verify.check("general_drop_pct", None, drop,
+        lost = forgetting(version, found["gguf_general_accuracy"], data.info["data_hash"])
+        if lost:
+            metrics["gguf_general_drop_pct"] = lost["general_drop_pct"]
+            rows.append(verify.check("general_drop_pct", None, lost["general_drop_pct"],
                                      f"{found['gguf_general_accuracy']:.3f} against {version.parents[0]}'s "
-                                     f"{parent['general_accuracy']:.3f} (transformers): {drop:+.1f} points lost"))
+                                     f"{lost['general_accuracy_parent']:.3f} (transformers): "
+                                     f"{lost['general_drop_pct']:+.1f} points lost"))
     return rows, metrics, answers
 
 

@@ -323,7 +323,7 @@ def run_eval(version: registry.Version, data: StageResult, eval_cfg: EvalConfig)
     else:
         result = evaluate(version.artifact_path, data.artifact_path, eval_cfg)
     measured_on = data.info["data_hash"]
-    metrics = {**result.metrics, **forgetting(version, result.metrics, measured_on)}
+    metrics = {**result.metrics, **forgetting(version, result.metrics.get("general_accuracy"), measured_on)}
     registry.record_metrics(version.version, metrics, eval_data_hash=measured_on)
     registry.record_samples(version.version, result.info.get("samples", []), eval_data_hash=measured_on)
     registry.record_answers(version.version, "hf", result.info.get("answers", []), eval_data_hash=measured_on)
@@ -354,15 +354,16 @@ def run_judge(version: registry.Version, cfg, eval_data_hash: str) -> dict[str, 
     return rates(verdicts)
 
 
-def forgetting(version: registry.Version, metrics: dict[str, float], eval_data_hash: str) -> dict[str, float]:
-    """`general_drop_pct`: how many points of general-suite accuracy the version lost against its first parent,
-    measured in the parent's evaluation on the same data (nothing when either was not measured)."""
+def forgetting(version: registry.Version, accuracy: float | None, eval_data_hash: str) -> dict[str, float]:
+    """`general_drop_pct`: how many points of general-suite accuracy (`accuracy`, measured on the version or its
+    export) the version lost against its first parent's evaluation on the same data, with that parent accuracy
+    (`general_accuracy_parent`); nothing when either was not measured."""
     from tasks.general import drop_points
 
-    if not version.parents or "general_accuracy" not in metrics:
+    if not version.parents or accuracy is None:
         return {}
     parent = registry.get_version(version.parents[0], eval_data_hash).metrics
-    drop = drop_points(parent.get("general_accuracy"), metrics["general_accuracy"])
+    drop = drop_points(parent.get("general_accuracy"), accuracy)
     return {} if drop is None else {"general_drop_pct": drop, "general_accuracy_parent": parent["general_accuracy"]}
 
 

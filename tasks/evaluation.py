@@ -266,10 +266,7 @@ def quality(model, tokenizer, rows: list[dict], config: EvalConfig, progress: bo
         if part is not None:
             metrics.update({f"{k}/{cat}": v for k, v in part.items()})
             metrics[f"rows/{cat}"] = float(len(idx))
-    if progress:
-        print(f"answering {len(answered_rows(rows, config.generation_rows))} held-out prompts (up to "
-              f"{config.answer_tokens} tokens each)", file=sys.stderr)
-    answers = held_out_answers(model, tokenizer, rows, config)
+    answers = held_out_answers(model, tokenizer, rows, config, progress)
     if answers:
         metrics.update(answer_scores(answers))
         metrics["gen_tokens"] = statistics.fmean(a["tokens"] for a in answers)
@@ -289,15 +286,26 @@ def answered_rows(rows: list[dict], per_category: int | None) -> list[int]:
     return sorted(i for idx in groups.values() for i in idx[:per_category])
 
 
-def held_out_answers(model, tokenizer, rows: list[dict], config: EvalConfig) -> list[dict[str, Any]]:
+def answer_targets(rows: list[dict], per_category: int | None) -> list[dict[str, Any]]:
+    """The held-out chat rows to answer (`answered_rows`), each as {prompt (the last user turn), reference (the
+    held-out answer), category, messages (the conversation before that answer)}: what transformers and an export's
+    GGUF both answer and are scored on."""
+    return [{"prompt": next(m["content"] for m in reversed(rows[i]["messages"][:-1]) if m["role"] == "user"),
+             "reference": rows[i]["messages"][-1]["content"], "category": rows[i].get("category"),
+             "messages": rows[i]["messages"][:-1]} for i in answered_rows(rows, per_category)]
+
+
+def held_out_answers(model, tokenizer, rows: list[dict], config: EvalConfig, progress: bool = False
+                     ) -> list[dict[str, Any]]:
     """Greedy answers (up to `answer_tokens`) to the conversations of the held-out chat rows before their last
     answer: {prompt (the last user turn), reference (the held-out answer), answer, category, tokens}."""
-    picked = answered_rows(rows, config.generation_rows)
-    generated = generate(model, tokenizer, [rows[i]["messages"][:-1] for i in picked], config.answer_tokens,
-                         config.batch_size)
-    return [{"prompt": next(m["content"] for m in reversed(rows[i]["messages"][:-1]) if m["role"] == "user"),
-             "reference": rows[i]["messages"][-1]["content"], "answer": text, "category": rows[i].get("category"),
-             "tokens": n} for i, (text, n) in zip(picked, generated)]
+    targets = answer_targets(rows, config.generation_rows)
+    if progress and targets:
+        print(f"answering {len(targets)} held-out prompts (up to {config.answer_tokens} tokens each)",
+              file=sys.stderr)
+    generated = generate(model, tokenizer, [t["messages"] for t in targets], config.answer_tokens, config.batch_size)
+    return [{"prompt": t["prompt"], "reference": t["reference"], "answer": text, "category": t["category"],
+             "tokens": n} for t, (text, n) in zip(targets, generated)]
 
 
 def measure(model_path: str, data_dir: str, config: EvalConfig, adapter: str | None = None,
@@ -331,7 +339,7 @@ def measure(model_path: str, data_dir: str, config: EvalConfig, adapter: str | N
     if config.general:
         from tasks import general
 
-        items = general.load_suite(None if config.general == "default" else config.general)
+        items = general.load_suite(config.general)
         metrics.update(general.accuracy(items, general.hf_logliks(model, tokenizer, items, 4 * config.batch_size,
                                                                   progress)))
     answers: list[list[int]] = []

@@ -25,8 +25,8 @@ MAX_REPORTED_ERRORS = 10
 
 
 def suite_files(path: str | Path | None) -> list[Path]:
-    """The JSONL files of a suite: a file, or every *.jsonl of a folder (default: the packaged suite)."""
-    path = Path(path) if path else SUITE
+    """The JSONL files of a suite: a file, or every *.jsonl of a folder (None or "default": the packaged suite)."""
+    path = Path(path) if path and path != "default" else SUITE
     if not path.exists():
         raise TuneryError(f"{path}: no such file or folder (eval.general)")
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
@@ -58,7 +58,8 @@ def _item_problem(data: Any) -> str | None:
 
 
 def load_suite(path: str | Path | None = None) -> list[dict[str, Any]]:
-    """Every item of the suite, checked; TuneryError listing each bad line by file and line."""
+    """Every item of the suite (`path` as suite_files takes it), checked; TuneryError listing each bad line by file
+    and line."""
     from tasks.prep import Unreadable, read_rows
 
     items, errors = [], []

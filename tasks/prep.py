@@ -494,7 +494,7 @@ def contamination(config: ContaminationConfig, train: list[dict], validation: li
     if found["heldout"]["share"] > config.max_heldout_share:
         raise TuneryError(check.describe("held-out rows", found["heldout"], config.max_heldout_share))
     if config.general:
-        items = load_suite(None if config.general == "default" else config.general)
+        items = load_suite(config.general)
         found["general"] = check.report(
             check.overlaps(train_text, [check.item_text(i) for i in items], config.ngram, config.near_threshold),
             [f"general item {i + 1} ({item['question'][:40]!r})" for i, item in enumerate(items)], train_names)

@@ -311,7 +311,7 @@ def trainer_arguments(config: TrainingConfig, out_dir: Path, device: str, precis
     checkpoints = checkpoints if config.save_steps else None
     saving = dict(save_strategy="steps", save_steps=config.save_steps, save_total_limit=1) if checkpoints else dict(
         save_strategy="no")
-    if config.patience and config.eval_steps and has_eval:
+    if config.patience and has_eval:  # patience implies eval_steps (TrainingConfig)
         # Early stopping: a checkpoint at every evaluation (weights only), the best one loaded back at the end.
         saving = dict(save_strategy="steps", save_steps=config.save_steps if checkpoints else config.eval_steps,
                       save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="eval_loss",
@@ -520,8 +520,7 @@ def _run_metrics(trainer, output, runtime: float, losses: list[float], info: dic
         metrics["train_tokens"] = tokens_seen
         metrics["train_tokens_per_s"] = tokens_seen / runtime if runtime > 0 else 0.0
     if trainer.args.load_best_model_at_end and trainer.state.best_metric is not None:
-        best = trainer.state.best_global_step or int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
-        metrics.update(best_step=float(best), best_eval_loss=float(trainer.state.best_metric),
+        metrics.update(best_step=float(trainer.state.best_global_step), best_eval_loss=float(trainer.state.best_metric),
                        stopped_early=float(trainer.state.global_step < trainer.state.max_steps))
     if estimate:
         metrics["train_time_vs_estimate"] = runtime / max(estimate["estimate_train_time_s"], 1e-9)
