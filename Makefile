@@ -16,6 +16,8 @@ LLAMA_CPP_PYTHON := $(shell sed -n 's/^llama[-_]cpp[-_]python==//Ip' requirement
 CONVERTER := $(VENV)/llama.cpp/convert_hf_to_gguf.py
 # Debian's Chromium and its driver, for the dashboard's browser tests.
 CHROMEDRIVER := /usr/bin/chromedriver
+# Debian's PostgreSQL server, which the tests start in a temp folder to run the registry on PostgreSQL.
+INITDB := /usr/lib/postgresql/15/bin/initdb
 # llama-cpp-python has no wheel on the index, so pip compiles llama.cpp. Its multimodal library (mtmd), which
 # tunery never loads, is a large part of that build: leave it out.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
@@ -25,7 +27,7 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 # Two chains in parallel: the Python environment then the base model, and the system packages (apt, one at a
 # time: dpkg takes a lock) then the Go template checker.
 setup:
-	$(MAKE) -j2 $(STAMP) $(CONVERTER) $(BASE_MODEL) $(GOTEMPLATE) $(CHROMEDRIVER)
+	$(MAKE) -j2 $(STAMP) $(CONVERTER) $(BASE_MODEL) $(GOTEMPLATE) $(CHROMEDRIVER) $(INITDB)
 
 $(STAMP): requirements/torch.txt requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,7 +46,7 @@ $(CONVERTER): requirements/lock.txt | $(STAMP)
 	rm -rf $(VENV)/llama.cpp-sdist
 	test -f $(CONVERTER)
 
-$(GOTEMPLATE): tools/gotemplate/main.go tools/gotemplate/go.mod | $(CHROMEDRIVER)
+$(GOTEMPLATE): tools/gotemplate/main.go tools/gotemplate/go.mod | $(INITDB)
 	mkdir -p $(BIN)
 	command -v go >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends golang-go) \
 		|| { echo "Go is needed to check Ollama templates: install golang-go"; exit 1; }
@@ -53,6 +55,10 @@ $(GOTEMPLATE): tools/gotemplate/main.go tools/gotemplate/go.mod | $(CHROMEDRIVER
 $(CHROMEDRIVER):
 	(apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver) \
 		|| { echo "the dashboard's browser tests need Debian's chromium and chromium-driver"; exit 1; }
+
+$(INITDB): | $(CHROMEDRIVER)
+	(apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql-15) \
+		|| { echo "the registry's PostgreSQL tests need Debian's postgresql-15"; exit 1; }
 
 $(BASE_MODEL): | $(STAMP)
 	$(BIN)/tunery setup

@@ -17,7 +17,7 @@ from rich.table import Table
 from flows.rows import (check_rows, comparison_rows, export_rows, health_rows, metric_rows, promotion_rows,
                         record_rows)
 from flows.rows import fmt as _fmt
-from tasks.common import TuneryError, home, registry_path
+from tasks.common import TuneryError, home
 
 # Stdout carries a command's own output only (one JSON document with --json); whatever libraries print while a
 # command runs (trainer log lines, progress) goes to stderr.
@@ -58,9 +58,9 @@ def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
         signal.signal(signal.SIGTERM, _terminated)
         try:
             with contextlib.redirect_stdout(sys.stderr):
-                if registry_path().exists():  # versions whose process was killed: settle them as failed first
-                    import registry
+                import registry
 
+                if registry.db.exists():  # versions whose process was killed: settle them as failed first
                     for version in registry.settle_interrupted():
                         err.print(f"{version}: its process ended before it finished; marked failed (interrupted)")
                 return fn(*args, **kwargs)
@@ -378,8 +378,10 @@ def dashboard(host: str = typer.Option("127.0.0.1", help="Address to listen on; 
                                                          "machine. Use 0.0.0.0 only on a network you trust."),
               port: int = typer.Option(8501, help="Port to listen on.")) -> None:
     """Serve the Streamlit dashboard: versions, comparisons, quality vs speed, lineage, promote and roll back."""
+    import registry
+
     app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
-    err.print(f"tunery dashboard on http://{host}:{port} (registry {home() / 'registry.duckdb'})")
+    err.print(f"tunery dashboard on http://{host}:{port} (registry {registry.db.describe()})")
     sys.stderr.flush()
     # This process becomes the Streamlit server (no child): SIGTERM or Ctrl-C stop the server itself, and nothing
     # is left holding the port.

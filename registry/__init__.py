@@ -1,4 +1,5 @@
-"""The DuckDB registry: every model version, its lineage, hyperparameters, data and metrics.
+"""The registry (DuckDB in TUNERY_HOME, or PostgreSQL): every model version, its lineage, hyperparameters, data
+and metrics.
 
 All SQL of tunery lives in this package; callers use the functions of `registry.store` (versions, metrics,
 lineage) and `registry.exports` (GGUF exports, their checks, aliases, promotions).

@@ -1,23 +1,44 @@
-"""Opening the registry: short-lived connections, numbered migrations, retry on DuckDB's lock.
+"""Opening the registry: DuckDB in TUNERY_HOME (the embedded default), or PostgreSQL when TUNERY_REGISTRY_URL
+names one (`postgresql://USER@HOST:PORT/DB`), for many processes on many machines.
 
-DuckDB allows one read-write process or many read-only ones, never both. So every operation opens a connection,
-does its work and closes it; readers open read-only; a lock held by another process is retried with backoff.
+Callers write `with connect() as con:` for one operation. It is one transaction: it commits when the block ends and
+rolls back on any error, so a failed write leaves no partial rows. `con.execute(sql, params)` takes SQL in DuckDB's
+dialect with `?` placeholders and bound values; registry.dialect rewrites it for PostgreSQL. The numbered
+migrations in registry/migrations run on both.
+
+Each process keeps one connection per registry and reuses it across operations (one operation at a time; threads
+take turns):
+- PostgreSQL: a psycopg connection, migrated once per process (an advisory lock lets one process migrate at a
+  time). Many processes write at once; numbers per name are claimed under one row lock, so they stay consecutive.
+- DuckDB lets one process open the file at a time, and opening costs about 15 ms of CPU (each database instance
+  builds its function catalogue). Processes take turns through lock files beside the registry: a process keeps the
+  file open while it works, and LINGER_S after, unless another process is waiting and it has held the file HOLD_S.
+  A waiting reader (the dashboard, the CLI) goes before waiting writers, so reads do not starve.
 """
 from __future__ import annotations
 
+import atexit
+import fcntl
+import os
 import re
+import threading
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
-import duckdb
-
+from registry import dialect
 from tasks.common import RegistryBusy, TuneryError, registry_path
 
-LOCK_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0)  # ~21 s in all: a flow's write is short
+LOCK_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0)  # DuckDB's own lock, held by a process outside
+LINGER_S = 0.05    # DuckDB: keep the file open this long after an operation, for the process's next one
+HOLD_S = 0.15      # DuckDB: hand the file over at the end of an operation once held this long and someone waits
+HANDOVER_S = 0.01  # DuckDB: after handing the file over, wait this long before asking for it again
+WAIT_S = 120.0     # DuckDB: give up (RegistryBusy) after waiting this long for a turn
+MIGRATION_LOCK = 7_245_021  # PostgreSQL advisory lock id: one process migrates at a time
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -30,16 +51,83 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def registry_url() -> str | None:
+    """TUNERY_REGISTRY_URL when set (a PostgreSQL registry), else None (DuckDB in TUNERY_HOME)."""
+    url = os.environ.get("TUNERY_REGISTRY_URL", "").strip()
+    if not url:
+        return None
+    if urlsplit(url).scheme not in ("postgresql", "postgres"):
+        raise TuneryError(f"TUNERY_REGISTRY_URL must be a postgresql:// URL, got {redact(url)!r}")
+    return url
+
+
+def backend_name() -> str:
+    return "postgresql" if registry_url() else "duckdb"
+
+
+def redact(url: str) -> str:
+    """A URL without its password, for messages and the dashboard."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def describe() -> str:
+    """Where the registry is, for people: the DuckDB file or the PostgreSQL URL (password hidden)."""
+    url = registry_url()
+    return redact(url) if url else str(registry_path())
+
+
+def exists() -> bool:
+    """Whether a registry is there to read (PostgreSQL: always; the database is the user's)."""
+    return bool(registry_url()) or registry_path().exists()
+
+
+class Connection:
+    """One driver connection with the registry's SQL dialect: `execute` and `executemany` take DuckDB SQL with `?`
+    placeholders and return a cursor (fetchone, fetchall, description)."""
+
+    def __init__(self, raw: Any, name: str):
+        self.raw, self.dialect = raw, name
+
+    def execute(self, sql: str, params: Any = None):
+        if self.dialect == "duckdb":
+            return self.raw.execute(sql) if params is None else self.raw.execute(sql, params)
+        return self.raw.execute(dialect.sql(sql, self.dialect, placeholders=params is not None), params)
+
+    def executemany(self, sql: str, rows: list) -> None:
+        if self.dialect == "duckdb":
+            self.raw.executemany(sql, rows)
+        else:
+            with self.raw.cursor() as cursor:
+                cursor.executemany(dialect.sql(sql, self.dialect), rows)
+
+
+def _statements(number: int, sql: str, name: str) -> list[str]:
+    try:
+        return dialect.statements(sql, name)
+    except ValueError as e:
+        raise TuneryError(f"migration {number}: {e}") from None
+
+
+# ---------------------------------------------------------------- DuckDB
+
+
 def _is_lock_error(e: Exception) -> bool:
     text = str(e).lower()
     return "lock" in text and ("conflicting" in text or "could not set" in text)
 
 
-def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
-    """Connect, waiting with backoff while another process holds the file's lock."""
+def _open(path: Path):
+    """Open the DuckDB file, waiting with backoff while a process outside the turn-taking (an older tunery, a
+    user's own duckdb session) holds its lock."""
+    import duckdb
+
     for delay in (*LOCK_RETRIES, None):
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            return duckdb.connect(str(path))
         except duckdb.IOException as e:
             if not _is_lock_error(e):
                 raise
@@ -49,8 +137,8 @@ def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:
-    """Apply the migrations this database has not seen, each in its own transaction; return their ids."""
+def migrate(con) -> list[int]:
+    """Apply the migrations this DuckDB registry has not seen, each in its own transaction; return their ids."""
     con.execute("CREATE TABLE IF NOT EXISTS _migrations (id INTEGER PRIMARY KEY, name VARCHAR, applied_utc TIMESTAMP)")
     done = {row[0] for row in con.execute("SELECT id FROM _migrations").fetchall()}
     applied = []
@@ -59,7 +147,8 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:
             continue
         con.execute("BEGIN TRANSACTION")
         try:
-            con.execute(sql)
+            for statement in _statements(number, sql, "duckdb"):
+                con.execute(statement)
             con.execute("INSERT INTO _migrations VALUES (?, ?, ?)", [number, name, utcnow()])
             con.execute("COMMIT")
         except Exception:
@@ -69,46 +158,249 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:
     return applied
 
 
-def _pending(path: Path) -> bool:
-    if not path.exists():
-        return True
-    con = _open(path, read_only=True)
+def _try_lock(fd: int) -> bool:
     try:
-        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        if "_migrations" not in tables:
-            return True
-        done = {r[0] for r in con.execute("SELECT id FROM _migrations").fetchall()}
-    finally:
-        con.close()
-    return any(number not in done for number, _, _ in migrations())
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+class _DuckDB:
+    """This process's turn at one DuckDB file (see the module's docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.RLock()
+        self.con: Any = None
+        self.fds: dict[str, int] = {}
+        self.depth = 0
+        self.held_since = self.last_used = self.handed_over = 0.0
+        self.watcher: threading.Thread | None = None
+
+    def _fd(self, kind: str) -> int:
+        # turn: held (exclusively) by the process whose turn it is; writers / readers: held shared by the processes
+        # waiting; probe: this process's own handle for asking whether anyone waits.
+        if kind not in self.fds:
+            suffix = {"turn": "lock", "writers": "writers", "readers": "readers", "probe-writers": "writers",
+                      "probe-readers": "readers"}[kind]
+            self.fds[kind] = os.open(f"{self.path}.{suffix}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        return self.fds[kind]
+
+    def _waiting(self, who: str) -> bool:
+        fd = self._fd(f"probe-{who}")
+        if _try_lock(fd):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        return True
+
+    def _take_turn(self, reader: bool) -> None:
+        # A process that just handed the file over lets a waiting one take it before trying again.
+        pause = self.handed_over + HANDOVER_S - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        turn = self._fd("turn")
+        if (reader or not self._waiting("readers")) and _try_lock(turn):
+            return
+        flag = self._fd("readers" if reader else "writers")
+        fcntl.flock(flag, fcntl.LOCK_SH)  # announce: the holder hands over
+        try:
+            deadline, delay = time.monotonic() + WAIT_S, 0.0005
+            while True:
+                if (reader or not self._waiting("readers")) and _try_lock(turn):
+                    return
+                if time.monotonic() > deadline:
+                    raise RegistryBusy(f"{self.path}: waited {WAIT_S:.0f} s for the registry; another process "
+                                       "keeps it busy")
+                time.sleep(delay)
+                delay = min(delay * 2, 0.002 if reader else 0.004)
+        finally:
+            fcntl.flock(flag, fcntl.LOCK_UN)
+
+    def _close(self, handover: bool = False) -> None:
+        if self.con is not None:
+            con, self.con = self.con, None
+            try:
+                con.close()
+            finally:
+                fcntl.flock(self._fd("turn"), fcntl.LOCK_UN)
+                if handover:
+                    self.handed_over = time.monotonic()
+
+    def _someone_waits(self) -> bool:
+        return self._waiting("readers") or self._waiting("writers")
+
+    @contextmanager
+    def lease(self, reader: bool) -> Iterator[Connection]:
+        with self.lock:
+            if self.depth:  # an operation inside an operation joins it
+                yield Connection(self.con, "duckdb")
+                return
+            if self.con is None:
+                self._take_turn(reader)
+                try:
+                    self.con = _open(self.path)
+                    key = (str(self.path), os.stat(self.path).st_ino)
+                    if key not in _MIGRATED:
+                        migrate(self.con)
+                        _MIGRATED.add(key)
+                except BaseException:
+                    if self.con is not None:
+                        self._close()
+                    else:
+                        fcntl.flock(self._fd("turn"), fcntl.LOCK_UN)
+                    raise
+                self.held_since = time.monotonic()
+            self.depth = 1
+            try:
+                self.con.execute("BEGIN TRANSACTION")
+                try:
+                    yield Connection(self.con, "duckdb")
+                except BaseException:
+                    self.con.execute("ROLLBACK")
+                    raise
+                self.con.execute("COMMIT")
+            finally:
+                self.depth = 0
+                self.last_used = time.monotonic()
+                if self.last_used - self.held_since >= HOLD_S and self._someone_waits():
+                    self._close(handover=True)
+                else:
+                    self._watch()
+
+    def _watch(self) -> None:
+        """While the file lingers open, hand it over as soon as someone waits, and close it after LINGER_S."""
+        if self.watcher is None or not self.watcher.is_alive():
+            self.watcher = threading.Thread(target=self._linger, name="tunery-registry-linger", daemon=True)
+            self.watcher.start()
+
+    def _linger(self) -> None:
+        while True:
+            time.sleep(0.002)
+            with self.lock:
+                if self.con is None:
+                    return
+                if self.depth:
+                    continue
+                now = time.monotonic()
+                idle = now - self.last_used
+                # someone waits: hand over once held HOLD_S, or once this process paused between operations
+                if idle >= LINGER_S or ((now - self.held_since >= HOLD_S or idle >= 0.005)
+                                        and self._someone_waits()):
+                    self._close(handover=idle < LINGER_S)
+                    return
+
+    def release(self) -> None:
+        with self.lock:
+            self._close()
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+class _Postgres:
+    """This process's connection to a PostgreSQL registry."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.lock = threading.RLock()
+        self.con: Any = None
+        self.depth = 0
+
+    def _connection(self):
+        import psycopg
+
+        if self.con is not None and not self.con.closed and not self.con.broken:
+            return self.con
+        try:
+            self.con = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as e:
+            self.con = None
+            raise TuneryError(f"cannot reach the registry at {redact(self.url)}: {str(e).strip()}") from None
+        if self.url not in _MIGRATED:
+            with self.con.transaction():
+                con = Connection(self.con, "postgresql")
+                if con.execute("SELECT to_regclass('_migrations') IS NOT NULL").fetchone()[0]:
+                    done = {r[0] for r in con.execute("SELECT id FROM _migrations").fetchall()}
+                    if all(number in done for number, _, _ in migrations()):
+                        _MIGRATED.add(self.url)
+                        return self.con
+                con.execute("SELECT pg_advisory_xact_lock(?)", [MIGRATION_LOCK])
+                con.execute("CREATE TABLE IF NOT EXISTS _migrations (id INTEGER PRIMARY KEY, name VARCHAR, "
+                            "applied_utc TIMESTAMP)")
+                done = {r[0] for r in con.execute("SELECT id FROM _migrations").fetchall()}
+                for number, name, sql in migrations():
+                    if number not in done:
+                        for statement in _statements(number, sql, "postgresql"):
+                            con.execute(statement)
+                        con.execute("INSERT INTO _migrations VALUES (?, ?, ?)", [number, name, utcnow()])
+            _MIGRATED.add(self.url)
+        return self.con
+
+    @contextmanager
+    def lease(self, reader: bool) -> Iterator[Connection]:
+        with self.lock:
+            if self.depth:
+                yield Connection(self.con, "postgresql")
+                return
+            con = self._connection()
+            self.depth = 1
+            try:
+                with con.transaction():
+                    yield Connection(con, "postgresql")
+            finally:
+                self.depth = 0
+
+    def release(self) -> None:
+        with self.lock:
+            if self.con is not None:
+                self.con.close()
+                self.con = None
+
+
+# ---------------------------------------------------------------- one handle per registry per process
+
+_HANDLES: dict[str, Any] = {}
+_HANDLES_LOCK = threading.Lock()
+_MIGRATED: set = set()
+_ORPHANS: list = []  # a forked child's copies of its parent's connections: kept, never closed (closing would end
+                     # the parent's PostgreSQL session and drop its DuckDB turn)
+
+
+def _handle():
+    url = registry_url()
+    key = url or str(registry_path())
+    with _HANDLES_LOCK:
+        if key not in _HANDLES:
+            _HANDLES[key] = _Postgres(url) if url else _DuckDB(Path(key))
+        return _HANDLES[key]
 
 
 @contextmanager
-def connect(read_only: bool = False, path: Path | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A connection to the registry for one operation, migrated first and closed afterwards.
+def connect(read_only: bool = False) -> Iterator[Connection]:
+    """A transaction on the registry for one operation (see the module's docstring). `read_only` marks a reader,
+    which goes before waiting writers on DuckDB."""
+    with _handle().lease(read_only) as con:
+        yield con
 
-    Writers get a transaction that commits on success and rolls back on any error, so a failed write leaves
-    no partial rows. Readers open read-only, letting several processes (dashboard, CLI) read at once.
-    """
-    path = Path(path or registry_path())
-    if read_only and _pending(path):
-        with connect(read_only=False, path=path):
-            pass
-    con = _open(path, read_only=read_only)
-    try:
-        if read_only:
-            yield con
-            return
-        migrate(con)
-        con.execute("BEGIN TRANSACTION")
-        try:
-            yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
-    finally:
-        con.close()
+
+def release() -> None:
+    """Close this process's registry connections now (DuckDB: end its turn at the file)."""
+    with _HANDLES_LOCK:
+        handles = list(_HANDLES.values())
+    for h in handles:
+        h.release()
+
+
+def _forget_in_child() -> None:
+    global _HANDLES_LOCK
+    _ORPHANS.extend(_HANDLES.values())
+    _HANDLES.clear()
+    _HANDLES_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+atexit.register(release)
 
 
 def utcnow() -> datetime:

@@ -24,9 +24,10 @@ def record_export(export: dict[str, Any], checks: list[dict[str, Any]]) -> None:
              json.dumps(export.get("info", {}), sort_keys=True), utcnow()],
         )
         now = utcnow()
-        con.executemany("INSERT INTO export_checks VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [[export["export_id"], c["name"], c["file"], c["passed"], c["value"], c["detail"], now]
-                         for c in checks])
+        con.executemany("INSERT INTO export_checks (export_id, name, file, passed, value, detail, recorded_utc, "
+                        "position) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [[export["export_id"], c["name"], c["file"], c["passed"], c["value"], c["detail"], now, i]
+                         for i, c in enumerate(checks)])
 
 
 def _export_objects(con, where: str, params: list[Any]) -> list[dict[str, Any]]:
@@ -37,7 +38,7 @@ def _export_objects(con, where: str, params: list[Any]) -> list[dict[str, Any]]:
     out = []
     for export_id, version, quant, path, gguf_file, size, sha, modelfile, passed, info, created in rows:
         checks = [{"name": n, "file": f, "passed": p, "value": v, "detail": d} for n, f, p, v, d in con.execute(
-            "SELECT name, file, passed, value, detail FROM export_checks WHERE export_id = ? ORDER BY rowid",
+            "SELECT name, file, passed, value, detail FROM export_checks WHERE export_id = ? ORDER BY position",
             [export_id]).fetchall()]
         out.append({"export_id": export_id, "version": version, "quant": quant, "path": path, "gguf_file": gguf_file,
                     "size_bytes": size, "sha256": sha, "modelfile": modelfile, "passed": passed,

@@ -35,11 +35,11 @@ def create_version(name: str, stage: str, *, base_model: str | None = None, pare
         version = f"{name}:{number}"
         con.execute(
             "INSERT INTO versions (version, name, number, stage, status, base_model, hyperparameters_json, "
-            "data_hash, info_json, flow_run_id, created_utc, owner_json, teacher) "
-            "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
+            "data_hash, info_json, flow_run_id, created_utc, owner_json, teacher, host) "
+            "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [version, name, number, stage, base_model, json.dumps(hyperparameters or {}, sort_keys=True),
              data_hash, json.dumps(info or {}, sort_keys=True), flow_run_id, utcnow(), json.dumps(this_process()),
-             teacher],
+             teacher, socket.gethostname()],
         )
         for position, parent in enumerate(parents):
             con.execute("INSERT INTO version_parents VALUES (?, ?, ?)", [version, parent, position])
@@ -243,7 +243,8 @@ def _version_objects(con, where: str, params: list[Any], eval_data: str | None =
     names = [r[0] for r in rows]
     parents: dict[str, list[str]] = {v: [] for v in names}
     for child, parent in con.execute(
-        "SELECT version, parent FROM version_parents WHERE version IN (SELECT unnest(?)) ORDER BY position",
+        "SELECT version, parent FROM version_parents WHERE version IN (SELECT unnest(?::VARCHAR[])) "
+        "ORDER BY position",
         [names],
     ).fetchall():
         parents[child].append(parent)
@@ -253,7 +254,7 @@ def _version_objects(con, where: str, params: list[Any], eval_data: str | None =
     metrics: dict[str, dict[str, float]] = {v: {} for v in names}
     by_data: dict[str, dict[str, dict[str, float]]] = {v: {} for v in names}
     for v, key, value, data in con.execute(
-        "SELECT version, name, value, eval_data_hash FROM metrics WHERE version IN (SELECT unnest(?)) "
+        "SELECT version, name, value, eval_data_hash FROM metrics WHERE version IN (SELECT unnest(?::VARCHAR[])) "
         "ORDER BY recorded_utc", [names],
     ).fetchall():
         if data is None:
@@ -264,9 +265,10 @@ def _version_objects(con, where: str, params: list[Any], eval_data: str | None =
     samples: dict[str, list[dict[str, str]]] = {v: [] for v in names}
     # Only the newest set of samples of each version on its evaluation data.
     for v, prompt, answer, data in con.execute(
-        "SELECT version, prompt, answer, eval_data_hash FROM samples s WHERE version IN (SELECT unnest(?)) AND "
-        "recorded_utc = (SELECT max(recorded_utc) FROM samples WHERE version = s.version AND eval_data_hash IS NOT "
-        "DISTINCT FROM s.eval_data_hash) ORDER BY version, position", [names],
+        "SELECT version, prompt, answer, eval_data_hash FROM samples s "
+        "WHERE version IN (SELECT unnest(?::VARCHAR[])) AND recorded_utc = (SELECT max(recorded_utc) FROM samples "
+        "WHERE version = s.version AND eval_data_hash IS NOT DISTINCT FROM s.eval_data_hash) "
+        "ORDER BY version, position", [names],
     ).fetchall():
         if data is None or data == reference[v]:
             samples[v].append({"prompt": prompt, "answer": answer})
@@ -326,7 +328,8 @@ def lineage_graph(refs: list[str]) -> dict[str, Any]:
             [versions],
         ).fetchall()
         every = sorted(set(versions) | {v for edge in edges for v in edge})
-        objects = {v.version: v for v in _version_objects(con, "WHERE version IN (SELECT unnest(?))", [every])}
+        objects = {v.version: v
+                   for v in _version_objects(con, "WHERE version IN (SELECT unnest(?::VARCHAR[]))", [every])}
     return {"nodes": objects, "edges": [(parent, child) for parent, child in edges]}
 
 
@@ -454,12 +457,17 @@ def version_table(names: list[str] = (), stages: list[str] = (), base_models: li
     """
     metric_cols = ", ".join(f"max(CASE WHEN m.name = '{k}' THEN m.value END) AS {k}" for k in TABLE_METRICS)
     sql = f"""
-        WITH latest AS (  -- training figures and the evaluation on each version's first evaluation data
-            SELECT version, name, value,
-                   row_number() OVER (PARTITION BY version, name ORDER BY recorded_utc DESC) AS rn
-            FROM metrics m WHERE name IN (SELECT unnest(?)) AND (eval_data_hash IS NULL OR eval_data_hash = (
-                SELECT f.eval_data_hash FROM metrics f WHERE f.version = m.version AND f.eval_data_hash IS NOT NULL
-                ORDER BY f.recorded_utc LIMIT 1))
+        WITH first_eval AS (  -- each version's first evaluation data
+            SELECT version, eval_data_hash FROM (
+                SELECT version, eval_data_hash,
+                       row_number() OVER (PARTITION BY version ORDER BY recorded_utc) AS rn
+                FROM metrics WHERE eval_data_hash IS NOT NULL) f WHERE rn = 1
+        ), latest AS (  -- training figures and the evaluation on each version's first evaluation data
+            SELECT m.version, m.name, m.value,
+                   row_number() OVER (PARTITION BY m.version, m.name ORDER BY m.recorded_utc DESC) AS rn
+            FROM metrics m LEFT JOIN first_eval f ON f.version = m.version
+            WHERE m.name IN (SELECT unnest(?::VARCHAR[]))
+              AND (m.eval_data_hash IS NULL OR m.eval_data_hash = f.eval_data_hash)
         ), tags AS (
             SELECT version, string_agg(name || '@' || alias, ', ' ORDER BY alias) AS aliases
             FROM aliases GROUP BY version
@@ -469,22 +477,22 @@ def version_table(names: list[str] = (), stages: list[str] = (), base_models: li
         FROM versions v
         LEFT JOIN latest m ON m.version = v.version AND m.rn = 1
         LEFT JOIN tags t ON t.version = v.version
-        WHERE (len(?) = 0 OR v.name IN (SELECT unnest(?)))
-          AND (len(?) = 0 OR v.stage IN (SELECT unnest(?)))
-          AND (len(?) = 0 OR v.base_model IN (SELECT unnest(?)))
-          AND (len(?) = 0 OR v.status IN (SELECT unnest(?)))
-          AND (? IS NULL OR v.version IN (SELECT version FROM aliases WHERE alias = ?))
-          AND (? IS NULL OR contains(lower(concat_ws(' ', v.version, v.stage, v.base_model, v.status, v.error)),
-                                     lower(?)))
+        WHERE (? OR v.name IN (SELECT unnest(?::VARCHAR[])))
+          AND (? OR v.stage IN (SELECT unnest(?::VARCHAR[])))
+          AND (? OR v.base_model IN (SELECT unnest(?::VARCHAR[])))
+          AND (? OR v.status IN (SELECT unnest(?::VARCHAR[])))
+          AND (?::VARCHAR IS NULL OR v.version IN (SELECT version FROM aliases WHERE alias = ?))
+          AND (?::VARCHAR IS NULL OR strpos(lower(concat_ws(' ', v.version, v.stage, v.base_model, v.status,
+                                                            v.error)), lower(?)) > 0)
           AND (?::TIMESTAMP IS NULL OR v.created_utc >= ?::TIMESTAMP)
           AND (?::TIMESTAMP IS NULL OR v.created_utc < ?::TIMESTAMP)
-        GROUP BY ALL
+        GROUP BY v.version, v.name, v.number, v.stage, v.status, v.base_model, v.created_utc, v.error, t.aliases
         ORDER BY v.created_utc DESC, v.name, v.number DESC
     """
     lists = [list(names), list(stages), list(base_models), list(statuses)]
     params: list[Any] = [list(TABLE_METRICS)]
     for values in lists:
-        params += [values, values]
+        params += [not values, values]  # no values: no filter
     params += [alias, alias, search or None, search or None, since, since, until, until]
     with connect(read_only=True) as con:
         cursor = con.execute(sql, params)

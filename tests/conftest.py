@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,9 +78,74 @@ def tiny_gguf(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def tunery_home(tmp_path, monkeypatch) -> Path:
     """Every test gets its own TUNERY_HOME, so no test touches the user's registry or another test's."""
+    import registry
+
     home = tmp_path / "home"
     monkeypatch.setenv("TUNERY_HOME", str(home))
-    return home
+    monkeypatch.delenv("TUNERY_REGISTRY_URL", raising=False)
+    yield home
+    registry.db.release()
+
+
+class PostgresServer:
+    """A PostgreSQL server of Debian's package in a temp folder, on a free loopback port (see `postgres_server`)."""
+
+    def __init__(self):
+        import glob
+        import socket
+        import tempfile
+
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not found:
+            raise RuntimeError("PostgreSQL is not installed: `make setup` installs Debian's postgresql-15")
+        self.bin = Path(found[-1]).parent
+        self.folder = Path(tempfile.mkdtemp(prefix="tunery-pg-"))
+        # initdb refuses to run as root: run the server as the package's postgres user then.
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.folder, "postgres")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        data = self.folder / "data"
+        env = {k: v for k, v in os.environ.items() if k != "TUNERY_TEST_SESSION"}  # stopped by its fixture
+        subprocess.run([*self.as_user, str(self.bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True, env=env, cwd=self.folder)
+        # fsync off: the tests' server is thrown away, and syncing each commit would measure the disk instead
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off"
+        subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "log"),
+                        "-o", options, "-w", "start"], check=True, capture_output=True, env=env, cwd=self.folder)
+        self.admin = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def new_database(self) -> str:
+        """A fresh, empty database on this server; returns its URL."""
+        import psycopg
+
+        name = f"t_{os.urandom(6).hex()}"
+        with psycopg.connect(self.admin, autocommit=True) as con:
+            con.execute(f"CREATE DATABASE {name}")  # a name made here, never user text
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast",
+                        "-w", "stop"], capture_output=True, cwd=self.folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the session; `new_database()` gives each test an empty registry's URL."""
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["duckdb", "postgresql"])
+def backend(request, monkeypatch) -> str:
+    """Runs a test on both registry backends: DuckDB in TUNERY_HOME, and PostgreSQL (TUNERY_REGISTRY_URL)."""
+    if request.param == "postgresql":
+        monkeypatch.setenv("TUNERY_REGISTRY_URL", request.getfixturevalue("postgres_server").new_database())
+    return request.param
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -38,11 +38,12 @@ def _plan(config: Path, index: int = 0, done_extra: dict | None = None):
 
 
 def _snapshot(home: Path) -> tuple:
-    files = sorted((str(p.relative_to(home)), p.stat().st_size, p.stat().st_mtime_ns) for p in home.rglob("*")
-                   if p.is_file() and p.name != "registry.duckdb.wal")
     with registry.db.connect(read_only=True) as con:
         rows = tuple(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                      for t in ("versions", "metrics", "datasets", "version_parents"))
+    registry.db.release()  # checkpointed and closed, so the file holds every row written so far
+    files = sorted((str(p.relative_to(home)), p.stat().st_size, p.stat().st_mtime_ns) for p in home.rglob("*")
+                   if p.is_file() and not p.name.startswith("registry.duckdb."))  # its WAL and turn-taking locks
     return files, rows
 
 

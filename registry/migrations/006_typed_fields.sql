@@ -7,6 +7,7 @@ ALTER TABLE versions ADD COLUMN adapter BOOLEAN DEFAULT false;
 ALTER TABLE versions ADD COLUMN quantization_json VARCHAR;
 ALTER TABLE versions ADD COLUMN teacher VARCHAR;
 ALTER TABLE versions ADD COLUMN preference_pairs VARCHAR;
+-- only: duckdb
 UPDATE versions SET
     fingerprint = json_extract_string(info_json, '$.fingerprint'),
     adapter = coalesce(json_extract(info_json, '$.adapter')::BOOLEAN, false),
