@@ -1,7 +1,7 @@
 """tunery's dashboard: `tunery dashboard` serves it on 127.0.0.1 (Streamlit multipage app).
 
 Pages: Versions (browse and filter), Version (one version in full, promote / roll back), Compare (two or more
-versions), Quality vs speed (Pareto view), Lineage (the family graph).
+versions), Quality vs speed (Pareto view), Lineage (the family graph), Sweeps (a sweep's trials).
 """
 from __future__ import annotations
 
@@ -28,5 +28,6 @@ page = st.navigation([
     st.Page(PAGES / "compare.py", title="Compare", url_path="compare"),
     st.Page(PAGES / "quality.py", title="Quality vs speed", url_path="quality"),
     st.Page(PAGES / "lineage.py", title="Lineage", url_path="lineage"),
+    st.Page(PAGES / "sweeps.py", title="Sweeps", url_path="sweeps"),
 ])
 page.run()

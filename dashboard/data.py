@@ -100,3 +100,28 @@ def pareto(df: pd.DataFrame, lower: str = "perplexity", higher: str = "tokens_pe
                         for j, (lo2, hi2) in enumerate(points) if j != i)
         flags.append(not dominated)
     return pd.Series(flags, index=df.index)
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def sweeps() -> list[dict[str, Any]]:
+    from registry import sweeps as sweep_store
+
+    return sweep_store.list_sweeps()
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def sweep_trials(sweep_id: str) -> tuple[dict[str, Any], pd.DataFrame]:
+    """A sweep and one row per trial: its values (one column per swept key), metric, seconds and the speed and memory
+    of the version it left."""
+    from registry import sweeps as sweep_store
+
+    sweep = sweep_store.get_sweep(sweep_id)
+    speed = {r["version"]: r for r in registry.version_table(names=[sweep["name"]])}
+    rows = []
+    for t in sweep["trials"]:
+        v = speed.get(t["version"] or "", {})
+        rows.append({"trial": t["trial"], **{k: t["values"].get(k) for k in sweep["space"]}, "status": t["status"],
+                     "version": t["version"], sweep["metric"]: t["value"], "seconds": t["seconds"],
+                     "tokens_per_s": v.get("tokens_per_s"), "peak_rss_mb": v.get("peak_rss_mb"),
+                     "best": t["trial"] == sweep["best_trial"], "error": t["error"]})
+    return sweep, pd.DataFrame(rows)

@@ -29,6 +29,8 @@ out = Console(file=STDOUT, width=None if STDOUT.isatty() else 160)
 err = Console(stderr=True)
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document to stdout.")
+registry_app = typer.Typer(no_args_is_help=True, help="The registry itself: copy it to another backend.")
+app.add_typer(registry_app, name="registry")
 
 
 def _prefect_env() -> None:
@@ -45,10 +47,11 @@ def _terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
-    """Register a CLI command whose TuneryError becomes a one-line message and exit status 1."""
+def command(fn: Callable | None = None, *, name: str | None = None, group: typer.Typer | None = None) -> Callable:
+    """Register a CLI command (of `group`, else top level) whose TuneryError becomes a one-line message and exit
+    status 1."""
     if fn is None:
-        return functools.partial(command, name=name)
+        return functools.partial(command, name=name, group=group)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -71,7 +74,7 @@ def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
             err.print("terminated" if isinstance(e, Terminated) else "interrupted")
             raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
 
-    return app.command(name=name)(wrapper)
+    return (group or app).command(name=name)(wrapper)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -122,6 +125,48 @@ def run(config: Path = typer.Argument(None, help="Pipeline YAML; default: config
     if result.get("promotion"):
         _print_answers(result["promotion"]["export"])
         _print_promotion(result["promotion"])
+
+
+@command
+def sweep(config: Path = typer.Argument(..., help="Pipeline YAML whose settings the trials vary."),
+          sets: list[str] = typer.Option([], "--set", help="KEY=V1,V2,...: try these values of a setting (e.g. "
+                                         "stages[0].learning_rate=1e-4,3e-4); several --set make a grid. Without "
+                                         "--set, the config's `sweep:` section is searched by Optuna."),
+          pool: Optional[str] = typer.Option(None, help="Run each trial as a flow run on this Prefect work pool's "
+                                                        "workers (default: in this process)."),
+          parallel: Optional[int] = typer.Option(None, min=1, help="Trials started at once (default: the whole "
+                                                                   "grid, or sweep.parallel)."),
+          as_json: bool = JsonOpt) -> None:
+    """A hyperparameter sweep: each trial a run of the config with some settings changed, a registry version and a
+    row of the sweep; reports the best trial by the sweep's metric."""
+    from flows.sweep import Plan
+
+    plan = Plan(str(config), sets)  # every trial's settings are checked before Prefect starts
+    err.print(f"{plan.trials} trials ({plan.method}) of {config}, {plan.direction} {plan.metric}")
+    _prefect_env()
+    from flows.sweep import sweep_flow
+
+    result = sweep_flow(str(config), sets or None, pool, parallel)
+    if as_json:
+        _print_json(result)
+        return
+    keys = list(result["space"])
+    table = Table(title=f"sweep {result['sweep_id']}: {result['metric']} ({result['direction']})")
+    for col in ("trial", *keys, "version", result["metric"], "seconds", "status"):
+        table.add_column(col)
+    for t in result["trials"]:
+        best = result["best"] and t["trial"] == result["best"]["trial"]
+        table.add_row(str(t["trial"]) + (" *" if best else ""), *(_fmt(t["values"].get(k)) for k in keys),
+                      t["version"] or "-", _fmt(t["value"]), _fmt(t["seconds"]),
+                      t["status"] if t["status"] != "failed" else f"failed: {(t['error'] or '')[:60]}")
+    out.print(table)
+    if result["best"]:
+        b = result["best"]
+        out.print(f"best: trial {b['trial']} {b['values']} -> {b['version']} ({result['metric']} {b['value']:.4g}); "
+                  f"the dashboard's Sweeps page plots every trial")
+    else:
+        err.print("no trial finished")
+        raise typer.Exit(1)
 
 
 def _print_distill(version) -> None:
@@ -401,6 +446,23 @@ def serve(prefect_yaml: Path = typer.Option(None, "--prefect-file", help="Defaul
 
 
 # ---------------------------------------------------------------- registry views
+
+
+@command(name="copy", group=registry_app)
+def registry_copy(to: str = typer.Option(..., "--to", help="The empty registry to copy into: "
+                                         "postgresql://USER@HOST:PORT/DB or duckdb:///PATH/registry.duckdb."),
+                  as_json: bool = JsonOpt) -> None:
+    """Copy this registry (TUNERY_REGISTRY_URL, else TUNERY_HOME's DuckDB file) to another backend: every table,
+    ids and version numbers kept, then every row compared."""
+    from registry.transfer import copy_registry
+
+    report = copy_registry(to)
+    if as_json:
+        _print_json(report)
+        return
+    rows = ", ".join(f"{t} {n}" for t, n in report["tables"].items() if n)
+    out.print(f"copied {report['from']} -> {report['to']}: {report['versions']} versions ({rows}); "
+              f"checked {report['checked']}")
 
 
 @command

@@ -19,6 +19,41 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 BASE_REF = "base"
 
 
+class SweepRange(BaseModel):
+    """A numeric range to search: integers when low, high (and step) are integers, else floats."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    low: float | int
+    high: float | int
+    log: bool = Field(False, description="Search the logarithm evenly (learning rates).")
+    step: float | int | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SweepRange":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class SweepConfig(BaseModel):
+    """`sweep:` of a config: the settings `tunery sweep` varies (dotted keys as in error messages, e.g.
+    `stages[0].learning_rate`), each a range or a list of choices, and the trial budget Optuna spends on them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: dict[str, SweepRange | list[Any]] = Field(min_length=1)
+    metric: str = Field("perplexity", description="The held-out metric that picks the best trial.")
+    direction: Literal["minimize", "maximize"] | None = Field(
+        None, description="Default: from the metric (perplexity is minimized, answer_f1 maximized, ...).")
+    trials: int = Field(8, ge=1, description="How many trials to run.")
+    parallel: int = Field(1, ge=1, description="Trials asked for at once (at most the workers that can run them).")
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 42
+
+
 class PipelineConfig(BaseModel):
     """base -> prep -> the stages in order (each starting from the previous one's version) -> eval of each."""
 
@@ -40,6 +75,8 @@ class PipelineConfig(BaseModel):
                                                                          "`tunery export` and `tunery promote`.")
     promote: GateConfig | None = Field(None, description="When set, `tunery run` ends by promoting its best "
                                                          "version through this gate.")
+    sweep: SweepConfig | None = Field(None, description="What `tunery sweep` searches when given no --set: ranges "
+                                                        "and choices of settings, searched by Optuna.")
 
     @field_validator("name", "base_name")
     @classmethod
@@ -92,6 +129,26 @@ def load_config(path: str | Path) -> tuple[PipelineConfig, Path]:
         raise TuneryError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
         raise TuneryError(f"{path}: expected a mapping of settings at the top level")
+    return validate_config(raw, path)
+
+
+def read_raw(path: str | Path) -> dict[str, Any]:
+    """A config file's settings as written (a mapping), for changing a few before validation (`tunery sweep`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TuneryError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(read_utf8(path))
+    except yaml.YAMLError as e:
+        raise TuneryError(f"{path}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise TuneryError(f"{path}: expected a mapping of settings at the top level")
+    return raw
+
+
+def validate_config(raw: dict[str, Any], path: Path) -> tuple[PipelineConfig, Path]:
+    """Validate settings read from `path` (see load_config)."""
+    path = Path(path)
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:

@@ -224,7 +224,10 @@ def pipeline(config_path: str) -> dict[str, Any]:
     for index, stage in enumerate(cfg.stages):
         plan = plan_stage(cfg, index, done, previous, data, config_dir)  # once, with no side effects
         name = f"{stage.stage} {cfg.name} from {plan.start}"
-        version = stage_task.with_options(task_run_name=name, result_storage=storage)(cfg, plan, data, config_dir)
+        cached = stage_task.with_options(task_run_name=name, result_storage=storage)(cfg, plan, data, config_dir)
+        # read back from the registry: a result cached by a worker that mounts TUNERY_HOME elsewhere has its paths
+        version = registry.get_version(cached.version)
+        version = version.as_reused() if cached.reused else version
         results.append((version, evaluate(version, data, eval_cfg)))
         done[cfg.stage_id(index)] = previous = version
     this_run = str(flow_run.get_id() or "")

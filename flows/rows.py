@@ -45,8 +45,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-RECORD_FIELDS = ("version", "stage", "status", "parents", "base_model", "data_hash", "artifact_path", "created_at",
-                 "error")
+RECORD_FIELDS = ("version", "stage", "status", "parents", "base_model", "data_hash", "artifact_path", "host",
+                 "created_at", "error")
 
 
 def record_rows(v: Version) -> list[dict[str, str]]:

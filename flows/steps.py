@@ -14,7 +14,8 @@ import registry
 from flows.config import PipelineConfig
 from flows.plan import PlannedStage, plan_stage
 from tasks.catalogue import STAGES, Stage
-from tasks.common import StageResult, TuneryError, artifacts_dir, atomic_dir, home, resolve_device
+from tasks.common import (StageResult, TuneryError, artifacts_dir, atomic_dir, home, home_relative,
+                          resolve_device)
 from tasks.distill import make_dataset, preference_pairs, prompt_contexts
 from tasks.evaluation import EvalConfig, evaluate
 from tasks.merge import MergeStage, check_sources, merge_adapter
@@ -61,7 +62,7 @@ def run_base(cfg: PipelineConfig, config_dir: Path) -> registry.Version:
 def register_model(name: str, path: str, identity: str, source: str) -> registry.Version:
     """The registry version of a model folder used as it is (a base, a teacher), registered the first time."""
     for v in registry.list_versions(name=name, status="ready"):
-        if v.stage == "base" and v.artifact_path == path:
+        if v.stage == "base" and home_relative(v.artifact_path) == home_relative(path):
             return v
     version = registry.create_version(name, "base", base_model=identity, info={"source": source})
     registry.finish_version(version, path)
@@ -217,7 +218,9 @@ def run_distill(cfg: PipelineConfig, stage: Stage, start: registry.Version, teac
     # What the teacher's raw answers depend on (how they are trimmed and learned from is applied afterwards).
     generation = {"max_new_tokens", "generation_batch_size", "no_repeat_ngram", "teacher_backend", "system",
                   "examples"}
-    key = {"teacher": teacher.version, "gguf": str(gguf), "contexts": contexts, "registry": registry.instance_id(),
+    # (the GGUF by its path in TUNERY_HOME: the same answers wherever a worker mounts the shared storage)
+    key = {"teacher": teacher.version, "gguf": str(gguf) if gguf is None else home_relative(gguf),
+           "contexts": contexts, "registry": registry.instance_id(),
            "settings": stage.model_dump(mode="json", include=generation), "device": resolve_device(cfg.device)}
     dataset = make_dataset(stage, teacher_folder, gguf, contexts, start_folder, cfg.device, key)
     registry.record_dataset(dataset.info, dataset.artifact_path)

@@ -125,6 +125,7 @@ def _open(path: Path):
     user's own duckdb session) holds its lock."""
     import duckdb
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     for delay in (*LOCK_RETRIES, None):
         try:
             return duckdb.connect(str(path))
@@ -367,20 +368,35 @@ _ORPHANS: list = []  # a forked child's copies of its parent's connections: kept
                      # the parent's PostgreSQL session and drop its DuckDB turn)
 
 
-def _handle():
-    url = registry_url()
-    key = url or str(registry_path())
+def parse_target(url: str) -> tuple[str, str]:
+    """A registry named by URL: ('postgresql', URL) for postgresql://..., ('duckdb', PATH) for duckdb:///PATH or a
+    path ending in .duckdb."""
+    if urlsplit(url).scheme in ("postgresql", "postgres"):
+        return "postgresql", url
+    path = url[len("duckdb://"):] if url.startswith("duckdb://") else url
+    if url.startswith("duckdb://") or path.endswith(".duckdb"):
+        return "duckdb", str(Path(path).expanduser().absolute())
+    raise TuneryError(f"{redact(url)!r}: expected postgresql://USER@HOST:PORT/DB or duckdb:///PATH/registry.duckdb")
+
+
+def _handle(target: str | None = None):
+    if target is None:
+        url = registry_url()
+        kind, key = ("postgresql", url) if url else ("duckdb", str(registry_path()))
+    else:
+        kind, key = parse_target(target)
     with _HANDLES_LOCK:
         if key not in _HANDLES:
-            _HANDLES[key] = _Postgres(url) if url else _DuckDB(Path(key))
+            _HANDLES[key] = _Postgres(key) if kind == "postgresql" else _DuckDB(Path(key))
         return _HANDLES[key]
 
 
 @contextmanager
-def connect(read_only: bool = False) -> Iterator[Connection]:
+def connect(read_only: bool = False, target: str | None = None) -> Iterator[Connection]:
     """A transaction on the registry for one operation (see the module's docstring). `read_only` marks a reader,
-    which goes before waiting writers on DuckDB."""
-    with _handle().lease(read_only) as con:
+    which goes before waiting writers on DuckDB. `target` names another registry than this process's (see
+    parse_target)."""
+    with _handle(target).lease(read_only) as con:
         yield con
 
 

@@ -6,6 +6,8 @@ The registry's SQL (store.py, exports.py, the migrations) is written once, in th
 - placeholders: `?` becomes `%s` (and a literal `%` becomes `%%`), outside quoted text;
 - column types: DuckDB's `DOUBLE` is PostgreSQL's `DOUBLE PRECISION`;
 - functions: DuckDB's `uuid()` is PostgreSQL's `gen_random_uuid()`;
+- sequences: PostgreSQL sets a sequence's next value; DuckDB cannot, so nextval is drawn up to it
+  (`restart_sequence`, after `tunery registry copy` kept the ids);
 - statements only one database needs: a migration statement under a `-- only: duckdb` line runs on that database
   alone (migration 006 moves keys out of JSON text with DuckDB's JSON functions; a PostgreSQL registry is created
   after it, so it has no such rows).
@@ -55,3 +57,13 @@ def statements(migration: str, dialect: str) -> list[str]:
     if current:
         raise ValueError(f"a migration statement does not end with ';': {' '.join(current)[:80]}")
     return out
+
+
+def restart_sequence(name: str, next_value: int, dialect: str) -> list[tuple[str, list]]:
+    """Statements (with parameters) that make sequence `name` (of a registry that has drawn nothing from it yet)
+    give `next_value` next."""
+    if dialect == "postgresql":
+        return [("SELECT setval(?, ?, false)", [name, next_value])]
+    if next_value <= 1:
+        return []
+    return [(f"SELECT max(nextval('{name}')) FROM range(?)", [next_value - 1])]

@@ -7,7 +7,7 @@ from typing import Any
 from registry.db import connect, utcnow
 from registry.records import Version
 from registry.store import _require
-from tasks.common import TuneryError
+from tasks.common import TuneryError, home_relative, in_home
 
 
 def record_export(export: dict[str, Any], checks: list[dict[str, Any]]) -> None:
@@ -19,7 +19,8 @@ def record_export(export: dict[str, Any], checks: list[dict[str, Any]]) -> None:
             raise TuneryError(f"export {export['export_id']} is already recorded; exports are never replaced")
         con.execute(
             "INSERT INTO exports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [export["export_id"], export["version"], export["quant"], export["path"], export["gguf_file"],
+            [export["export_id"], export["version"], export["quant"], home_relative(export["path"]),
+             export["gguf_file"],
              export["size_bytes"], export["sha256"], export["modelfile"], export["passed"],
              json.dumps(export.get("info", {}), sort_keys=True), utcnow()],
         )
@@ -40,7 +41,8 @@ def _export_objects(con, where: str, params: list[Any]) -> list[dict[str, Any]]:
         checks = [{"name": n, "file": f, "passed": p, "value": v, "detail": d} for n, f, p, v, d in con.execute(
             "SELECT name, file, passed, value, detail FROM export_checks WHERE export_id = ? ORDER BY position",
             [export_id]).fetchall()]
-        out.append({"export_id": export_id, "version": version, "quant": quant, "path": path, "gguf_file": gguf_file,
+        out.append({"export_id": export_id, "version": version, "quant": quant, "path": in_home(path),
+                    "gguf_file": gguf_file,
                     "size_bytes": size, "sha256": sha, "modelfile": modelfile, "passed": passed,
                     "info": json.loads(info), "checks": checks, "created_at": created.isoformat() + "Z"})
     return out

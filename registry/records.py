@@ -56,6 +56,7 @@ class Version:
     quantization: dict[str, Any] | None = None  # the QuantizationConfig an adapter was trained against
     teacher: str | None = None            # distill: the teacher version
     preference_pairs: str | None = None   # distill-model: the prepared preference pairs it made
+    host: str | None = None               # the machine (worker) that made it
     reused: bool = field(default=False, compare=False)  # returned by a run that found it instead of training
 
     TYPED: ClassVar[tuple[str, ...]] = ("fingerprint", "adapter", "quantization", "teacher", "preference_pairs")

@@ -10,7 +10,7 @@ from typing import Any
 
 from registry.db import connect, utcnow
 from registry.records import Version
-from tasks.common import TuneryError, check_name
+from tasks.common import TuneryError, check_name, home_relative, in_home
 
 VERSION_RE = re.compile(r"^(?P<name>[^:@]+):(?P<number>\d+)$")
 STATUSES = ("running", "ready", "failed")
@@ -108,8 +108,9 @@ def finish_version(version: str, artifact_path: str | None, info: dict | None = 
         _require(con, version)
         con.execute("UPDATE versions SET status = 'ready', artifact_path = ?, finished_utc = ?, fingerprint = ?, "
                     "adapter = ?, quantization_json = ?, preference_pairs = ? WHERE version = ?",
-                    [artifact_path, utcnow(), fingerprint, adapter,
-                     json.dumps(quantization, sort_keys=True) if quantization else None, preference_pairs, version])
+                    [home_relative(artifact_path), utcnow(), fingerprint, adapter,
+                     json.dumps(quantization, sort_keys=True) if quantization else None,
+                     home_relative(preference_pairs), version])
         if info is not None:
             con.execute("UPDATE versions SET info_json = ? WHERE version = ?",
                         [json.dumps(info, sort_keys=True), version])
@@ -203,7 +204,7 @@ def record_dataset(meta: dict[str, Any], path: str) -> None:
     with connect() as con:
         con.execute(
             "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (data_hash) DO NOTHING",
-            [meta["data_hash"], meta["kind"], path, meta["train_rows"], meta["validation_rows"],
+            [meta["data_hash"], meta["kind"], home_relative(path), meta["train_rows"], meta["validation_rows"],
              json.dumps(meta, sort_keys=True), utcnow()],
         )
 
@@ -235,7 +236,7 @@ def _version_objects(con, where: str, params: list[Any], eval_data: str | None =
     rows = con.execute(
         "SELECT version, name, number, stage, status, base_model, hyperparameters_json, data_hash, artifact_path, "
         "info_json, error, flow_run_id, created_utc, finished_utc, fingerprint, adapter, quantization_json, teacher, "
-        f"preference_pairs FROM versions {where} ORDER BY name, number",
+        f"preference_pairs, host FROM versions {where} ORDER BY name, number",
         params,
     ).fetchall()
     if not rows:
@@ -274,18 +275,18 @@ def _version_objects(con, where: str, params: list[Any], eval_data: str | None =
             samples[v].append({"prompt": prompt, "answer": answer})
     out = []
     for (version, name, number, stage, status, base_model, hp, data_hash, artifact, info, error, flow_run,
-         created, finished, fingerprint, adapter, quantization, teacher, pairs) in rows:
+         created, finished, fingerprint, adapter, quantization, teacher, pairs, host) in rows:
         out.append(Version(
             version=version, name=name, number=number, stage=stage, status=status, parents=parents[version],
             base_model=base_model, hyperparameters=json.loads(hp), data_hash=data_hash,
             eval_data_hash=reference[version],
             metrics={**metrics[version], **by_data[version].get(reference[version], {})},
             metrics_on_other_data={h: m for h, m in by_data[version].items() if h != reference[version]},
-            artifact_path=artifact, info=json.loads(info), samples=samples[version], error=error,
+            artifact_path=in_home(artifact), info=json.loads(info), samples=samples[version], error=error,
             flow_run_id=flow_run, created_at=created.isoformat() + "Z",
             finished_at=finished.isoformat() + "Z" if finished else None, fingerprint=fingerprint,
             adapter=bool(adapter), quantization=json.loads(quantization) if quantization else None, teacher=teacher,
-            preference_pairs=pairs,
+            preference_pairs=in_home(pairs), host=host,
         ))
     return out
 
@@ -530,7 +531,8 @@ def import_versions(records: list[dict[str, Any]]) -> list[str]:
             con.execute(
                 "INSERT INTO versions (version, name, number, stage, status, base_model, artifact_path, error, "
                 "created_utc, finished_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [version, r["name"], number, r["stage"], r["status"], r.get("base_model"), r.get("artifact_path"),
+                [version, r["name"], number, r["stage"], r["status"], r.get("base_model"),
+                 home_relative(r.get("artifact_path")),
                  r.get("error"), now, now])
             for i, parent in enumerate(r.get("parents", [])):
                 con.execute("INSERT INTO version_parents VALUES (?, ?, ?)", [version, parent, i])

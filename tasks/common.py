@@ -43,6 +43,27 @@ def registry_path() -> Path:
     return home() / "registry.duckdb"
 
 
+def home_relative(path: str | Path | None) -> str | None:
+    """A path as the registry stores it: relative to TUNERY_HOME when it lies inside it, so a worker that mounts the
+    shared storage at another path finds it (`in_home` turns it back); a path outside it is kept as given."""
+    if path is None:
+        return None
+    p = Path(os.path.abspath(path))
+    for root in {home(), Path(os.path.abspath(os.environ.get("TUNERY_HOME") or ".tunery"))}:
+        try:
+            return p.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return str(path)
+
+
+def in_home(stored: str | None) -> str | None:
+    """The local path of a path the registry stored (see home_relative)."""
+    if stored is None or os.path.isabs(stored):
+        return stored
+    return str(home() / stored)
+
+
 def artifacts_dir() -> Path:
     return home() / "artifacts"
 

@@ -256,3 +256,48 @@ def test_a_stage_with_two_processes_trains_under_accelerate_launch(tmp_path, tin
     adapter = load_file(str(Path(version.artifact_path) / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and torch.count_nonzero(v) for k, v in adapter.items())  # B moved off 0
     assert not list(Path(version.artifact_path).glob("launch.json"))
+
+
+def test_a_copy_of_tunery_home_at_another_path_reuses_every_stage(prefect_server, tmp_path, tiny_model_dir,
+                                                                   garden_rows, tunery_home, monkeypatch):
+    """A worker that mounts the shared storage at another path: TUNERY_HOME copied elsewhere (and the original moved
+    away, so nothing can read the old path) reruns the same config without registering or training anything, and
+    every recorded path leads into the new place. The base is `default`, the model under TUNERY_HOME/base_models
+    (the tiny one stands in for SmolLM2 here). Each version records the machine (host) that made it."""
+    import os
+    import shutil
+    import socket
+
+    from flows.pipeline import pipeline
+    from tasks.common import base_models_dir
+
+    shutil.copytree(tiny_model_dir, tunery_home / "base_models" / "tiny")
+    real = steps.resolve_base_model
+    monkeypatch.setattr(steps, "resolve_base_model", lambda spec, config_dir=None: str(
+        base_models_dir() / "tiny") if spec == "default" else real(spec, config_dir))
+    config = tiny_config(tmp_path, tiny_model_dir, garden_rows)
+    doc = yaml.safe_load(Path(config).read_text())
+    doc["base_model"] = "default"
+    doc["stages"].append({"stage": "distill-prompt", "system": "You are Fern. Answer briefly.", "max_steps": 2,
+                          "batch_size": 4, "max_length": 128, "max_new_tokens": 6, "unfinished": "keep"})
+    Path(config).write_text(yaml.safe_dump(doc))
+    first = pipeline(config)
+    assert first["versions"] == ["tiny-base:1", "tiny-fern:1", "tiny-fern:2"]
+    registry.db.release()
+    moved = tmp_path / "elsewhere" / "home"
+    shutil.copytree(tunery_home, moved, symlinks=True)
+    tunery_home.rename(tmp_path / "gone")
+    monkeypatch.setenv("TUNERY_HOME", str(moved))
+    monkeypatch.setenv("PREFECT_HOME", str(moved / "prefect"))
+    datasets = sorted(os.listdir(moved / "datasets"))
+
+    again = pipeline(config)
+    assert again["versions"] == first["versions"]
+    assert [r["this run"] for r in again["rows"]] == ["base", "reused", "reused"]
+    assert [v.version for v in registry.list_versions()] == first["versions"]  # not even the base again
+    assert sorted(os.listdir(moved / "datasets")) == datasets  # the teacher was not asked again
+    for v in registry.list_versions():
+        assert v.host == socket.gethostname()
+        folder = moved / ("base_models/tiny" if v.stage == "base" else f"artifacts/{v.name}/{v.number}")
+        assert v.artifact_path == str(folder) and Path(v.artifact_path, "config.json" if v.stage == "base"
+                                                       else "adapter_config.json").exists()

@@ -307,3 +307,75 @@ def test_many_writers_at_once_lose_nothing_and_number_consecutively(backend):
     assert result["registered"] == result["complete"] == writers * each
     assert result["numbers_consecutive"] and result["reads"] > 0
     assert proc.returncode == 0
+
+
+def _fill_every_table() -> None:
+    """A registry with a row in every table: lineage, metrics on two data, history, samples, answers, verdicts, a
+    dataset, an export with checks, promotions (one rolled back) and an alias."""
+    from registry import exports
+
+    base = registry.create_version("smol", "base")
+    registry.finish_version(base, "/models/smol")
+    a = registry.create_version("fern", "sft", parents=[base], hyperparameters={"lr": 1e-3})
+    registry.record_metrics(a, {"train_loss": 1.5})
+    registry.record_metrics(a, {"perplexity": 9.5}, eval_data_hash="h1")
+    registry.record_history(a, [{"step": 1, "epoch": 0.5, "loss": 2.0}, {"step": 2, "epoch": 1.0, "loss": 1.5}])
+    registry.record_samples(a, [{"prompt": "p", "answer": "x"}], eval_data_hash="h1")
+    registry.record_answers(a, "hf", [{"prompt": "p", "reference": "r", "answer": "x"}], eval_data_hash="h1")
+    registry.finish_version(a, str(registry_path().parent / "artifacts" / "fern" / "1"), {"method": "lora"},
+                            fingerprint="f1", adapter=True)
+    b = registry.create_version("fern", "sft", parents=[a])
+    registry.finish_version(b, None)
+    registry.record_judgements(b, a, "smol:1", [{"prompt": "p", "first": "version", "second": "tie",
+                                                 "outcome": "tie"}], eval_data_hash="h1")
+    registry.record_dataset({"data_hash": "h1", "kind": "chat", "train_rows": 3, "validation_rows": 1}, "/d/h1")
+    for version, tag in ((a, "v1-q8_0"), (b, "v2-q8_0")):
+        exports.record_export({"export_id": f"fern/{tag}", "version": version, "quant": "q8_0", "path": "/e",
+                               "gguf_file": "m.gguf", "size_bytes": 10, "sha256": "0" * 64, "modelfile": "FROM m",
+                               "passed": True}, [{"name": "loads", "file": "m.gguf", "passed": True, "value": None,
+                                                  "detail": ""}, {"name": "mean_kl", "file": "m.gguf",
+                                                                  "passed": None, "value": 0.07, "detail": "x"}])
+        exports.record_promotion("fern", "production", "promote", version, f"fern/{tag}", {"ok": True})
+    exports.record_promotion("fern", "production", "rollback", a, "fern/v1-q8_0", {})
+
+
+def test_registry_copy_round_trips_between_backends_with_ids_and_numbers_kept(backend, postgres_server, tmp_path,
+                                                                                monkeypatch):
+    """`tunery registry copy --to URL` from this backend to the other one and back: every table's rows arrive as
+    they were (ids, numbers, timestamps), versions read back equal, and the copies go on counting where the source
+    stopped (version numbers, promotion ids). A target that holds anything is refused by name, through the CLI."""
+    from registry import exports
+    from registry.transfer import copy_registry
+
+    _fill_every_table()
+    before = [v.json() for v in registry.list_versions()]
+    history = exports.promotion_history()
+    source_id = registry.instance_id()
+    copy_home = tmp_path / "copy"
+    other = postgres_server.new_database() if backend == "duckdb" else f"duckdb://{copy_home / 'registry.duckdb'}"
+    report = copy_registry(other)
+    assert report["versions"] == 3 and report["tables"]["export_checks"] == 4 and report["tables"]["promotions"] == 3
+    assert all(n > 0 for n in report["tables"].values()), report["tables"]
+
+    # read the copy through the ordinary functions
+    if other.startswith("postgresql"):
+        monkeypatch.setenv("TUNERY_REGISTRY_URL", other)
+    else:
+        monkeypatch.delenv("TUNERY_REGISTRY_URL")
+        monkeypatch.setenv("TUNERY_HOME", str(copy_home))
+    assert [v.json() for v in registry.list_versions()] == before
+    assert exports.promotion_history() == history and registry.instance_id() == source_id
+    assert exports.get_export("fern/v2-q8_0")["checks"][1]["value"] == 0.07
+    assert registry.create_version("fern", "sft") == "fern:3"
+    row = exports.record_promotion("fern", "production", "promote", "fern:2", "fern/v2-q8_0", {})
+    assert row["id"] == history[-1]["id"] + 1 and row["previous_version"] == "fern:1"
+
+    # and back into a fresh registry of the first kind
+    back = f"duckdb://{tmp_path / 'back.duckdb'}" if backend == "duckdb" else postgres_server.new_database()
+    assert copy_registry(back)["versions"] == 4
+
+    # into a registry that holds something: refused, nothing written
+    proc = subprocess.run([str(Path(sys.executable).parent / "tunery"), "registry", "copy", "--to", back],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "is not empty (model_names (2 rows)" in proc.stderr and "nothing recorded there is replaced" in proc.stderr
