@@ -125,7 +125,6 @@ def _open(path: Path):
     user's own duckdb session) holds its lock."""
     import duckdb
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     for delay in (*LOCK_RETRIES, None):
         try:
             return duckdb.connect(str(path))
@@ -183,6 +182,7 @@ class _DuckDB:
         # turn: held (exclusively) by the process whose turn it is; writers / readers: held shared by the processes
         # waiting; probe: this process's own handle for asking whether anyone waits.
         if kind not in self.fds:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             suffix = {"turn": "lock", "writers": "writers", "readers": "readers", "probe-writers": "writers",
                       "probe-readers": "readers"}[kind]
             self.fds[kind] = os.open(f"{self.path}.{suffix}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)

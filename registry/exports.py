@@ -77,7 +77,7 @@ def get_alias(name: str, alias: str) -> dict[str, Any] | None:
 def list_aliases(name: str | None = None) -> list[dict[str, Any]]:
     with connect(read_only=True) as con:
         rows = con.execute("SELECT name, alias, version, export_id, updated_utc FROM aliases "
-                           "WHERE ? IS NULL OR name = ? ORDER BY name, alias", [name, name]).fetchall()
+                           "WHERE ?::VARCHAR IS NULL OR name = ? ORDER BY name, alias", [name, name]).fetchall()
     return [{"name": n, "alias": a, "version": v, "export_id": e, "updated_at": u.isoformat() + "Z"}
             for n, a, v, e, u in rows]
 
@@ -118,7 +118,8 @@ def promotion_history(name: str | None = None, alias: str | None = None) -> list
     with connect(read_only=True) as con:
         rows = con.execute(
             "SELECT id, name, alias, action, version, export_id, previous_version, previous_export_id, gate_json, "
-            "ollama, recorded_utc FROM promotions WHERE (? IS NULL OR name = ?) AND (? IS NULL OR alias = ?) "
+            "ollama, recorded_utc FROM promotions WHERE (?::VARCHAR IS NULL OR name = ?) "
+            "AND (?::VARCHAR IS NULL OR alias = ?) "
             "ORDER BY id", [name, name, alias, alias]).fetchall()
     return [{"id": i, "name": n, "alias": a, "action": act, "version": v, "export_id": e, "previous_version": pv,
              "previous_export_id": pe, "gate": json.loads(g), "ollama": o, "recorded_at": r.isoformat() + "Z"}

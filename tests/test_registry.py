@@ -311,7 +311,7 @@ def test_many_writers_at_once_lose_nothing_and_number_consecutively(backend):
 
 def _fill_every_table() -> None:
     """A registry with a row in every table: lineage, metrics on two data, history, samples, answers, verdicts, a
-    dataset, an export with checks, promotions (one rolled back) and an alias."""
+    dataset, an export with checks, promotions (one rolled back), an alias and a sweep with a trial."""
     from registry import exports
 
     base = registry.create_version("smol", "base")
@@ -337,6 +337,12 @@ def _fill_every_table() -> None:
                                                                   "passed": None, "value": 0.07, "detail": "x"}])
         exports.record_promotion("fern", "production", "promote", version, f"fern/{tag}", {"ok": True})
     exports.record_promotion("fern", "production", "rollback", a, "fern/v1-q8_0", {})
+    from registry import sweeps
+
+    sweeps.create_sweep("s1", "fern", "/c.yaml", "grid", "perplexity", "minimize", {"lr": [1, 2]})
+    sweeps.start_trial("s1", 0, {"lr": 1})
+    sweeps.finish_trial("s1", 0, version=b, value=9.0, seconds=1.5)
+    sweeps.finish_sweep("s1", 0)
 
 
 def test_registry_copy_round_trips_between_backends_with_ids_and_numbers_kept(backend, postgres_server, tmp_path,
@@ -347,8 +353,13 @@ def test_registry_copy_round_trips_between_backends_with_ids_and_numbers_kept(ba
     from registry import exports
     from registry.transfer import copy_registry
 
+    from tasks.common import home_relative
+
+    def versions() -> list[dict]:  # paths as stored: relative to whichever TUNERY_HOME reads them
+        return [{**v.json(), "artifact_path": home_relative(v.artifact_path)} for v in registry.list_versions()]
+
     _fill_every_table()
-    before = [v.json() for v in registry.list_versions()]
+    before = versions()
     history = exports.promotion_history()
     source_id = registry.instance_id()
     copy_home = tmp_path / "copy"
@@ -363,7 +374,7 @@ def test_registry_copy_round_trips_between_backends_with_ids_and_numbers_kept(ba
     else:
         monkeypatch.delenv("TUNERY_REGISTRY_URL")
         monkeypatch.setenv("TUNERY_HOME", str(copy_home))
-    assert [v.json() for v in registry.list_versions()] == before
+    assert versions() == before
     assert exports.promotion_history() == history and registry.instance_id() == source_id
     assert exports.get_export("fern/v2-q8_0")["checks"][1]["value"] == 0.07
     assert registry.create_version("fern", "sft") == "fern:3"
