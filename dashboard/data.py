@@ -1,7 +1,7 @@
 """What the dashboard reads, and the few computations its pages share.
 
-No connection is held between reruns: every read goes through the registry's functions, which open a short-lived
-read-only connection and retry while a flow holds DuckDB's write lock. Results are cached for a few seconds, so
+Every read goes through the registry's functions (DuckDB: the dashboard takes its turn at the file like any other
+process, before waiting writers; PostgreSQL: one connection per process). Results are cached for a few seconds, so
 reruns are cheap and a new version shows up at the latest a TTL later, or at once after Refresh.
 """
 from __future__ import annotations

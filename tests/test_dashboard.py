@@ -193,6 +193,37 @@ def test_quality_page_marks_the_pareto_frontier(filled):
     assert "href" in spec and "/version?v=" in str(at.get("vega_lite_chart")[0].proto.datasets)
 
 
+def test_sweeps_page_plots_each_swept_value_and_the_trials_frontier(tiny_model_dir):
+    """A 3-trial sweep over learning rate and rank, one trial failed: the page names the best trial, draws the
+    metric against each swept key (the learning rates on a log axis) and the frontier of the finished trials."""
+    from registry import sweeps
+
+    lr, rank = "stages[0].learning_rate", "stages[0].lora.r"
+    sweeps.create_sweep("abc123", "fern", "/configs/demo.yaml", "grid", "perplexity", "minimize",
+                        {lr: [1e-4, 1e-3, 1e-2], rank: [8]})
+    speeds = {0: (14.0, 15.0), 1: (11.0, 16.0)}  # trial: (perplexity, tokens/s); trial 1 beats trial 0 on both
+    for trial, value in enumerate([1e-4, 1e-3, 1e-2]):
+        sweeps.start_trial("abc123", trial, {lr: value, rank: 8})
+        if trial in speeds:
+            v = registry.create_version("fern", "sft", parents=[])
+            registry.finish_version(v, str(tiny_model_dir))
+            registry.record_metrics(v, {"perplexity": speeds[trial][0], "tokens_per_s": speeds[trial][1]})
+            sweeps.finish_trial("abc123", trial, version=v, value=speeds[trial][0], seconds=30.0 + trial)
+        else:
+            sweeps.finish_trial("abc123", trial, version=None, value=None, seconds=2.0, error="loss became NaN")
+    sweeps.finish_sweep("abc123", 1)
+    at = _app("sweeps.py", s="abc123")
+    assert not at.exception
+    assert "Best: trial 1" in at.success[0].value and "fern:2" in at.success[0].value
+    assert "3 trials, 1 failed" in at.caption[0].value
+    charts = at.get("vega_lite_chart")
+    assert len(charts) == 3  # one per swept key, and the frontier
+    assert '"type":"log"' in charts[0].proto.spec.replace(" ", "")
+    assert "1 of 2 trials are on the frontier" in " ".join(c.value for c in at.caption)
+    table = at.dataframe[0].value
+    assert table["status"].tolist() == ["ready", "ready", "failed"] and table["error"].iloc[2] == "loss became NaN"
+
+
 def test_lineage_page_draws_merges_with_every_parent(filled):
     at = _app("lineage.py", name="fern")
     assert not at.exception
