@@ -118,6 +118,11 @@ def load_config(path: str | Path) -> tuple[PipelineConfig, Path]:
 
     Raises TuneryError naming the file and, for each problem, the dotted key (`sft.learning_rate`).
     """
+    return validate_config(read_raw(path), Path(path))
+
+
+def read_raw(path: str | Path) -> dict[str, Any]:
+    """A config file's settings as written (a mapping), before validation (`tunery sweep` changes a few)."""
     path = Path(path)
     if not path.is_file():
         raise TuneryError(f"{path}: config file not found")
@@ -127,20 +132,6 @@ def load_config(path: str | Path) -> tuple[PipelineConfig, Path]:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise TuneryError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict):
-        raise TuneryError(f"{path}: expected a mapping of settings at the top level")
-    return validate_config(raw, path)
-
-
-def read_raw(path: str | Path) -> dict[str, Any]:
-    """A config file's settings as written (a mapping), for changing a few before validation (`tunery sweep`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TuneryError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(read_utf8(path))
-    except yaml.YAMLError as e:
-        raise TuneryError(f"{path}: invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
         raise TuneryError(f"{path}: expected a mapping of settings at the top level")
     return raw

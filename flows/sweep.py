@@ -29,6 +29,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
+import registry
 from flows.config import BASE_REF, SweepConfig, SweepRange, read_raw, validate_config
 from flows.pipeline import ACCELERATOR_TAG, ensure_accelerator_limit
 from registry import sweeps as sweep_store
@@ -210,8 +211,10 @@ def run_trial(config_path: str, sweep_id: str, trial: int, values: dict[str, Any
             previous = steps.run_planned(cfg, planned, data, config_dir, flow_run_id=run_id, reuse=True)
             done[cfg.stage_id(index)] = previous
         version = previous.version
-        metrics = steps.run_eval(previous, data, cfg.eval_config())
-        value = metrics.get(sweep["metric"])
+        measured = registry.get_version(version, data.info["data_hash"]).metrics
+        if not (previous.reused and sweep["metric"] in measured):  # a reused version keeps its evaluation
+            measured = {**measured, **steps.run_eval(previous, data, cfg.eval_config())}
+        value = measured.get(sweep["metric"])  # an evaluation metric, or one its stage measured
         if value is None or (isinstance(value, float) and math.isnan(value)):
             raise TuneryError(f"the evaluation measured no {sweep['metric']!r}")
     except Exception as e:  # a failed trial is recorded, never fatal to the sweep

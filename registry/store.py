@@ -379,7 +379,8 @@ def get_history(version: str) -> list[dict[str, Any]]:
 
 # Which way is better, by metric name (a per-category metric `perplexity/support` goes by its part before the slash).
 LOWER_IS_BETTER = {"perplexity", "text_perplexity", "nll_sum", "ttft_ms", "ttft_ms_adapter", "peak_rss_mb",
-                   "peak_cuda_mb", "cost_per_mtok_usd", "train_loss", "train_peak_rss_mb", "health_warnings"}
+                   "peak_cuda_mb", "cost_per_mtok_usd", "train_loss", "train_peak_rss_mb", "health_warnings",
+                   "distill_perplexity_student"}
 HIGHER_IS_BETTER = {"tokens_per_s", "tokens_per_s_adapter", "train_tokens_per_s", "preference_accuracy",
                     "preference_margin", "reward_accuracy", "reward_margin",
                     # answer scores and the forgetting check (transformers, and the exported GGUF)

@@ -390,3 +390,17 @@ def test_registry_copy_round_trips_between_backends_with_ids_and_numbers_kept(ba
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "is not empty (model_names (2 rows)" in proc.stderr and "nothing recorded there is replaced" in proc.stderr
+
+
+def test_a_bad_or_unreachable_registry_url_is_one_line_without_the_password(backend, tmp_path):
+    """TUNERY_REGISTRY_URL that is not PostgreSQL's, or names a server that is not there: every command says so in
+    one line, exit status 1, no traceback, and the password never appears."""
+    duckdb_only(backend)  # (the URL under test replaces the backend)
+    tunery = str(Path(sys.executable).parent / "tunery")
+    for url, message in (("mysql://u:secret@db/x", "TUNERY_REGISTRY_URL must be a postgresql:// URL"),
+                         ("postgresql://u:secret@127.0.0.1:1/x", "cannot reach the registry at "
+                                                                 "postgresql://u:***@127.0.0.1:1/x")):
+        proc = subprocess.run([tunery, "models"], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "TUNERY_REGISTRY_URL": url, "TUNERY_HOME": str(tmp_path)})
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert "secret" not in proc.stderr + proc.stdout
