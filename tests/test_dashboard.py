@@ -219,6 +219,17 @@ def test_sweeps_page_plots_each_swept_value_and_the_trials_frontier(tiny_model_d
     charts = at.get("vega_lite_chart")
     assert len(charts) == 3  # one per swept key, and the frontier
     assert '"type":"log"' in charts[0].proto.spec.replace(" ", "")
+    # Vega-Lite reads "." and "[" in a field name as a path into nested data, which would leave a chart empty
+    import json
+
+    def fields(node) -> list[str]:
+        if isinstance(node, dict):
+            own = [node["field"]] if isinstance(node.get("field"), str) else []
+            return own + [f for v in node.values() for f in fields(v)]
+        return [f for v in node for f in fields(v)] if isinstance(node, list) else []
+
+    used = [f for c in charts for f in fields(json.loads(c.proto.spec))]
+    assert used and not [f for f in used if "[" in f or "." in f], used
     assert "1 of 2 trials are on the frontier" in " ".join(c.value for c in at.caption)
     table = at.dataframe[0].value
     assert table["status"].tolist() == ["ready", "ready", "failed"] and table["error"].iloc[2] == "loss became NaN"

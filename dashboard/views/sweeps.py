@@ -35,21 +35,26 @@ st.caption(f"{sweep['method']} over {', '.join(keys)} of `{sweep['config']}`; {l
 
 done = trials[trials["status"] == "ready"].dropna(subset=[metric]).copy()
 done["url"] = done["version"].map(version_url)
+# Vega-Lite reads "." and "[" in a field name as a path into nested data: the swept keys are charted as value_0, ...
+field = {key: f"value_{i}" for i, key in enumerate(keys)}
+done = done.rename(columns=field)
+tips = ["trial", "version", *(alt.Tooltip(f, title=k) for k, f in field.items()), metric, "seconds"]
 if not done.empty:
     st.subheader(f"{metric} against each swept value")
     columns = st.columns(min(len(keys), 3))
     for i, key in enumerate(keys):
-        values = pd.to_numeric(done[key], errors="coerce")
+        values = pd.to_numeric(done[field[key]], errors="coerce")
         numeric = values.notna().all()
         spread = numeric and values.min() > 0 and values.max() / values.min() >= 10
         kind = "Q" if numeric else "N"
-        x = alt.X(f"{key}:{kind}", title=key, scale=alt.Scale(type="log") if spread else alt.Scale(zero=False))
-        chart = alt.Chart(done.assign(**{key: values if numeric else done[key].astype(str)})).mark_circle(
-            size=90).encode(x=x, y=alt.Y(f"{metric}:Q", title=f"{metric} ({better} is better)",
-                                         scale=alt.Scale(zero=False)),
-                            color=alt.Color("best:N", title="best", scale=alt.Scale(domain=[True, False],
-                                                                                      range=["#d62728", "#1f77b4"])),
-                            href="url:N", tooltip=["trial", "version", *keys, metric, "seconds"])
+        x = alt.X(f"{field[key]}:{kind}", title=key,
+                  scale=alt.Scale(type="log") if spread else alt.Scale(zero=False))
+        data = done.assign(**{field[key]: values if numeric else done[field[key]].astype(str)})
+        chart = alt.Chart(data).mark_circle(size=90).encode(
+            x=x, y=alt.Y(f"{metric}:Q", title=f"{metric} ({better} is better)", scale=alt.Scale(zero=False)),
+            color=alt.Color("best:N", title="best", scale=alt.Scale(domain=[True, False],
+                                                                   range=["#d62728", "#1f77b4"])),
+            href="url:N", tooltip=tips)
         columns[i % len(columns)].altair_chart(chart.properties(height=300), width="stretch")
 
     st.subheader("Quality vs speed of the trials")
@@ -68,7 +73,7 @@ if not done.empty:
             y=alt.Y(f"{metric}:Q", title=f"{metric} ({better} is better)", scale=alt.Scale(zero=False)),
             color=alt.Color("frontier:N", title="frontier", scale=alt.Scale(domain=[True, False],
                                                                             range=["#d62728", "#7f7f7f"])),
-            href="url:N", tooltip=["trial", "version", *keys, metric, "seconds", "tokens_per_s"])
+            href="url:N", tooltip=[*tips, "tokens_per_s"])
         line = alt.Chart(front).mark_line(color="#d62728", strokeDash=[4, 3]).encode(x=f"{speed}:Q", y=f"{metric}:Q")
         labels_ = points.mark_text(dx=8, dy=-8, align="left").encode(text="version:N", size=alt.value(11))
         st.altair_chart((line + points + labels_).properties(height=380), width="stretch")
