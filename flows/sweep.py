@@ -144,11 +144,19 @@ class Plan:
                 parse_key(key)
         else:
             raise TuneryError(f"{self.path}: nothing to sweep; give --set KEY=V1,V2 or a `sweep:` section")
-        for values in self.grid or [self._example()]:
+        for values in self.grid or self._corners():
             self.trial_config(values)  # a bad key or value is named now, before anything trains
 
     def _example(self) -> dict[str, Any]:
         return {k: (v["low"] if isinstance(v, dict) else v[0]) for k, v in self.space.items()}
+
+    def _corners(self) -> list[dict[str, Any]]:
+        """Settings that try every choice and both ends of every range, one key at a time."""
+        out = []
+        for key, spec in self.space.items():
+            for value in ([spec["low"], spec["high"]] if isinstance(spec, dict) else spec):
+                out.append({**self._example(), key: value})
+        return out
 
     def trial_config(self, values: dict[str, Any]):
         return trial_config(self.path, self.raw, values)

@@ -53,6 +53,16 @@ def test_set_options_make_a_grid_and_bad_keys_are_named_before_anything_trains(t
             Plan(config, sets)
     with pytest.raises(TuneryError, match="nothing to sweep"):
         Plan(config, [])
+    # a `sweep:` section: each end of a range and each choice is checked too
+    doc = yaml.safe_load(Path(config).read_text())
+    doc["sweep"] = {"parameters": {lr: {"low": 1e-4, "high": 1e-2, "log": True}, r: [8, 0]}}
+    Path(config).write_text(yaml.safe_dump(doc))
+    with pytest.raises(TuneryError, match=r"trial .*'stages\[0\].lora.r': 0.*greater than or equal to 1"):
+        Plan(config, None)
+    doc["sweep"]["parameters"][r] = [8, 16]
+    Path(config).write_text(yaml.safe_dump(doc))
+    plan = Plan(config, None)
+    assert (plan.method, plan.trials, plan.direction) == ("tpe", 8, "minimize") and plan.grid is None
     # through the CLI: one line, exit 1, nothing registered
     env = {**os.environ, "TUNERY_HOME": str(tunery_home)}
     proc = subprocess.run([str(Path(os.sys.executable).parent / "tunery"), "sweep", config, "--set",
