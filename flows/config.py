@@ -35,6 +35,8 @@ class SweepRange(BaseModel):
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
         if self.log and self.low <= 0:
             raise ValueError("a log range needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("a log range takes no step (Optuna samples it continuously)")
         return self
 
 

@@ -144,6 +144,11 @@ class Plan:
                 parse_key(key)
         else:
             raise TuneryError(f"{self.path}: nothing to sweep; give --set KEY=V1,V2 or a `sweep:` section")
+        if self.grid is None:
+            try:
+                self.distributions()
+            except ValueError as e:
+                raise TuneryError(f"{self.path}: sweep.parameters: {e}") from None
         for values in self.grid or self._corners():
             self.trial_config(values)  # a bad key or value is named now, before anything trains
 
@@ -206,8 +211,13 @@ def run_trial(config_path: str, sweep_id: str, trial: int, values: dict[str, Any
 
     began = time.perf_counter()
     run_id = str(flow_run.get_id() or "")
-    sweep_store.start_trial(sweep_id, trial, values, run_id or None)
     version = value = error = None
+    try:
+        sweep_store.start_trial(sweep_id, trial, values, run_id or None)
+    except Exception as e:  # the registry could not record it (busy, unreachable): a failed trial, not a failed sweep
+        return {"trial": trial, "values": values, "status": "failed", "version": None, "value": None,
+                "seconds": time.perf_counter() - began, "error": f"could not record the trial: {e}", "host": None,
+                "flow_run_id": run_id or None}
     try:
         cfg, config_dir = trial_config(Path(config_path), read_raw(config_path), values)
         sweep = sweep_store.get_sweep(sweep_id)
@@ -227,9 +237,14 @@ def run_trial(config_path: str, sweep_id: str, trial: int, values: dict[str, Any
             raise TuneryError(f"the evaluation measured no {sweep['metric']!r}")
     except Exception as e:  # a failed trial is recorded, never fatal to the sweep
         error = f"{type(e).__name__}: {e}" if not isinstance(e, TuneryError) else str(e)
-    sweep_store.finish_trial(sweep_id, trial, version=version, value=value,
-                             seconds=time.perf_counter() - began, error=error)
-    return next(t for t in sweep_store.get_sweep(sweep_id)["trials"] if t["trial"] == trial)
+    seconds = time.perf_counter() - began
+    try:
+        sweep_store.finish_trial(sweep_id, trial, version=version, value=value, seconds=seconds, error=error)
+        return next(t for t in sweep_store.get_sweep(sweep_id)["trials"] if t["trial"] == trial)
+    except Exception as e:
+        return {"trial": trial, "values": values, "status": "failed", "version": version, "value": value,
+                "seconds": seconds, "error": f"could not record the result: {e}; {error or ''}".rstrip("; "),
+                "host": None, "flow_run_id": run_id or None}
 
 
 @task(task_run_name="trial {trial} of sweep {sweep_id}", tags=[ACCELERATOR_TAG])
@@ -301,38 +316,42 @@ def sweep_flow(config_path: str, sets: list[str] | None = None, pool: str | None
                              plan.space)
     logger.info(f"sweep {sweep_id}: {plan.trials} trials ({plan.method}) of {plan.path.name}, "
                 f"{plan.direction} {plan.metric}")
-    # the base and the data once, before trials start side by side
     from flows import steps
 
-    cfg, config_dir = plan.trial_config(plan.grid[0] if plan.grid else plan._example())
-    base = steps.run_base(cfg, config_dir)
-    steps.run_prep(cfg, config_dir, base.artifact_path)
-    deployment = deploy_trials(pool) if pool else None
-    width = parallel or plan.parallel
-    config_path = str(plan.path)
-    if plan.grid is not None:
-        items = list(enumerate(plan.grid))
-        for start in range(0, len(items), width):
-            _run_batch(config_path, sweep_id, items[start:start + width], deployment)
-    else:
-        import optuna
-        from optuna.trial import TrialState
+    try:
+        # the base and the data once, before trials start side by side
+        cfg, config_dir = plan.trial_config(plan.grid[0] if plan.grid else plan._example())
+        base = steps.run_base(cfg, config_dir)
+        steps.run_prep(cfg, config_dir, base.artifact_path)
+        deployment = deploy_trials(pool) if pool else None
+        width = parallel or plan.parallel
+        config_path = str(plan.path)
+        if plan.grid is not None:
+            items = list(enumerate(plan.grid))
+            for start in range(0, len(items), width):
+                _run_batch(config_path, sweep_id, items[start:start + width], deployment)
+        else:
+            import optuna
+            from optuna.trial import TrialState
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = (optuna.samplers.TPESampler(seed=plan.seed) if plan.method == "tpe"
-                   else optuna.samplers.RandomSampler(seed=plan.seed))
-        study = optuna.create_study(direction=plan.direction, sampler=sampler)
-        dists, asked = plan.distributions(), 0
-        while asked < plan.trials:
-            batch = [study.ask(dists) for _ in range(min(width, plan.trials - asked))]
-            rows = _run_batch(config_path, sweep_id,
-                              [(asked + i, plan.values(t.params)) for i, t in enumerate(batch)], deployment)
-            for t, row in zip(batch, rows):
-                if row["status"] == "ready":
-                    study.tell(t, row["value"])
-                else:
-                    study.tell(t, state=TrialState.FAIL)
-            asked += len(batch)
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            sampler = (optuna.samplers.TPESampler(seed=plan.seed) if plan.method == "tpe"
+                       else optuna.samplers.RandomSampler(seed=plan.seed))
+            study = optuna.create_study(direction=plan.direction, sampler=sampler)
+            dists, asked = plan.distributions(), 0
+            while asked < plan.trials:
+                batch = [study.ask(dists) for _ in range(min(width, plan.trials - asked))]
+                rows = _run_batch(config_path, sweep_id,
+                                  [(asked + i, plan.values(t.params)) for i, t in enumerate(batch)], deployment)
+                for t, row in zip(batch, rows):
+                    if row["status"] == "ready":
+                        study.tell(t, row["value"])
+                    else:
+                        study.tell(t, state=TrialState.FAIL)
+                asked += len(batch)
+    except BaseException:
+        sweep_store.finish_sweep(sweep_id, None)  # the sweep stopped: recorded as failed, its trials kept
+        raise
     result = sweep_store.get_sweep(sweep_id)
     best = best_trial(result["trials"], plan.direction)
     sweep_store.finish_sweep(sweep_id, best["trial"] if best else None)

@@ -23,7 +23,7 @@ import os
 import re
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -66,12 +66,12 @@ def backend_name() -> str:
 
 
 def redact(url: str) -> str:
-    """A URL without its password, for messages and the dashboard."""
+    """A URL without its password (in the user part or a `password=` parameter), for messages and the dashboard."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+    query = re.sub(r"(?i)(^|&)(password)=[^&]*", r"\1\2=***", parts.query)
+    return urlunsplit(parts._replace(query=query))
 
 
 def describe() -> str:
@@ -176,7 +176,7 @@ class _DuckDB:
         self.fds: dict[str, int] = {}
         self.depth = 0
         self.held_since = self.last_used = self.handed_over = 0.0
-        self.watcher: threading.Thread | None = None
+        self.watching = False
 
     def _fd(self, kind: str) -> int:
         # turn: held (exclusively) by the process whose turn it is; writers / readers: held shared by the processes
@@ -270,16 +270,18 @@ class _DuckDB:
                     self._watch()
 
     def _watch(self) -> None:
-        """While the file lingers open, hand it over as soon as someone waits, and close it after LINGER_S."""
-        if self.watcher is None or not self.watcher.is_alive():
-            self.watcher = threading.Thread(target=self._linger, name="tunery-registry-linger", daemon=True)
-            self.watcher.start()
+        """While the file lingers open, hand it over as soon as someone waits, and close it after LINGER_S (called
+        with self.lock held)."""
+        if not self.watching:
+            self.watching = True
+            threading.Thread(target=self._linger, name="tunery-registry-linger", daemon=True).start()
 
     def _linger(self) -> None:
         while True:
             time.sleep(0.002)
             with self.lock:
                 if self.con is None:
+                    self.watching = False
                     return
                 if self.depth:
                     continue
@@ -289,6 +291,7 @@ class _DuckDB:
                 if idle >= LINGER_S or ((now - self.held_since >= HOLD_S or idle >= 0.005)
                                         and self._someone_waits()):
                     self._close(handover=idle < LINGER_S)
+                    self.watching = False
                     return
 
     def release(self) -> None:
@@ -313,44 +316,63 @@ class _Postgres:
 
         if self.con is not None and not self.con.closed and not self.con.broken:
             return self.con
+        self.con = None
         try:
-            self.con = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            # keepalives: a connection idle through hours of training is kept, or found dead, by TCP itself
+            con = psycopg.connect(self.url, autocommit=True, connect_timeout=10, keepalives=1,
+                                  keepalives_idle=60, keepalives_interval=10, keepalives_count=3)
         except psycopg.Error as e:
-            self.con = None
             raise TuneryError(f"cannot reach the registry at {redact(self.url)}: {str(e).strip()}") from None
-        if self.url not in _MIGRATED:
-            with self.con.transaction():
-                con = Connection(self.con, "postgresql")
-                if con.execute("SELECT to_regclass('_migrations') IS NOT NULL").fetchone()[0]:
-                    done = {r[0] for r in con.execute("SELECT id FROM _migrations").fetchall()}
-                    if all(number in done for number, _, _ in migrations()):
-                        _MIGRATED.add(self.url)
-                        return self.con
-                con.execute("SELECT pg_advisory_xact_lock(?)", [MIGRATION_LOCK])
-                con.execute("CREATE TABLE IF NOT EXISTS _migrations (id INTEGER PRIMARY KEY, name VARCHAR, "
-                            "applied_utc TIMESTAMP)")
+        try:
+            if self.url not in _MIGRATED:
+                self._migrate(Connection(con, "postgresql"))
+                _MIGRATED.add(self.url)
+        except BaseException:
+            con.close()
+            raise
+        self.con = con  # only a migrated connection is kept
+        return con
+
+    @staticmethod
+    def _migrate(con: Connection) -> None:
+        with con.raw.transaction():
+            if con.execute("SELECT to_regclass('_migrations') IS NOT NULL").fetchone()[0]:
                 done = {r[0] for r in con.execute("SELECT id FROM _migrations").fetchall()}
-                for number, name, sql in migrations():
-                    if number not in done:
-                        for statement in _statements(number, sql, "postgresql"):
-                            con.execute(statement)
-                        con.execute("INSERT INTO _migrations VALUES (?, ?, ?)", [number, name, utcnow()])
-            _MIGRATED.add(self.url)
-        return self.con
+                if all(number in done for number, _, _ in migrations()):
+                    return
+            con.execute("SELECT pg_advisory_xact_lock(?)", [MIGRATION_LOCK])
+            con.execute("CREATE TABLE IF NOT EXISTS _migrations (id INTEGER PRIMARY KEY, name VARCHAR, "
+                        "applied_utc TIMESTAMP)")
+            done = {r[0] for r in con.execute("SELECT id FROM _migrations").fetchall()}
+            for number, name, sql in migrations():
+                if number not in done:
+                    for statement in _statements(number, sql, "postgresql"):
+                        con.execute(statement)
+                    con.execute("INSERT INTO _migrations VALUES (?, ?, ?)", [number, name, utcnow()])
 
     @contextmanager
     def lease(self, reader: bool) -> Iterator[Connection]:
+        import psycopg
+
         with self.lock:
             if self.depth:
                 yield Connection(self.con, "postgresql")
                 return
-            con = self._connection()
-            self.depth = 1
-            try:
-                with con.transaction():
+            with ExitStack() as stack:
+                for attempt in (1, 2):  # a connection the server dropped meanwhile is replaced once
+                    con = self._connection()
+                    try:
+                        stack.enter_context(con.transaction())
+                        break
+                    except psycopg.OperationalError as e:
+                        self.con = None
+                        if attempt == 2:
+                            raise TuneryError(f"lost the registry at {redact(self.url)}: {str(e).strip()}") from None
+                self.depth = 1
+                try:
                     yield Connection(con, "postgresql")
-            finally:
-                self.depth = 0
+                finally:
+                    self.depth = 0
 
     def release(self) -> None:
         with self.lock:
@@ -365,7 +387,7 @@ _HANDLES: dict[str, Any] = {}
 _HANDLES_LOCK = threading.Lock()
 _MIGRATED: set = set()
 _ORPHANS: list = []  # a forked child's copies of its parent's connections: kept, never closed (closing would end
-                     # the parent's PostgreSQL session and drop its DuckDB turn)
+                     # the parent's PostgreSQL session)
 
 
 def parse_target(url: str) -> tuple[str, str]:
@@ -410,6 +432,12 @@ def release() -> None:
 
 def _forget_in_child() -> None:
     global _HANDLES_LOCK
+    for handle in _HANDLES.values():  # the parent's turn is the parent's: a child that outlives it must not hold it
+        for fd in getattr(handle, "fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
     _ORPHANS.extend(_HANDLES.values())
     _HANDLES.clear()
     _HANDLES_LOCK = threading.Lock()

@@ -29,10 +29,12 @@ def sql(text: str, dialect: str, placeholders: bool = True) -> str:
     if dialect == "duckdb":
         return text
     parts = _QUOTED.split(text)
+    if placeholders:  # psycopg reads every `%` of the text, quoted or not
+        parts = [p.replace("%", "%%") for p in parts]
     for i in range(0, len(parts), 2):  # even parts are outside quotes and comments
         part = parts[i]
         if placeholders:
-            part = part.replace("%", "%%").replace("?", "%s")
+            part = part.replace("?", "%s")
         part = re.sub(r"\bDOUBLE\b(?!\s+PRECISION)", "DOUBLE PRECISION", part)
         parts[i] = re.sub(r"\buuid\(\)", "gen_random_uuid()", part)
     return "".join(parts)

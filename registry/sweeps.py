@@ -37,6 +37,8 @@ def finish_trial(sweep_id: str, trial: int, *, version: str | None, value: float
                     ["failed" if error else "ready", version, value, seconds, error[:4000] if error else None,
                      utcnow(), sweep_id, trial])
         if version is not None:  # the version carries the sweeps that produced (or reused) it
+            # a no-op write first: on PostgreSQL it locks the row, so two trials ending on one version both land
+            con.execute("UPDATE versions SET info_json = info_json WHERE version = ?", [version])
             info = json.loads(con.execute("SELECT info_json FROM versions WHERE version = ?", [version]).fetchone()[0])
             values = json.loads(con.execute("SELECT values_json FROM sweep_trials WHERE sweep_id = ? AND trial = ?",
                                             [sweep_id, trial]).fetchone()[0])

@@ -43,25 +43,29 @@ def registry_path() -> Path:
     return home() / "registry.duckdb"
 
 
+HOME_MARK = "$TUNERY_HOME/"
+
+
 def home_relative(path: str | Path | None) -> str | None:
-    """A path as the registry stores it: relative to TUNERY_HOME when it lies inside it, so a worker that mounts the
-    shared storage at another path finds it (`in_home` turns it back); a path outside it is kept as given."""
-    if path is None:
-        return None
+    """A path as the registry stores it: `$TUNERY_HOME/REST` when it lies inside TUNERY_HOME, so a worker that mounts
+    the shared storage at another path finds it (`in_home` turns it back); anything else (a path outside it, a hub
+    id) is kept exactly as given."""
+    if path is None or not os.path.isabs(path):
+        return None if path is None else str(path)
     p = Path(os.path.abspath(path))
     for root in {home(), Path(os.path.abspath(os.environ.get("TUNERY_HOME") or ".tunery"))}:
         try:
-            return p.relative_to(root).as_posix()
+            return HOME_MARK + p.relative_to(root).as_posix()
         except ValueError:
             continue
     return str(path)
 
 
 def in_home(stored: str | None) -> str | None:
-    """The local path of a path the registry stored (see home_relative)."""
-    if stored is None or os.path.isabs(stored):
+    """The local path of a value the registry stored (see home_relative)."""
+    if stored is None or not stored.startswith(HOME_MARK):
         return stored
-    return str(home() / stored)
+    return str(home() / stored[len(HOME_MARK):])
 
 
 def artifacts_dir() -> Path:

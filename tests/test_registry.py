@@ -404,3 +404,32 @@ def test_a_bad_or_unreachable_registry_url_is_one_line_without_the_password(back
                               env={**os.environ, "TUNERY_REGISTRY_URL": url, "TUNERY_HOME": str(tmp_path)})
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert "secret" not in proc.stderr + proc.stdout
+
+
+def test_paths_inside_tunery_home_are_stored_relative_and_others_as_given(tunery_home):
+    """An artifact inside TUNERY_HOME is stored as `$TUNERY_HOME/...` and read back under whichever home reads it; a
+    hub id or a folder elsewhere comes back exactly as given."""
+    inside = registry.create_version("fern", "sft")
+    registry.finish_version(inside, str(tunery_home / "artifacts" / "fern" / "1"))
+    for given in ("HuggingFaceTB/SmolLM2-135M", "/models/elsewhere"):
+        v = registry.create_version("hub", "base")
+        registry.finish_version(v, given)
+        assert registry.get_version(v).artifact_path == given
+    with connect(read_only=True) as con:
+        assert con.execute("SELECT artifact_path FROM versions WHERE version = ?", [inside]).fetchone()[0] == \
+            "$TUNERY_HOME/artifacts/fern/1"
+    assert registry.get_version(inside).artifact_path == str(tunery_home / "artifacts" / "fern" / "1")
+
+
+def test_a_connection_the_postgresql_server_dropped_is_replaced(backend):
+    """The server ended this process's session (a restart, an idle timeout): the next operation reconnects."""
+    if backend != "postgresql":
+        pytest.skip("about PostgreSQL sessions")
+    import psycopg
+
+    registry.create_version("fern", "sft")
+    pid = registry.db._handle().con.info.backend_pid
+    with psycopg.connect(os.environ["TUNERY_REGISTRY_URL"], autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+    assert [v.version for v in registry.list_versions()] == ["fern:1"]
+    assert registry.db._handle().con.info.backend_pid != pid
