@@ -2,7 +2,6 @@
 `tunery serve` registers them with a Prefect server."""
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import time
@@ -88,45 +87,6 @@ def test_tunery_serve_registers_the_scheduled_deployments(prefect_server, tmp_pa
         proc.wait(timeout=30)
         log.close()
     assert "serving fern-nightly" in (tmp_path / "serve.log").read_text()
-
-
-def test_a_process_worker_picks_up_and_completes_a_run(prefect_server, tmp_path, tiny_model_dir, garden_rows,
-                                                        tunery_home):
-    """The scale-out path: a deployment on a process work pool, run by `prefect worker` in another process."""
-    import uuid
-
-    from prefect import flow
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.deployments import run_deployment
-    from prefect.exceptions import ObjectNotFound
-
-    import registry
-    from conftest import REPO
-    from test_flow import tiny_config
-
-    from flows.pipeline import ACCELERATOR_TAG
-
-    config = tiny_config(tmp_path, tiny_model_dir, garden_rows)
-    pool = f"tunery-{uuid.uuid4().hex[:8]}"
-    with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-        with contextlib.suppress(ObjectNotFound):  # no `tunery serve` ran against this server: no limit yet
-            client.delete_concurrency_limit_by_tag(ACCELERATOR_TAG)
-    source = flow.from_source(source=str(REPO), entrypoint="flows/pipeline.py:pipeline")
-    deployment_id = source.deploy(name="tiny-on-a-worker", work_pool_name=pool, parameters={"config_path": config},
-                                  print_next_steps=False)
-    run = run_deployment(deployment_id, timeout=0)
-    env = {**os.environ, "TUNERY_HOME": str(tunery_home), "PREFECT_API_URL": prefect_server}
-    worker = subprocess.run([str(Path(os.sys.executable).parent / "prefect"), "worker", "start", "--pool", pool,
-                             "--run-once"], env=env, capture_output=True, text=True, timeout=600)
-    with get_client(sync_client=True) as client:
-        final = client.read_flow_run(run.id)
-    assert final.state.is_completed(), worker.stdout[-3000:] + worker.stderr[-3000:]
-    assert final.name == "tiny-fern -> tiny-fern:1"
-    assert registry.get_version("tiny-fern:1").status == "ready"
-    with get_client(sync_client=True) as client:  # the flow itself created the accelerator limit
-        assert client.read_concurrency_limit_by_tag(ACCELERATOR_TAG).concurrency_limit == 1
 
 
 def test_training_tasks_share_one_accelerator_slot_and_retry_only_transient_errors(prefect_server):

@@ -31,7 +31,10 @@ def _config(tmp_path, tiny_model_dir, garden_rows, **extra) -> str:
 
 def test_set_options_make_a_grid_and_bad_keys_are_named_before_anything_trains(tmp_path, tiny_model_dir,
                                                                                 garden_rows, tunery_home):
-    from flows.sweep import Plan, parse_value
+    from flows.pipeline import ACCELERATOR_TAG
+    from flows.sweep import Plan, parse_value, trial_task
+
+    assert ACCELERATOR_TAG in trial_task.tags  # trials queue on the accelerator limit
 
     config = _config(tmp_path, tiny_model_dir, garden_rows)
     plan = Plan(config, ["stages[0].learning_rate=1e-3,5e-3", "stages[0].lora.r=4,8"])
