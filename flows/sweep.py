@@ -78,28 +78,23 @@ def parse_sets(sets: list[str]) -> dict[str, list[Any]]:
 
 
 def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the config's settings with `values` ({dotted key: value}) set."""
+    """A copy of the config's settings with `values` ({dotted key: value}) set; a missing mapping on the way is
+    made, a missing list item is an error."""
     out = copy.deepcopy(raw)
     for key, value in values.items():
         parts = parse_key(key)
         node: Any = out
-        for i, part in enumerate(parts[:-1]):
-            nxt = parts[i + 1]
-            if isinstance(part, int):
-                if not isinstance(node, list) or part >= len(node):
-                    raise TuneryError(f"{key}: the config has no {'.'.join(map(str, parts[:i]))}[{part}]")
+        for i, part in enumerate(parts):
+            if isinstance(part, int) and not (isinstance(node, list) and part < len(node)):
+                raise TuneryError(f"{key}: the config has no {'.'.join(map(str, parts[:i]))}[{part}]")
+            if isinstance(part, str) and not isinstance(node, dict):
+                raise TuneryError(f"{key}: {part!r} is not inside a mapping")
+            if i == len(parts) - 1:
+                node[part] = value
+            elif isinstance(part, int):
                 node = node[part]
             else:
-                if not isinstance(node, dict):
-                    raise TuneryError(f"{key}: {part!r} is not inside a mapping")
-                node = node.setdefault(part, [] if isinstance(nxt, int) else {})
-        last = parts[-1]
-        if isinstance(last, int):
-            if not isinstance(node, list) or last >= len(node):
-                raise TuneryError(f"{key}: the config has no such list item")
-            node[last] = value
-        else:
-            node[last] = value
+                node = node.setdefault(part, [] if isinstance(parts[i + 1], int) else {})
     return out
 
 
@@ -140,8 +135,6 @@ class Plan:
             self.method, self.metric = section.sampler, section.metric
             self.direction = direction_of(section.metric, section.direction)
             self.trials, self.parallel, self.seed = section.trials, section.parallel, section.seed
-            for key in self.space:
-                parse_key(key)
         else:
             raise TuneryError(f"{self.path}: nothing to sweep; give --set KEY=V1,V2 or a `sweep:` section")
         if self.grid is None:
@@ -174,8 +167,7 @@ class Plan:
         out = {}
         for key, spec in self.space.items():
             if isinstance(spec, list):
-                plain = all(v is None or isinstance(v, (bool, int, float, str)) for v in spec)
-                out[key] = CategoricalDistribution(spec if plain else list(range(len(spec))))
+                out[key] = CategoricalDistribution(spec if _plain(spec) else list(range(len(spec))))
             elif all(isinstance(spec[k], int) for k in ("low", "high")) and isinstance(spec.get("step") or 1, int):
                 out[key] = IntDistribution(spec["low"], spec["high"], log=spec["log"], step=spec.get("step") or 1)
             else:
@@ -184,13 +176,13 @@ class Plan:
 
     def values(self, params: dict[str, Any]) -> dict[str, Any]:
         """The settings an Optuna trial's params stand for."""
-        out = {}
-        for key, value in params.items():
-            spec = self.space[key]
-            plain = not isinstance(spec, list) or all(v is None or isinstance(v, (bool, int, float, str))
-                                                      for v in spec)
-            out[key] = value if plain else spec[value]
-        return out
+        return {key: value if not isinstance(self.space[key], list) or _plain(self.space[key])
+                else self.space[key][value] for key, value in params.items()}
+
+
+def _plain(choices: list[Any]) -> bool:
+    """Choices Optuna takes as they are (None, bool, int, float, str)."""
+    return all(v is None or isinstance(v, (bool, int, float, str)) for v in choices)
 
 
 def trial_config(path: Path, raw: dict[str, Any], values: dict[str, Any]):
@@ -212,12 +204,15 @@ def run_trial(config_path: str, sweep_id: str, trial: int, values: dict[str, Any
     began = time.perf_counter()
     run_id = str(flow_run.get_id() or "")
     version = value = error = None
+
+    def failed(why: str) -> dict[str, Any]:  # a row for a trial the registry could not record
+        return {"trial": trial, "values": values, "status": "failed", "version": version, "value": value,
+                "seconds": time.perf_counter() - began, "error": why, "host": None, "flow_run_id": run_id or None}
+
     try:
         sweep_store.start_trial(sweep_id, trial, values, run_id or None)
     except Exception as e:  # the registry could not record it (busy, unreachable): a failed trial, not a failed sweep
-        return {"trial": trial, "values": values, "status": "failed", "version": None, "value": None,
-                "seconds": time.perf_counter() - began, "error": f"could not record the trial: {e}", "host": None,
-                "flow_run_id": run_id or None}
+        return failed(f"could not record the trial: {e}")
     try:
         cfg, config_dir = trial_config(Path(config_path), read_raw(config_path), values)
         sweep = sweep_store.get_sweep(sweep_id)
@@ -237,14 +232,12 @@ def run_trial(config_path: str, sweep_id: str, trial: int, values: dict[str, Any
             raise TuneryError(f"the evaluation measured no {sweep['metric']!r}")
     except Exception as e:  # a failed trial is recorded, never fatal to the sweep
         error = f"{type(e).__name__}: {e}" if not isinstance(e, TuneryError) else str(e)
-    seconds = time.perf_counter() - began
     try:
-        sweep_store.finish_trial(sweep_id, trial, version=version, value=value, seconds=seconds, error=error)
-        return next(t for t in sweep_store.get_sweep(sweep_id)["trials"] if t["trial"] == trial)
+        sweep_store.finish_trial(sweep_id, trial, version=version, value=value,
+                                 seconds=time.perf_counter() - began, error=error)
+        return sweep_store.get_trial(sweep_id, trial)
     except Exception as e:
-        return {"trial": trial, "values": values, "status": "failed", "version": version, "value": value,
-                "seconds": seconds, "error": f"could not record the result: {e}; {error or ''}".rstrip("; "),
-                "host": None, "flow_run_id": run_id or None}
+        return failed(f"could not record the result: {e}; {error or ''}".rstrip("; "))
 
 
 @task(task_run_name="trial {trial} of sweep {sweep_id}", tags=[ACCELERATOR_TAG])
@@ -274,8 +267,7 @@ def deploy_trials(pool: str) -> str:
 def _run_batch(config_path: str, sweep_id: str, batch: list[tuple[int, dict[str, Any]]],
                deployment: str | None) -> list[dict[str, Any]]:
     if deployment is None:  # in this process; the accelerator limit queues the trial tasks
-        futures = [trial_task.with_options(task_run_name=f"trial {n} of sweep {sweep_id}")
-                   .submit(config_path, sweep_id, n, values) for n, values in batch]
+        futures = [trial_task.submit(config_path, sweep_id, n, values) for n, values in batch]
         return [f.result() for f in futures]
     from prefect.deployments import run_deployment
 
@@ -283,15 +275,14 @@ def _run_batch(config_path: str, sweep_id: str, batch: list[tuple[int, dict[str,
         n, values = item
         run = run_deployment(deployment, parameters={"config_path": config_path, "sweep_id": sweep_id, "trial": n,
                                                      "values": values}, timeout=None)
-        rows = {t["trial"]: t for t in sweep_store.get_sweep(sweep_id)["trials"]}
-        if n not in rows or rows[n]["status"] == "running":  # the flow run ended before the trial settled
-            state = run.state.name if run.state else "unknown"
-            if n not in rows:
+        row = sweep_store.get_trial(sweep_id, n)
+        if row is None or row["status"] == "running":  # the flow run ended before the trial settled
+            if row is None:
                 sweep_store.start_trial(sweep_id, n, values, str(run.id))
             sweep_store.finish_trial(sweep_id, n, version=None, value=None, seconds=0.0,
-                                     error=f"its flow run {run.id} ended {state}")
-            rows = {t["trial"]: t for t in sweep_store.get_sweep(sweep_id)["trials"]}
-        return rows[n]
+                                     error=f"its flow run {run.id} ended {run.state.name if run.state else 'unknown'}")
+            row = sweep_store.get_trial(sweep_id, n)
+        return row
 
     with ThreadPoolExecutor(max_workers=len(batch)) as pool:
         return list(pool.map(one, batch))

@@ -68,10 +68,10 @@ def backend_name() -> str:
 def redact(url: str) -> str:
     """A URL without its password (in the user part or a `password=` parameter), for messages and the dashboard."""
     parts = urlsplit(url)
+    masked = parts._replace(query=re.sub(r"(?i)(^|&)(password)=[^&]*", r"\1\2=***", parts.query))
     if parts.password is not None:
-        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
-    query = re.sub(r"(?i)(^|&)(password)=[^&]*", r"\1\2=***", parts.query)
-    return urlunsplit(parts._replace(query=query))
+        masked = masked._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+    return url if masked == parts else urlunsplit(masked)
 
 
 def describe() -> str:
@@ -137,24 +137,34 @@ def _open(path: Path):
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def migrate(con) -> list[int]:
-    """Apply the migrations this DuckDB registry has not seen, each in its own transaction; return their ids."""
+def _pending(con) -> list[tuple[int, str, str]]:
+    """The shipped migrations this registry has not applied yet (creating its `_migrations` table if missing)."""
     con.execute("CREATE TABLE IF NOT EXISTS _migrations (id INTEGER PRIMARY KEY, name VARCHAR, applied_utc TIMESTAMP)")
     done = {row[0] for row in con.execute("SELECT id FROM _migrations").fetchall()}
+    return [m for m in migrations() if m[0] not in done]
+
+
+def _apply(con, migration: tuple[int, str, str]) -> None:
+    """Run one migration's statements for this connection's database and record it (inside a transaction)."""
+    number, name, sql = migration
+    for statement in _statements(number, sql, con.dialect):
+        con.execute(statement)
+    con.execute("INSERT INTO _migrations VALUES (?, ?, ?)", [number, name, utcnow()])
+
+
+def migrate(con) -> list[int]:
+    """Apply the migrations this DuckDB registry has not seen, each in its own transaction; return their ids."""
+    con = Connection(con, "duckdb")
     applied = []
-    for number, name, sql in migrations():
-        if number in done:
-            continue
+    for migration in _pending(con):
         con.execute("BEGIN TRANSACTION")
         try:
-            for statement in _statements(number, sql, "duckdb"):
-                con.execute(statement)
-            con.execute("INSERT INTO _migrations VALUES (?, ?, ?)", [number, name, utcnow()])
+            _apply(con, migration)
             con.execute("COMMIT")
         except Exception:
             con.execute("ROLLBACK")
             raise
-        applied.append(number)
+        applied.append(migration[0])
     return applied
 
 
@@ -335,20 +345,14 @@ class _Postgres:
 
     @staticmethod
     def _migrate(con: Connection) -> None:
+        """All pending migrations in one transaction, one process at a time (an advisory lock); nothing to lock
+        when every migration is there already."""
         with con.raw.transaction():
-            if con.execute("SELECT to_regclass('_migrations') IS NOT NULL").fetchone()[0]:
-                done = {r[0] for r in con.execute("SELECT id FROM _migrations").fetchall()}
-                if all(number in done for number, _, _ in migrations()):
-                    return
+            if con.execute("SELECT to_regclass('_migrations') IS NOT NULL").fetchone()[0] and not _pending(con):
+                return
             con.execute("SELECT pg_advisory_xact_lock(?)", [MIGRATION_LOCK])
-            con.execute("CREATE TABLE IF NOT EXISTS _migrations (id INTEGER PRIMARY KEY, name VARCHAR, "
-                        "applied_utc TIMESTAMP)")
-            done = {r[0] for r in con.execute("SELECT id FROM _migrations").fetchall()}
-            for number, name, sql in migrations():
-                if number not in done:
-                    for statement in _statements(number, sql, "postgresql"):
-                        con.execute(statement)
-                    con.execute("INSERT INTO _migrations VALUES (?, ?, ?)", [number, name, utcnow()])
+            for migration in _pending(con):
+                _apply(con, migration)
 
     @contextmanager
     def lease(self, reader: bool) -> Iterator[Connection]:
@@ -401,12 +405,14 @@ def parse_target(url: str) -> tuple[str, str]:
     raise TuneryError(f"{redact(url)!r}: expected postgresql://USER@HOST:PORT/DB or duckdb:///PATH/registry.duckdb")
 
 
+def current() -> tuple[str, str]:
+    """This process's registry as parse_target names one: ('postgresql', URL) or ('duckdb', PATH)."""
+    url = registry_url()
+    return ("postgresql", url) if url else ("duckdb", str(registry_path()))
+
+
 def _handle(target: str | None = None):
-    if target is None:
-        url = registry_url()
-        kind, key = ("postgresql", url) if url else ("duckdb", str(registry_path()))
-    else:
-        kind, key = parse_target(target)
+    kind, key = current() if target is None else parse_target(target)
     with _HANDLES_LOCK:
         if key not in _HANDLES:
             _HANDLES[key] = _Postgres(key) if kind == "postgresql" else _DuckDB(Path(key))

@@ -33,13 +33,14 @@ def create_version(name: str, stage: str, *, base_model: str | None = None, pare
                 raise TuneryError(f"parent version {parent!r} is not registered")
         number = _next_number(con, name)
         version = f"{name}:{number}"
+        owner = this_process()
         con.execute(
             "INSERT INTO versions (version, name, number, stage, status, base_model, hyperparameters_json, "
             "data_hash, info_json, flow_run_id, created_utc, owner_json, teacher, host) "
             "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [version, name, number, stage, base_model, json.dumps(hyperparameters or {}, sort_keys=True),
-             data_hash, json.dumps(info or {}, sort_keys=True), flow_run_id, utcnow(), json.dumps(this_process()),
-             teacher, socket.gethostname()],
+             data_hash, json.dumps(info or {}, sort_keys=True), flow_run_id, utcnow(), json.dumps(owner),
+             teacher, owner["host"]],
         )
         for position, parent in enumerate(parents):
             con.execute("INSERT INTO version_parents VALUES (?, ?, ?)", [version, parent, position])

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from registry import dialect
-from registry.db import connect, describe, parse_target, redact
-from tasks.common import TuneryError, registry_path
+from registry.db import connect, current, describe, parse_target, redact
+from tasks.common import TuneryError
 
 FIRST = ("registry_instance", "model_names", "versions")  # before the tables that refer to versions
 
@@ -33,9 +33,8 @@ def copy_registry(to: str) -> dict[str, Any]:
     """Copy this process's registry (TUNERY_REGISTRY_URL, else TUNERY_HOME's DuckDB file) into the empty registry at
     `to`, keeping every id, number and timestamp; then compare every table's rows. Refuses a target that holds
     anything, and the source itself."""
-    kind, key = parse_target(to)
     source = describe()
-    if key == source or (kind == "duckdb" and key == str(registry_path())):
+    if parse_target(to) == current():
         raise TuneryError(f"{redact(to)} is the registry being copied; name another one")
     copied: dict[str, int] = {}
     with connect(read_only=True) as src:

@@ -87,12 +87,20 @@ def tunery_home(tmp_path, monkeypatch) -> Path:
     registry.db.release()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class PostgresServer:
     """A PostgreSQL server of Debian's package in a temp folder, on a free loopback port (see `postgres_server`)."""
 
     def __init__(self):
         import glob
-        import socket
         import tempfile
 
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
@@ -104,9 +112,7 @@ class PostgresServer:
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self.as_user:
             shutil.chown(self.folder, "postgres")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         data = self.folder / "data"
         env = {k: v for k, v in os.environ.items() if k != "TUNERY_TEST_SESSION"}  # stopped by its fixture
         subprocess.run([*self.as_user, str(self.bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,7 +13,7 @@ import pytest
 import yaml
 
 import registry
-from conftest import REPO
+from conftest import REPO, free_port
 
 PAGES = REPO / "dashboard" / "views"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -275,15 +274,9 @@ def test_promote_and_rollback_from_the_version_page(tiny_model_dir, tmp_path, ga
     assert "has no earlier holder" in at.error[0].value
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_dashboard(tunery_home, tmp_path) -> tuple[str, subprocess.Popen]:
     """`tunery dashboard` as a user starts it, on a free port of 127.0.0.1, once it answers."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TUNERY_HOME": str(tunery_home), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     log = (tmp_path / "dashboard.log").open("w")
     proc = subprocess.Popen([str(Path(os.sys.executable).parent / "tunery"), "dashboard", "--port", str(port)],

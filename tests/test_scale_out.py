@@ -3,6 +3,7 @@ database, a Prefect server on it, a process work pool with two workers sharing o
 deployed to the pool, and a 4-trial sweep spread over both workers."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,25 +17,17 @@ import httpx
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 BIN = Path(os.sys.executable).parent
 POOL = "tunery"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def cluster(postgres_server, tmp_path_factory):
     shared = tmp_path_factory.mktemp("shared-home")  # the storage every worker mounts as TUNERY_HOME
     logs = tmp_path_factory.mktemp("logs")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TUNERY_HOME": str(shared), "TUNERY_REGISTRY_URL": postgres_server.new_database(),
            "PREFECT_HOME": str(shared / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_API_DATABASE_CONNECTION_URL": postgres_server.new_database().replace(
@@ -67,7 +60,7 @@ def cluster(postgres_server, tmp_path_factory):
         yield SimpleNamespace(env=env, home=shared, logs=logs, url=env["TUNERY_REGISTRY_URL"])
     finally:
         for p in reversed(procs):
-            with __import__("contextlib").suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
         for p in procs:
             try:
