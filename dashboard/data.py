@@ -6,15 +6,18 @@ reruns are cheap and a new version shows up at the latest a TTL later, or at onc
 """
 from __future__ import annotations
 
-from typing import Any
+import json
+import subprocess
+import sys
+from typing import Any, Callable
 from urllib.parse import quote
 
 import pandas as pd
 import streamlit as st
 
 import registry
+from core import metrics as metric_catalogue
 from registry import exports as export_store
-from registry.store import TABLE_METRICS
 
 TTL = 5  # seconds a query result is reused across reruns and sessions
 
@@ -24,7 +27,7 @@ def version_table(**filters: Any) -> pd.DataFrame:
     registry.settle_interrupted()  # a version whose process was killed shows as failed, not running forever
     rows = registry.version_table(**filters)
     columns = ["version", "name", "number", "stage", "status", "base_model", "created_utc", "error", "aliases",
-               *TABLE_METRICS]
+               *metric_catalogue.headline()]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -125,3 +128,21 @@ def sweep_trials(sweep_id: str) -> tuple[dict[str, Any], pd.DataFrame]:
                      "tokens_per_s": v.get("tokens_per_s"), "peak_rss_mb": v.get("peak_rss_mb"),
                      "best": t["trial"] == sweep["best_trial"], "error": t["error"]})
     return sweep, pd.DataFrame(rows)
+
+
+def run_tunery(*args: str, progress: Callable[[str], Any]) -> tuple[Any, str | None]:
+    """Run a `tunery` command (`promote`, `rollback`) with `--json` in its own process, as a user would: its progress
+    lines go to `progress`. Returns (the JSON document it printed or None, its error message or None). The page
+    stays a reader; the CLI owns every action."""
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args, "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    error = None
+    for line in proc.stderr:
+        if line.startswith("error: "):
+            error = line.removeprefix("error: ").strip()
+        elif line.strip():
+            progress(line.rstrip())
+    result = json.loads(proc.stdout.read() or "null")
+    if proc.wait() != 0 and error is None:
+        error = f"tunery {args[0]} exited with status {proc.returncode}"
+    return result, error

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 import registry
+from core.errors import TuneryError
 from registry import exports as export_store
-from tasks.common import TuneryError
 
 # Ollama's sampling defaults, used where a Modelfile sets no PARAMETER of that name.
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1, "repeat_last_n": 64,

@@ -14,10 +14,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.rows import (check_rows, comparison_rows, export_rows, health_rows, metric_rows, promotion_rows,
-                        record_rows)
-from flows.rows import fmt as _fmt
-from tasks.common import TuneryError, home
+from core import metrics as metric_catalogue
+from core.errors import TuneryError
+from core.home import home
+from flows import report
+from flows.report import check_rows, comparison_rows
+from flows.report import fmt as _fmt
 
 # Stdout carries a command's own output only (one JSON document with --json); whatever libraries print while a
 # command runs (trainer log lines, progress) goes to stderr.
@@ -101,18 +103,20 @@ def run(config: Path = typer.Argument(None, help="Pipeline YAML; default: config
     config = config or DEMO_CONFIG
     cfg, _ = load_config(config)  # fail on a bad config before Prefect starts
     _prefect_env()
-    from flows.pipeline import SUMMARY_METRICS, pipeline
+    from flows.pipeline import pipeline
 
     result = pipeline(str(config))
     if as_json:
         _print_json(result)
         return
     table = Table(title=f"{cfg.name}: every version of this run (held-out data {result['data_hash'][:12]})")
-    columns = ("version", "stage", "parents", "this run", *SUMMARY_METRICS)
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("version", "stage", "parents", "this run") else "right")
+    fields, headline = ("version", "stage", "parents", "this run"), metric_catalogue.headline()
+    for col in fields:
+        table.add_column(col)
+    for name in headline:
+        table.add_column(metric_catalogue.label(name), justify="right")
     for row in result["rows"]:
-        table.add_row(*(_fmt(row[c]) for c in columns))
+        table.add_row(*(_fmt(row[c]) for c in fields), *(metric_catalogue.fmt(k, row[k]) for k in headline))
     out.print(table)
     base, last = result["rows"][0], result["rows"][-1]
     change = (last["perplexity"] - base["perplexity"]) / base["perplexity"]
@@ -170,20 +174,18 @@ def sweep(config: Path = typer.Argument(..., help="Pipeline YAML whose settings 
 
 
 def _print_distill(version) -> None:
-    """A distilled version's closing table: what the teacher's prompt cost, what the student kept."""
-    from tasks.distill import summary
-
-    rows, m = summary(version.metrics), version.metrics
-    if not rows:
+    """A distilled version's closing table (the report's distillation section): what the teacher's prompt cost, what
+    the student kept."""
+    found = report.section(report.version_report(version), "distill")
+    if found is None:
         return
-    without = " without" if version.stage == "distill-prompt" else ""
-    table = Table(title=f"{version.version} ({version.stage}), measured on {m['distill_heldout_answers']:.0f} "
-                        "held-out teacher answers")
+    m, without = version.metrics, " without" if version.stage == "distill-prompt" else ""
+    table = Table(title=f"{version.version} ({version.stage}), {found.caption}")
     for col in ("", f"teacher {version.teacher}" + (" with its prompt" if without else ""),
                 f"start {version.parents[0]}{without}", f"student {version.version}{without}",
                 "student vs teacher"):
         table.add_column(col, justify="left" if not col else "right")
-    for r in rows:
+    for r in found.rows:
         table.add_row(r["measure"], _fmt(r["teacher"]), _fmt(r["start"]), _fmt(r["student"]), r["change"])
     out.print(table)
     out.print(f"the student's perplexity is {m['distill_perplexity_reduction']:.0%} lower than its start's, "
@@ -334,9 +336,7 @@ def _print_answers(export: dict[str, Any]) -> None:
 
 
 def _print_promotion(result: dict[str, Any]) -> None:
-    from flows.promotion import summary
-
-    out.print(summary(result))
+    out.print(report.promotion_summary(result))
     if result["promoted"]:
         out.print(f"{result['alias']} -> {result['version']}: {result['path']} ({result['ollama']})")
 
@@ -476,13 +476,12 @@ def models(name: Optional[str] = typer.Option(None, help="Only versions of this 
         _print_json(versions)
         return
     table = Table()
-    for col in ("version", "stage", "status", "parents", "perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb",
-                "created_at"):
+    headline = metric_catalogue.headline()
+    for col in ("version", "stage", "status", "parents", *map(metric_catalogue.label, headline), "created_at"):
         table.add_column(col)
     for v in versions:
         table.add_row(v.version, v.stage, v.status, ", ".join(v.parents) or "-",
-                      *(_fmt(v.metrics.get(k)) for k in ("perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb")),
-                      v.created_at[:19])
+                      *(metric_catalogue.fmt(k, v.metrics.get(k)) for k in headline), v.created_at[:19])
     out.print(table if versions else "no versions registered yet; try `tunery run`")
 
 
@@ -501,50 +500,50 @@ def show(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bo
                      "promotions": [{k: p[k] for k in ("action", "alias", "version", "previous_version", "export_id",
                                                        "gate", "ollama", "recorded_at")} for p in found["promotions"]]})
         return
-    _print_record(v)
-    if found["aliases"]:
-        out.print(f"[bold]{'aliases':>14}[/]  {', '.join(found['aliases'])}", highlight=False)
-    for row in promotion_rows(found["promotions"]):
-        out.print(f"[bold]{'promotion':>14}[/]  {row['when']} {row['alias']}: {row['what']}"
-                  + (f" (failed: {row['failed']})" if row["failed"] else ""), highlight=False)
-    for row in export_rows(found["exports"]):
-        out.print(f"[bold]{'export':>14}[/]  {row['file']} ({row['size']}): checks {row['checks']}", highlight=False)
+    _print_report(report.version_report(v, {**found, "children": registry.children(v.version)}))
 
 
-def _print_record(v) -> None:
-    """`show`'s account of the version itself: fields, hyperparameters, metrics, health and sample answers."""
-    for row in record_rows(v):
-        out.print(f"[bold]{row['field']:>14}[/]  {row['value']}", highlight=False)
-    if v.hyperparameters:
-        out.print("[bold]hyperparameters[/]")
-        out.print_json(json.dumps(v.hyperparameters))
-    measured = [(v.eval_data_hash, v.metrics, "metrics"), *(
-        (data, m, "metrics on other data") for data, m in v.metrics_on_other_data.items())]
-    for data, metrics, title in measured:
-        if not metrics:
-            continue
-        note = "" if title == "metrics" else "; not used by compare, best-version or the gate"
-        where = f" (evaluated on data {data[:12]}{note})" if data else ""
-        out.print(f"[bold]{title}[/]{where}", highlight=False)
-        for row in metric_rows(metrics):
-            out.print(f"{row['metric']:>22}  {_fmt(row['value'])}")
-    health = health_rows(v.info)
-    if health:
-        out.print("[bold]training health[/]")
-        for row in health:
-            colour = {"ok": "green", "warning": "yellow", "not judged": "dim"}[row["state"]]
-            out.print(f"{row['check']:>22}  [{colour}]{row['verdict']}[/]  {row['detail']}", highlight=False)
-    if v.samples:
-        out.print("[bold]sample answers[/]")
-        for sample in v.samples:
-            out.print(f"  [bold]Q:[/] {sample['prompt']}\n  [bold]A:[/] {sample['answer']}", highlight=False)
+def _print_report(sections: list[report.Section]) -> None:
+    """The version report in the terminal: fields aligned, metrics by group, verdicts coloured."""
+    colours = {"ok": "green", "warning": "yellow", "not judged": "dim"}
+    for s in sections:
+        if s.key != "record":
+            out.print(f"[bold]{s.title}[/]" + (f" ({s.caption})" if s.caption else ""), highlight=False)
+        if s.kind == "fields":
+            for row in s.rows:
+                if row["value"]:
+                    out.print(f"[bold]{row['field']:>14}[/]  {row['value']}", highlight=False)
+        elif s.kind == "json":
+            out.print_json(json.dumps(s.data))
+        elif s.kind == "metrics":
+            for row in s.rows:
+                out.print(f"{row['metric']:>22}  {metric_catalogue.fmt(row['metric'], row['value'])}  "
+                          f"[dim]{row['group']}[/]", highlight=False)
+        elif s.kind == "verdicts":
+            for row in s.rows:
+                out.print(f"{row['check']:>22}  [{colours[row['state']]}]{row['verdict']}[/]  {row['detail']}",
+                          highlight=False)
+        elif s.kind == "lines":
+            for row in s.rows:
+                out.print(f"  {row['text']}", highlight=False)
+        elif s.key == "samples":
+            for sample in s.rows:
+                out.print(f"  [bold]Q:[/] {sample['prompt']}\n  [bold]A:[/] {sample['answer']}", highlight=False)
+        else:
+            table = Table(show_header=True)
+            for col in s.rows[0]:
+                table.add_column(col)
+            for row in s.rows:
+                table.add_row(*(report.cell(k, v) for k, v in row.items()))
+            out.print(table)
 
 
 @command
 def lineage(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bool = JsonOpt) -> None:
     """The whole ancestry of a version: its parents, their parents, down to the base model."""
-    import registry
     from rich.tree import Tree
+
+    import registry
 
     root = registry.lineage(version)
     if as_json:

@@ -8,8 +8,10 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core import metrics as metric_catalogue
+from core.errors import TuneryError, check_name
+from core.files import read_utf8
 from tasks.catalogue import STAGES, TRAINING, Stage
-from tasks.common import TuneryError, check_name, read_utf8
 from tasks.evaluation import EvalConfig
 from tasks.export import ExportConfig, GateConfig
 from tasks.prep import PrepConfig
@@ -47,9 +49,11 @@ class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     parameters: dict[str, SweepRange | list[Any]] = Field(min_length=1)
-    metric: str = Field("perplexity", description="The held-out metric that picks the best trial.")
+    metric: str | None = Field(None, description="The metric that picks the best trial; default: the config's "
+                                                 "`metric`. A metric a stage measures counts too.")
     direction: Literal["minimize", "maximize"] | None = Field(
-        None, description="Default: from the metric (perplexity is minimized, answer_f1 maximized, ...).")
+        None, description="Default: the metric's direction in the catalogue (perplexity is minimized, answer_f1 "
+                          "maximized, ...).")
     trials: int = Field(8, ge=1, description="How many trials to run.")
     parallel: int = Field(1, ge=1, description="Trials asked for at once (at most the workers that can run them).")
     sampler: Literal["tpe", "random"] = "tpe"
@@ -79,6 +83,15 @@ class PipelineConfig(BaseModel):
                                                          "version through this gate.")
     sweep: SweepConfig | None = Field(None, description="What `tunery sweep` searches when given no --set: ranges "
                                                         "and choices of settings, searched by Optuna.")
+    metric: str = Field("perplexity", description="The metric that ranks versions: the best version a run "
+                                                  "promotes, and a sweep's best trial unless `sweep.metric` says "
+                                                  "otherwise. Any metric of the catalogue (core/metrics.py) with a "
+                                                  "better direction, measured on the held-out data.")
+
+    @field_validator("metric")
+    @classmethod
+    def _rankable(cls, v: str) -> str:
+        return metric_catalogue.check_rankable(v, "metric")
 
     @field_validator("name", "base_name")
     @classmethod

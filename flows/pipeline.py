@@ -11,12 +11,14 @@ from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
 
 import registry
-from flows import promotion, steps
+from core import metrics as metric_catalogue
+from core.errors import RegistryBusy, TuneryError
+from core.files import sha256_json
+from core.home import home
+from flows import promotion, report, steps
 from flows.config import BASE_REF, load_config
 from flows.plan import PlannedStage, code_version, plan_stage
-from flows.rows import check_rows, health_rows, markdown_table
-from tasks.common import RegistryBusy, TuneryError, home, resolve_device, sha256_json
-from tasks.distill import summary as distill_summary, teacher_label
+from tasks.common import resolve_device
 
 # Tasks that use the accelerator carry this tag; every pipeline run (and `tunery serve`) makes sure the server has a
 # concurrency limit of 1 on it, so two trainings or evaluations never share one machine's GPU (or CPU) at once.
@@ -55,8 +57,6 @@ def transient_only(task, task_run, state) -> bool:
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": transient_only}
 
-SUMMARY_METRICS = ("perplexity", "answer_f1", "general_accuracy", "tokens_per_s", "ttft_ms", "peak_rss_mb")
-
 
 def _key(*parts: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
@@ -81,36 +81,6 @@ def prep_task(cfg, config_dir: Path, base: registry.Version):
 @task(task_run_name="base {cfg.base_model}", **IO_RETRIES)
 def base_task(cfg, config_dir: Path) -> registry.Version:
     return steps.run_base(cfg, config_dir)
-
-
-def _describe_stage(version: registry.Version) -> str:
-    m, info = version.metrics, version.info
-    lines = [f"### {version.version} ({version.stage}, {info.get('method') or info.get('merge')})",
-             f"parents: {', '.join(version.parents)}", ""]
-    if "train_loss" in m:
-        lines.append(f"loss {m['train_loss_first']:.3f} -> {m['train_loss']:.3f} in {m['train_steps']:.0f} steps, "
-                     f"{m['train_runtime_s']:.0f} s, peak RSS {m['train_peak_rss_mb']:.0f} MB")
-    for key in ("text_perplexity_start", "text_perplexity", "preference_accuracy_start", "preference_accuracy",
-                "reward_accuracy", "reward_margin"):
-        if key in m:
-            lines.append(f"- {key}: {m[key]:.3f}")
-    distilled = distill_summary(m)
-    if distilled:
-        lines += [f"\nteacher {version.teacher} ({teacher_label(info)}), {m['distill_train_answers']:.0f} "
-                  f"answers learned, {m['distill_heldout_answers']:.0f} held out\n",
-                  "| | teacher | start | student | change |", "|---|---|---|---|---|"]
-        lines += [f"| {r['measure']} | " + " | ".join("" if r[k] is None else f"{r[k]:.4g}"
-                                                     for k in ("teacher", "start", "student")) + f" | {r['change']} |"
-                  for r in distilled]
-        lines.append("")
-    for row in health_rows(info):
-        lines.append(f"- {row['check']}: **{row['verdict']}** ({row['detail']})")
-    if "spectrum" in info:
-        lines.append(f"- spectrum trained {len(info['spectrum']['selected'])} of {len(info['spectrum']['scores'])} "
-                     "matrices")
-    if "mergekit_config" in info:
-        lines.append(f"- mergekit: `{info['mergekit_config']}`")
-    return "\n".join(lines) + "\n"
 
 
 def result_storage() -> str:
@@ -142,7 +112,7 @@ def eval_cache_key(context, parameters: dict[str, Any]) -> str:
       result_serializer="json", tags=[ACCELERATOR_TAG])
 def stage_task(cfg, plan: PlannedStage, data, config_dir: Path) -> registry.Version:
     version = steps.run_planned(cfg, plan, data, config_dir, flow_run_id=str(flow_run.get_id() or ""), reuse=True)
-    create_markdown_artifact(key=_key(cfg.name, plan.stage_id), markdown=_describe_stage(version),
+    create_markdown_artifact(key=_key(cfg.name, plan.stage_id), markdown=report.markdown(report.version_report(version)),
                              description=f"{plan.kind} stage")
     return version
 
@@ -154,7 +124,7 @@ def eval_task(version: registry.Version, data, eval_cfg) -> dict[str, float]:
     create_markdown_artifact(
         key=_key(version.name, "eval"),
         markdown=f"### {version.version}\n\n" + "\n".join(
-            f"- {k}: {metrics[k]:.3f}" for k in SUMMARY_METRICS if k in metrics),
+            f"- {k}: {metric_catalogue.fmt(k, metrics[k])}" for k in metric_catalogue.headline() if k in metrics),
         description="evaluation on the held-out split",
     )
     return metrics
@@ -165,10 +135,10 @@ def promote_task(version: registry.Version, data, cfg) -> dict[str, Any]:
     """Export the version, check it with llama.cpp and promote it through the config's gate."""
     result = promotion.promote(version.version, data, cfg.export, cfg.promote, cfg.eval_config().prompts,
                                evals=cfg.eval_config())
-    checks = markdown_table(check_rows(result["export"]))
+    checks = report.markdown_table(report.check_rows(result["export"]))
     create_markdown_artifact(
         key=_key(version.name, "promotion"),
-        markdown=f"```\n{promotion.summary(result)}\n```\n\n### Export checks ({result['export']['export_id']})\n\n"
+        markdown=f"```\n{report.promotion_summary(result)}\n```\n\n### Export checks ({result['export']['export_id']})\n\n"
                  f"{checks}",
         description="export, checks and gate decision",
     )
@@ -237,7 +207,7 @@ def pipeline(config_path: str) -> dict[str, Any]:
             logger.info(f"{v.version} reused: its inputs are unchanged since flow run {v.flow_run_id}")
     rows = [{"version": v.version, "stage": v.stage, "parents": ", ".join(v.parents),
              "this run": "reused" if i and v.flow_run_id != this_run else ("base" if not i else "trained"),
-             **{k: round(m.get(k, float("nan")), 3) for k in SUMMARY_METRICS}} for i, (v, m) in enumerate(results)]
+             **{k: round(m.get(k, float("nan")), 3) for k in metric_catalogue.headline()}} for i, (v, m) in enumerate(results)]
     create_table_artifact(key=_key(cfg.name, "summary"), table=rows, description="every version of this run")
     create_link_artifact(key=_key(cfg.name, "dashboard"), link=dashboard_url(previous.version),
                          link_text=f"{previous.version} in the tunery dashboard",
@@ -246,7 +216,7 @@ def pipeline(config_path: str) -> dict[str, Any]:
     _rename(f"{cfg.name} -> {previous.version}" + (" (nothing changed)" if reused else ""))
     promoted = None
     if cfg.promote is not None:
-        best = promotion.best_version([v.version for v, _ in results[1:]], data.info["data_hash"])
+        best = promotion.best_version([v.version for v, _ in results[1:]], data.info["data_hash"], cfg.metric)
         holder = registry.exports.get_alias(cfg.name, cfg.promote.alias)
         if holder and holder["version"] == best.version and \
                 registry.exports.get_export(holder["export_id"])["quant"] == cfg.export.quant:

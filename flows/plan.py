@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import registry
+from core.errors import TuneryError
+from core.files import sha256_json
 from flows.config import BASE_REF, PipelineConfig
 from tasks.catalogue import DISTILL
-from tasks.common import StageResult, TuneryError, resolve_device, sha256_json
+from tasks.common import StageResult, resolve_device
 from tasks.dpo import DpoStage
 from tasks.merge import NEEDS_BASE, MergeStage
 from tasks.prep import load_prepared, prepare

@@ -19,9 +19,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import registry
+from core import metrics as metric_catalogue
+from core.errors import TuneryError, check_name
+from core.files import write_json
+from core.home import atomic_dir, home
 from flows.steps import forgetting, model_folder
 from registry import exports as export_store
-from tasks.common import StageResult, TuneryError, atomic_dir, check_name, home, write_json
+from tasks.common import StageResult
 from tasks.convert import convert
 from tasks.evaluation import EvalConfig
 from tasks.export import ExportConfig, GateConfig
@@ -392,14 +396,15 @@ def rollback(target: str) -> dict[str, Any]:
             "ollama": ollama, "path": str(exports_dir() / name / alias)}
 
 
-def best_version(refs: list[str], eval_data: str) -> registry.Version:
-    """The version with the lowest perplexity on the data hashed `eval_data` (what `tunery run` promotes); a
-    perplexity measured on other data does not count."""
+def best_version(refs: list[str], eval_data: str, metric: str = "perplexity") -> registry.Version:
+    """The ready version with the best `metric` (by its catalogue direction) on the data hashed `eval_data`: what
+    `tunery run` promotes. A value measured on other data does not count."""
     versions = [registry.get_version(ref, eval_data) for ref in refs]
-    scored = [v for v in versions if v.status == "ready" and "perplexity" in v.metrics]
-    if not scored:
-        raise TuneryError(f"no version evaluated on data {eval_data[:12]} to promote")
-    return min(scored, key=lambda v: v.metrics["perplexity"])
+    found = metric_catalogue.best([v for v in versions if v.status == "ready"], metric)
+    if found is None:
+        raise TuneryError(f"no version evaluated on data {eval_data[:12]} has a {metric} to rank by; nothing to "
+                          "promote")
+    return found
 
 
 def override(settings, option: str, **changes: Any):
@@ -438,16 +443,6 @@ def promote_from_config(ref: str, config: str | Path | None = None, alias: str |
     """`tunery promote` and the dashboard's Promote button: export, check and gate as the config says."""
     cfg, data, export_cfg, gate_cfg = _setup(ref, config, quant, alias)
     return promote(ref, data, export_cfg, gate_cfg, cfg.eval_config().prompts, progress, cfg.eval_config())
-
-
-def summary(result: dict[str, Any]) -> str:
-    """A few lines for the terminal and the Prefect artifact."""
-    lines = [f"{'PROMOTED' if result['promoted'] else 'REFUSED'} {result['version']} -> {result['alias']}"]
-    for v in result["gate"]:
-        value = v["value"] if not isinstance(v["value"], float) else f"{v['value']:.4g}"
-        threshold = v["threshold"] if not isinstance(v["threshold"], float) else f"{v['threshold']:.4g}"
-        lines.append(f"  {'ok  ' if v['passed'] else 'FAIL'} {v['name']}: {value} (needs {threshold}) {v['detail']}")
-    return "\n".join(lines)
 
 
 def refused_message(result: dict[str, Any]) -> str:

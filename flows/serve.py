@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from tasks.common import TuneryError, read_utf8
+from core.errors import TuneryError
+from core.files import read_utf8
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import registry
+from core.errors import TuneryError
+from core.home import artifacts_dir, atomic_dir, home, home_relative
 from flows.config import PipelineConfig
 from flows.plan import PlannedStage, plan_stage
 from tasks.catalogue import STAGES, Stage
-from tasks.common import (StageResult, TuneryError, artifacts_dir, atomic_dir, home, home_relative,
-                          resolve_device)
+from tasks.common import StageResult, resolve_device
 from tasks.distill import make_dataset, preference_pairs, prompt_contexts
 from tasks.evaluation import EvalConfig, evaluate
 from tasks.merge import MergeStage, check_sources, merge_adapter
@@ -340,7 +341,8 @@ def run_eval(version: registry.Version, data: StageResult, eval_cfg: EvalConfig)
 def run_judge(version: registry.Version, cfg, eval_data_hash: str) -> dict[str, float]:
     """The judge's verdicts on the version's held-out answers against its first parent's (tasks.judge), recorded;
     returns the `judge_*` rates (nothing when it has no parent or the parent has no answers on this data)."""
-    from tasks.judge import rates, run_judge as judge
+    from tasks.judge import rates
+    from tasks.judge import run_judge as judge
 
     if not version.parents:
         return {}

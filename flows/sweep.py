@@ -30,10 +30,11 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 import registry
+from core import metrics as metric_catalogue
+from core.errors import TuneryError
 from flows.config import BASE_REF, SweepConfig, SweepRange, read_raw, validate_config
 from flows.pipeline import ACCELERATOR_TAG, ensure_accelerator_limit
 from registry import sweeps as sweep_store
-from tasks.common import TuneryError
 
 REPO = Path(__file__).resolve().parent.parent
 TRIAL_FLOW = "tunery-trial"
@@ -99,16 +100,14 @@ def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 
 
 def direction_of(metric: str, given: str | None) -> str:
-    from registry.store import HIGHER_IS_BETTER, LOWER_IS_BETTER
-
+    """Optuna's direction for a sweep metric: as given, else the metric's in the catalogue."""
     if given:
         return given
-    family = metric.split("/")[0]
-    if family in LOWER_IS_BETTER:
-        return "minimize"
-    if family in HIGHER_IS_BETTER:
-        return "maximize"
-    raise TuneryError(f"sweep.metric {metric!r}: its better direction is unknown; set sweep.direction")
+    way = metric_catalogue.better(metric)
+    if way is None:
+        raise TuneryError(f"sweep.metric {metric!r}: its better direction is unknown (not in core/metrics.py); "
+                          "set sweep.direction")
+    return "minimize" if way == "lower" else "maximize"
 
 
 class Plan:
@@ -126,14 +125,14 @@ class Plan:
             self.grid = [dict(zip(keys, combo)) for combo in itertools.product(*space.values())]
             self.space: dict[str, Any] = space
             self.method = "grid"
-            self.metric = section.metric if section else "perplexity"
+            self.metric = (section.metric if section else None) or self.cfg.metric
             self.direction = direction_of(self.metric, section.direction if section else None)
             self.trials, self.parallel, self.seed = len(self.grid), len(self.grid), 0
         elif section is not None:
             self.space = {k: (v.model_dump() if isinstance(v, SweepRange) else v)
                           for k, v in section.parameters.items()}
-            self.method, self.metric = section.sampler, section.metric
-            self.direction = direction_of(section.metric, section.direction)
+            self.method, self.metric = section.sampler, section.metric or self.cfg.metric
+            self.direction = direction_of(self.metric, section.direction)
             self.trials, self.parallel, self.seed = section.trials, section.parallel, section.seed
         else:
             raise TuneryError(f"{self.path}: nothing to sweep; give --set KEY=V1,V2 or a `sweep:` section")

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+from core.errors import RegistryBusy, TuneryError
+from core.home import registry_path
 from registry import dialect
-from tasks.common import RegistryBusy, TuneryError, registry_path
 
 LOCK_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0)  # DuckDB's own lock, held by a process outside
 LINGER_S = 0.05    # DuckDB: keep the file open this long after an operation, for the process's next one

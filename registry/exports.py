@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from core.errors import TuneryError
+from core.home import home_relative, in_home
 from registry.db import connect, utcnow
 from registry.records import Version
 from registry.store import _require
-from tasks.common import TuneryError, home_relative, in_home
 
 
 def record_export(export: dict[str, Any], checks: list[dict[str, Any]]) -> None:

@@ -8,9 +8,11 @@ import shutil
 import socket
 from typing import Any
 
+from core import metrics as metric_catalogue
+from core.errors import TuneryError, check_name
+from core.home import home_relative, in_home
 from registry.db import connect, utcnow
 from registry.records import Version
-from tasks.common import TuneryError, check_name, home_relative, in_home
 
 VERSION_RE = re.compile(r"^(?P<name>[^:@]+):(?P<number>\d+)$")
 STATUSES = ("running", "ready", "failed")
@@ -68,7 +70,7 @@ def settle_interrupted() -> list[str]:
     (SIGKILL, the OOM killer, a power cut), and remove the temporary folder it was writing. A version owned by a
     process on another host is left alone: this process cannot see whether that one is alive. Returns the settled
     versions."""
-    from tasks.common import artifacts_dir
+    from core.home import artifacts_dir
 
     here = socket.gethostname()
     # Read-only first: every CLI command and dashboard view calls this, and the write lock is taken only when
@@ -378,19 +380,6 @@ def get_history(version: str) -> list[dict[str, Any]]:
     return list(steps.values())
 
 
-# Which way is better, by metric name (a per-category metric `perplexity/support` goes by its part before the slash).
-LOWER_IS_BETTER = {"perplexity", "text_perplexity", "nll_sum", "ttft_ms", "ttft_ms_adapter", "peak_rss_mb",
-                   "peak_cuda_mb", "cost_per_mtok_usd", "train_loss", "train_peak_rss_mb", "health_warnings",
-                   "distill_perplexity_student"}
-HIGHER_IS_BETTER = {"tokens_per_s", "tokens_per_s_adapter", "train_tokens_per_s", "preference_accuracy",
-                    "preference_margin", "reward_accuracy", "reward_margin",
-                    # answer scores and the forgetting check (transformers, and the exported GGUF)
-                    *(f"{backend}answer_{score}" for backend in ("", "gguf_")
-                      for score in ("exact", "f1", "rougeL", "chrf")),
-                    "general_accuracy", "gguf_general_accuracy", "judge_win_rate"}
-LOWER_IS_BETTER |= {"general_drop_pct", "gguf_general_drop_pct"}
-
-
 def _change(x: Any, y: Any) -> tuple[float | None, float | None]:
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
     if not numeric:
@@ -417,13 +406,7 @@ def compare_versions(a: str, b: str) -> dict[str, Any]:
     for key in sorted(set(va.metrics) | set(vb.metrics)):
         x, y = va.metrics.get(key), vb.metrics.get(key)
         change, relative = _change(x, y)
-        family = key.split("/")[0]
-        better = None
-        if change and (same_data or key in training):
-            if family in LOWER_IS_BETTER:
-                better = change < 0
-            elif family in HIGHER_IS_BETTER:
-                better = change > 0
+        better = metric_catalogue.is_better(key, change) if same_data or key in training else None
         rows.append({"metric": key, "a": x, "b": y, "change": change, "relative_change": relative,
                      "better": better})
     hp_a, hp_b = _flatten(va.hyperparameters), _flatten(vb.hyperparameters)
@@ -447,9 +430,6 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
-TABLE_METRICS = ("perplexity", "answer_f1", "general_accuracy", "tokens_per_s", "ttft_ms", "peak_rss_mb")
-
-
 def version_table(names: list[str] = (), stages: list[str] = (), base_models: list[str] = (),
                   statuses: list[str] = (), alias: str | None = None, search: str | None = None,
                   since: Any = None, until: Any = None) -> list[dict[str, Any]]:
@@ -458,7 +438,8 @@ def version_table(names: list[str] = (), stages: list[str] = (), base_models: li
     Every filter is a bound parameter; an empty list or None means no filter. `search` matches, case-insensitively
     and literally (no wildcards), the version, stage, base model, status or error text.
     """
-    metric_cols = ", ".join(f"max(CASE WHEN m.name = '{k}' THEN m.value END) AS {k}" for k in TABLE_METRICS)
+    columns = metric_catalogue.headline()  # declared names (core.metrics checks them), quoted as aliases
+    metric_cols = ", ".join(f"max(CASE WHEN m.name = ? THEN m.value END) AS \"{k}\"" for k in columns)
     sql = f"""
         WITH first_eval AS (  -- each version's first evaluation data
             SELECT version, eval_data_hash FROM (
@@ -493,7 +474,7 @@ def version_table(names: list[str] = (), stages: list[str] = (), base_models: li
         ORDER BY v.created_utc DESC, v.name, v.number DESC
     """
     lists = [list(names), list(stages), list(base_models), list(statuses)]
-    params: list[Any] = [list(TABLE_METRICS)]
+    params: list[Any] = [list(columns), *columns]
     for values in lists:
         params += [not values, values]  # no values: no filter
     params += [alias, alias, search or None, search or None, since, since, until, until]

@@ -5,8 +5,8 @@ import json
 import socket
 from typing import Any
 
+from core.errors import TuneryError
 from registry.db import connect, utcnow
-from tasks.common import TuneryError
 
 
 def create_sweep(sweep_id: str, name: str, config: str, method: str, metric: str, direction: str,

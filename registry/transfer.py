@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.errors import TuneryError
 from registry import dialect
 from registry.db import connect, current, describe, parse_target, redact
-from tasks.common import TuneryError
 
 FIRST = ("registry_instance", "model_names", "versions")  # before the tables that refer to versions
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from tasks.common import TuneryError
+from core.errors import TuneryError
 
 
 def run_child(module: str, spec: dict[str, Any], what: str, launcher: list[str] | None = None,

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.common import TuneryError
+from core.errors import TuneryError
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 

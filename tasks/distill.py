@@ -31,7 +31,10 @@ from typing import Any, ClassVar, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from tasks.common import StageResult, TuneryError, home, resolve_device, resolve_precision, sha256_json, write_json
+from core.errors import TuneryError
+from core.files import sha256_json, write_json
+from core.home import home
+from tasks.common import StageResult, resolve_device, resolve_precision
 from tasks.models import (answer_length, conversation, greedy_answers, load_model, load_tokenizer, prompt_ids,
                           turn_end_ids)
 from tasks.prep import PrepConfig, load_prepared, prepare, split
@@ -398,41 +401,6 @@ def _comparisons(m: dict[str, float]) -> dict[str, float]:
     if "distill_tokens_per_s_teacher" in m:
         out["distill_speedup"] = m["distill_tokens_per_s_student"] / m["distill_tokens_per_s_teacher"]
     return out
-
-
-def teacher_label(info: dict[str, Any]) -> str:
-    """How the teacher answered, in words: `hf`, or `llama.cpp on NAME/TAG (passed)` or `(failed: CHECKS)`."""
-    if info.get("teacher_export"):
-        return f"llama.cpp on {info['teacher_export']} ({info['teacher_gguf_checks']})"
-    return info["teacher_backend"] + (f"; skipped {info['teacher_export_skipped']}" if info.get(
-        "teacher_export_skipped") else "")
-
-
-def summary(metrics: dict[str, float]) -> list[dict[str, Any]]:
-    """A distilled version's measurements as rows (measure, teacher, start, student, change): the closing table of
-    `tunery run` and the dashboard's. Empty for a version that was not distilled."""
-    m = metrics
-    if "distill_perplexity_student" not in m:
-        return []
-
-    def row(measure: str, teacher: float | None, start: float | None, student: float | None, change: str) -> dict:
-        return {"measure": measure, "teacher": teacher, "start": start, "student": student, "change": change}
-
-    rows = []
-    if "distill_prompt_tokens_saved" in m:
-        rows.append(row("prompt tokens per request", m["distill_prompt_tokens_teacher"], None,
-                        m["distill_prompt_tokens_student"], f"-{m['distill_prompt_tokens_saved']:.0f}"))
-    rows.append(row("time to first token (ms)", m["distill_ttft_ms_teacher"], None, m["distill_ttft_ms_student"],
-                    f"{-m['distill_ttft_reduction']:+.0%}"))
-    if "distill_tokens_per_s_teacher" in m:
-        rows.append(row("decode tokens/s", m["distill_tokens_per_s_teacher"], None, m["distill_tokens_per_s_student"],
-                        f"x{m['distill_speedup']:.2f}"))
-        rows.append(row("parameters (M)", m["distill_params_teacher"] / 1e6, None, m["distill_params_student"] / 1e6,
-                        f"x{m['distill_params_student'] / m['distill_params_teacher']:.2f}"))
-    gap = m["distill_perplexity_student"] / m["distill_perplexity_teacher"] - 1
-    rows.append(row("perplexity of held-out teacher answers", m["distill_perplexity_teacher"],
-                    m["distill_perplexity_start"], m["distill_perplexity_student"], f"{gap:+.0%}"))
-    return rows
 
 
 class DistillStage(TrainingStage):

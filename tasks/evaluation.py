@@ -17,7 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import StageResult, TuneryError, peak_rss_mb, resolve_device
+from core.errors import TuneryError
+from tasks.common import StageResult, peak_rss_mb, resolve_device
 from tasks.judge import JudgeConfig
 from tasks.models import (answer_length, check_model_folder, encode_chat, greedy_answers, load_model, load_tokenizer,
                           prompt_ids, turn_end_ids)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.common import TuneryError
+from core.errors import TuneryError
 
 
 class ExportConfig(BaseModel):
@@ -66,7 +66,7 @@ class GateConfig(BaseModel):
     def _valid_alias(cls, v: str) -> str:
         import re
 
-        from tasks.common import check_name
+        from core.errors import check_name
 
         try:
             check_name(v, "alias")

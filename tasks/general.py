@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.common import TuneryError
+from core.errors import TuneryError
 
 SUITE = Path(__file__).resolve().parent.parent / "data" / "general"
 MAX_REPORTED_ERRORS = 10

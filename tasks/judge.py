@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.common import TuneryError
+from core.errors import TuneryError
 
 SYSTEM = ("You are an impartial judge. You compare two answers to the same question and decide which one is "
           "better: more correct, more helpful, closer to the reference answer. Ignore the order of the answers "

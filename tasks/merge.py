@@ -21,7 +21,9 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.common import StageResult, TuneryError, write_json
+from core.errors import TuneryError
+from core.files import write_json
+from tasks.common import StageResult
 from tasks.stage import StageFields, StageInputs
 from tasks.training import QuantizationConfig
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.common import TuneryError
+from core.errors import TuneryError
 
 MARK = {"system": "TUNERYSYSTEMMARK", "user1": "TUNERYUSERONEMARK", "assistant": "TUNERYASSISTANTMARK",
         "user2": "TUNERYUSERTWOMARK"}

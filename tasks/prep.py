@@ -24,7 +24,10 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.common import StageResult, TuneryError, atomic_dir, datasets_dir, read_json, read_utf8, write_json
+from core.errors import TuneryError
+from core.files import read_json, read_utf8, write_json
+from core.home import atomic_dir, datasets_dir
+from tasks.common import StageResult
 from tasks.contamination import ContaminationConfig
 
 FORMATS = ("chat", "prompt", "alpaca", "preference", "text")

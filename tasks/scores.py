@@ -19,7 +19,6 @@ import statistics
 import string
 from typing import Any
 
-SCORES = ("exact", "f1", "rougeL", "chrf")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -69,6 +68,7 @@ def chrf(answer: str, reference: str) -> float:
     return _chrf().sentence_score(answer, [reference]).score
 
 
+# A score `NAME` is recorded as `answer_NAME` (and `gguf_answer_NAME` on an export); declare it in core/metrics.py.
 SCORERS = {"exact": exact_match, "f1": token_f1, "rougeL": rouge_l, "chrf": chrf}
 
 
@@ -82,9 +82,9 @@ def answer_scores(rows: list[dict[str, Any]], prefix: str = "answer") -> dict[st
     if not rows:
         return {}
     scored = [(r.get("category"), score_pair(r["answer"], r["reference"])) for r in rows]
-    metrics = {f"{prefix}_{name}": statistics.fmean(s[name] for _, s in scored) for name in SCORES}
+    metrics = {f"{prefix}_{name}": statistics.fmean(s[name] for _, s in scored) for name in SCORERS}
     metrics[f"{prefix}_rows"] = float(len(scored))
     for category in sorted({c for c, _ in scored if c}):
         part = [s for c, s in scored if c == category]
-        metrics.update({f"{prefix}_{name}/{category}": statistics.fmean(s[name] for s in part) for name in SCORES})
+        metrics.update({f"{prefix}_{name}/{category}": statistics.fmean(s[name] for s in part) for name in SCORERS})
     return metrics

@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from tasks.common import StageResult, TuneryError
-from tasks.stage import TrainingStage
+from core.errors import TuneryError
+from tasks.common import StageResult
 from tasks.models import encode_chat
-from tasks.training import (TrainingConfig, history_callback, run_training, start_run, trainable_model,
-                            trainer_arguments)
+from tasks.stage import TrainingStage
+from tasks.training import TrainingConfig, history_callback, run_training, start_run, trainable_model, trainer_arguments
 
 
 class SftConfig(TrainingConfig):

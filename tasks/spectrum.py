@@ -14,7 +14,7 @@ import math
 import re
 from typing import Any
 
-from tasks.common import TuneryError
+from core.errors import TuneryError
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.common import StageResult, TuneryError, peak_rss_mb, resolve_device, resolve_precision, write_json
+from core.errors import TuneryError
+from core.files import write_json
+from tasks.common import StageResult, peak_rss_mb, resolve_device, resolve_precision
 from tasks.health import nan_guard, verdicts
 from tasks.models import load_model, load_tokenizer, torch_dtype
 from tasks.prep import load_prepared

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.common import TuneryError
+from core.errors import TuneryError
 from tasks.modelfile import SAMPLE_CONVERSATIONS, ChatFrames, hf_render, render_go
 from tasks.models import answer_length, conversation, repeated_ngram_ends
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
+
+from core.errors import TuneryError
 from flows.config import load_config
-from tasks.common import TuneryError
 
 VALID = {"name": "fern", "data": {"train": "d.jsonl"}}
 

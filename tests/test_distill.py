@@ -9,12 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from conftest import write_jsonl
 
 import registry
-from conftest import write_jsonl
+from core.errors import TuneryError
 from flows import plan, steps
 from flows.config import BASE_REF, load_config
-from tasks.common import TuneryError
 from tasks.distill import (Answer, DistillModelConfig, DistillPromptConfig, distill_rows, gguf_teacher_answers,
                            make_dataset, prompt_tokens_saved, settle, teacher_answers, teacher_contexts)
 from tasks.models import conversation, load_model, load_tokenizer, prompt_ids, repeated_ngram_ends
@@ -35,6 +35,7 @@ def chatty(tiny_model_dir, tmp_path_factory):
     import json
 
     from conftest import REPO
+
     from tasks.prep import PrepConfig, prepare
     from tasks.sft import SftConfig, train_sft
 
@@ -268,6 +269,7 @@ def test_demo_persona_on_smollm2_is_learned_without_its_prompt(tmp_path, smollm2
     """The demo's distill-prompt stage on the real model, shortened: the teacher follows the few-shot persona, the
     saving is the persona's tokens, and the student moves towards the teacher's held-out answers."""
     from conftest import REPO
+
     from tasks.prep import load_prepared
 
     cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())

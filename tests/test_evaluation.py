@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from tasks.evaluation import EvalConfig, evaluate, latency, perplexity
 from tasks.models import encode_chat, load_model, load_tokenizer
 from tasks.prep import load_prepared
@@ -116,7 +116,7 @@ def test_evaluate_runs_in_a_child_and_measures_its_own_peak_memory(tiny_model_di
 
 
 def test_evaluate_reports_a_bad_version_by_name(tmp_path, prepared):
-    from tasks.common import TuneryError
+    from core.errors import TuneryError
 
     (tmp_path / "broken").mkdir()
     with pytest.raises(TuneryError, match="evaluation of .*broken failed: .*broken: not a model folder"):
@@ -126,6 +126,7 @@ def test_evaluate_reports_a_bad_version_by_name(tmp_path, prepared):
 def test_categories_add_up_and_samples_are_stripped(tiny_model_dir, tmp_path):
     """Per-category perplexities are token-weighted parts of the overall one; answers carry no template tokens."""
     from conftest import write_jsonl
+
     from tasks.evaluation import measure
     from tasks.prep import PrepConfig, prepare
 

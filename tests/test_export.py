@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.common import TuneryError
+from core.errors import TuneryError
 from tasks.convert import write_gguf
 from tasks.models import load_model, load_tokenizer
 
@@ -139,10 +139,10 @@ def test_llama_cpp_matches_hf_on_the_smollm2_f16_export(smollm2_dir, tmp_path):
 def test_loads_compares_the_vocabulary_token_for_token(tiny_model_dir, tmp_path):
     """A tokenizer smaller than the GGUF's vocabulary used to pass `loads`; now every id's text must match, and
     ids past the tokenizer's must be padding rows (as in a model whose embeddings are padded to a round size)."""
+    from conftest import _corpus
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from conftest import _corpus
     from tasks import verify
 
     tok = load_tokenizer(str(tiny_model_dir))

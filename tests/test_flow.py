@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import chat, write_jsonl
 
 import registry
-from conftest import chat, write_jsonl
+from core.errors import TuneryError
 from flows import steps
 from flows.config import load_config
-from tasks.common import TuneryError
 
 
 def tiny_config(tmp_path, tiny_model_dir, garden_rows, **sft) -> str:
@@ -126,6 +126,7 @@ def test_shipped_full_chain_config_registers_every_stage_with_its_lineage(
         prefect_server, tmp_path, tiny_model_dir, tunery_home):
     """configs/full_chain.yaml on the tiny model with 2 steps a stage: the versions form the expected chain."""
     from conftest import REPO
+
     from flows.pipeline import pipeline
 
     doc = yaml.safe_load((REPO / "configs/full_chain.yaml").read_text())
@@ -268,8 +269,8 @@ def test_a_copy_of_tunery_home_at_another_path_reuses_every_stage(prefect_server
     import shutil
     import socket
 
+    from core.home import base_models_dir
     from flows.pipeline import pipeline
-    from tasks.common import base_models_dir
 
     shutil.copytree(tiny_model_dir, tunery_home / "base_models" / "tiny")
     real = steps.resolve_base_model

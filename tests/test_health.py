@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 import registry
+from core.errors import TuneryError
 from tasks import health
-from tasks.common import TuneryError
 from tasks.sft import SftConfig, train_sft
 
 FAST = {"batch_size": 4, "max_length": 128, "learning_rate": 5e-3}
@@ -101,8 +101,8 @@ def _poison(monkeypatch, kind: str, clean_steps: int) -> dict[str, int]:
 def test_a_bad_step_stops_training_there_and_fails_the_version(tiny_model_dir, garden_rows, tmp_path, monkeypatch,
                                                                tunery_home, kind, message):
     import yaml
-
     from conftest import write_jsonl
+
     from flows import steps
     from flows.config import load_config
 

@@ -9,7 +9,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
 from conftest import write_jsonl
 
 
@@ -81,7 +80,7 @@ def test_replies_without_a_letter_count_as_ties():
 
 
 def test_an_unreachable_endpoint_is_named():
-    from tasks.common import TuneryError
+    from core.errors import TuneryError
     from tasks.judge import JudgeConfig, run_judge
 
     with pytest.raises(TuneryError, match=r"judging with http://127.0.0.1:9/v1 failed: judge endpoint "):
@@ -138,8 +137,8 @@ def test_an_unknown_judge_is_named_before_anything_trains(tmp_path, tiny_model_d
     import yaml
 
     import registry
+    from core.errors import TuneryError
     from flows.pipeline import pipeline
-    from tasks.common import TuneryError
 
     write_jsonl(tmp_path / "d.jsonl", garden_rows[:12])
     doc = {"name": "judged", "base_model": str(tiny_model_dir), "base_name": "tiny-base", "device": "cpu",

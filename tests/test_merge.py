@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.common import TuneryError
+from core.errors import TuneryError
 from tasks.merge import MergeConfig, merge_adapter, merge_models
 from tasks.models import load_model
 from tasks.sft import SftConfig, train_sft

@@ -208,7 +208,7 @@ class SnapshotStage(StageFields):
 '''
 
 def test_a_new_stage_kind_is_one_module_and_one_catalogue_entry(tmp_path, tiny_model_dir, garden_rows, tunery_home):
-    """What the README's layout section promises: a copy of tasks/ with tasks/snapshot.py and its entry in
+    """What docs/layout.md promises (adding a stage kind): a copy of tasks/ with tasks/snapshot.py and its entry in
     tasks/catalogue.py, and nothing else changed, gives a config key, a CLI command that runs it, the data-kind
     check and a registered version."""
     import json

@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import chat, write_jsonl
-from tasks.common import TuneryError
+
+from core.errors import TuneryError
 from tasks.prep import PrepConfig, content_hash, deduplicate, load_examples, load_prepared, prepare, split
 
 QA = chat("How deep do I plant garlic?", "Five centimetres, pointy end up.")

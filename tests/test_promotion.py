@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 import registry
+from core.errors import TuneryError
 from flows import promotion
 from registry import exports as export_store
-from tasks.common import TuneryError
 from tasks.evaluation import EvalConfig
 from tasks.export import ExportConfig, GateConfig
 
@@ -179,7 +179,7 @@ def test_re_export_is_a_new_export_and_a_refused_gate_touches_nothing(tiny_model
 
 
 def test_an_existing_folder_is_never_replaced(tmp_path):
-    from tasks.common import atomic_dir
+    from core.home import atomic_dir
 
     final = tmp_path / "v1-f32"
     final.mkdir()

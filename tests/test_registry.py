@@ -11,8 +11,9 @@ import duckdb
 import pytest
 
 import registry
+from core.errors import TuneryError
+from core.home import registry_path
 from registry.db import connect, migrations
-from tasks.common import TuneryError, registry_path
 
 
 @pytest.fixture(autouse=True)
@@ -177,9 +178,10 @@ def test_a_version_whose_process_was_killed_is_settled_as_failed_interrupted(tun
     import sys
 
     from conftest import REPO
-    from tasks.common import artifacts_dir
 
-    script = ("import os, time, registry; from tasks.common import artifacts_dir; "
+    from core.home import artifacts_dir
+
+    script = ("import os, time, registry; from core.home import artifacts_dir; "
               "v = registry.create_version('doomed', 'sft'); "
               "(artifacts_dir() / 'doomed' / f'.1.tmp-{os.getpid()}').mkdir(parents=True); "
               "print(v, flush=True); time.sleep(600)")
@@ -350,10 +352,9 @@ def test_registry_copy_round_trips_between_backends_with_ids_and_numbers_kept(ba
     """`tunery registry copy --to URL` from this backend to the other one and back: every table's rows arrive as
     they were (ids, numbers, timestamps), versions read back equal, and the copies go on counting where the source
     stopped (version numbers, promotion ids). A target that holds anything is refused by name, through the CLI."""
+    from core.home import home_relative
     from registry import exports
     from registry.transfer import copy_registry
-
-    from tasks.common import home_relative
 
     def versions() -> list[dict]:  # paths as stored: relative to whichever TUNERY_HOME reads them
         return [{**v.json(), "artifact_path": home_relative(v.artifact_path)} for v in registry.list_versions()]

@@ -1,7 +1,7 @@
 """The rows the CLI, the Prefect artifacts and the dashboard all render (issue 16): one place writes them."""
 from __future__ import annotations
 
-from flows.rows import check_rows, fmt, health_rows, markdown_table
+from flows.report import check_rows, fmt, health_rows, markdown_table
 
 
 def test_health_and_check_rows_say_ok_warning_and_not_judged():

@@ -1,6 +1,6 @@
-"""The README's scale-out recipe, run on one machine: a PostgreSQL server holding the registry and Prefect's own
-database, a Prefect server on it, a process work pool with two workers sharing one TUNERY_HOME, a pipeline run
-deployed to the pool, and a 4-trial sweep spread over both workers."""
+"""The scale-out recipe of docs/scale-out.md, run on one machine: a PostgreSQL server holding the registry and
+Prefect's own database, a Prefect server on it, a process work pool with two workers sharing one TUNERY_HOME, a
+pipeline run deployed to the pool, and a 4-trial sweep spread over both workers."""
 from __future__ import annotations
 
 import contextlib

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO, chat, write_jsonl
-from tasks.common import TuneryError
 
+from core.errors import TuneryError
 
 # ---------------------------------------------------------------- answer scores
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import TuneryError
 from flows import serve
-from tasks.common import TuneryError
 
 
 def _schedules(client, name: str) -> list[tuple[str, str]]:
@@ -93,9 +93,9 @@ def test_training_tasks_share_one_accelerator_slot_and_retry_only_transient_erro
     from prefect.client.orchestration import get_client
     from prefect.states import Failed
 
+    from core.errors import RegistryBusy
     from flows.pipeline import (ACCELERATOR_TAG, ensure_accelerator_limit, eval_task, prep_task, stage_task,
                                 transient_only)
-    from tasks.common import RegistryBusy
 
     ensure_accelerator_limit()
     with get_client(sync_client=True) as client:

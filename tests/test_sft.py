@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.common import TuneryError
+from core.errors import TuneryError
 from tasks.sft import SftConfig, train_sft
 
 FAST = {"max_steps": 8, "batch_size": 4, "learning_rate": 5e-3, "warmup_ratio": 0.0, "lr_scheduler": "constant",

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
 
 
@@ -132,8 +131,7 @@ def test_perplexity_with_scored_logits_only_equals_the_full_logits(tiny_model_di
 
 
 def test_greedy_answers_reuse_a_shared_prefix_and_match_one_at_a_time(tiny_model_dir):
-    from tasks.models import MIN_SHARED_PREFIX, common_prefix, greedy_answers, load_model, load_tokenizer, \
-        prompt_ids
+    from tasks.models import MIN_SHARED_PREFIX, common_prefix, greedy_answers, load_model, load_tokenizer, prompt_ids
 
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     system = "You are Fern, a gardening helper who answers briefly and warmly, with organic methods only."
@@ -212,8 +210,8 @@ def test_train_speed_bench_quick_mode_prints_its_json_document():
 
 
 def test_base_precision_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
+    from core.errors import TuneryError
     from tasks import training
-    from tasks.common import TuneryError
     from tasks.sft import SftConfig
 
     monkeypatch.setattr(training, "cpu_flags", lambda: {"avx2", "fma"})

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import REPO, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import REPO, write_jsonl
-from tasks.common import TuneryError
+from core.errors import TuneryError
 from tasks.cpt import CptConfig, train_cpt
 from tasks.dpo import DpoConfig, train_dpo
 from tasks.models import load_tokenizer

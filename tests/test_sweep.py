@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_flow import tiny_config
 
 import registry
+from core.errors import TuneryError
 from registry import sweeps as sweep_store
-from tasks.common import TuneryError
-from test_flow import tiny_config
 
 FAST_EVAL = {"prompts": ["How deep?"], "max_new_tokens": 4, "repeats": 1, "warmup": 0, "generation_rows": 0,
              "general": None}

@@ -7,6 +7,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from core import metrics as metric_catalogue
 from dashboard.data import compare, held_out_answers, history, judgements, version, version_table
 
 st.title("Compare")
@@ -35,8 +36,11 @@ for other in others:
             row = hp_rows.setdefault(h["hyperparameter"], {"hyperparameter": h["hyperparameter"], base: h["a"]})
             row[other] = h["b"]
 
-KEY = ("perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb", "cost_per_mtok_usd")
-full = pd.DataFrame(sorted(rows.values(), key=lambda r: (r["metric"] not in KEY, r["metric"])))
+# Headline metrics first in the catalogue's order, then the rest by group and name.
+order = {m: i for i, m in enumerate(metric_catalogue.CATALOGUE)}
+full = pd.DataFrame(sorted(rows.values(), key=lambda r: (r["metric"] not in metric_catalogue.headline(),
+                                                         order.get(r["metric"].split("/")[0], len(order)),
+                                                         r["metric"])))
 flags = [c for c in full.columns if c.startswith("better ")]
 table = full.drop(columns=flags)
 
@@ -54,7 +58,8 @@ def colour(row: pd.Series) -> list[str]:
 
 
 st.subheader(f"Metrics against {base}")
-st.caption("green: better, red: worse, by the metric's direction (lower perplexity, higher tokens/s, ...)")
+st.caption("green: better, red: worse, by the metric's direction in the catalogue (lower perplexity, higher "
+           "tokens/s, ...)")
 percent = {c: "{:+.1%}" for c in table.columns if c.startswith("Δ% ")}
 numbers = {c: "{:.4g}" for c in table.columns if c not in percent and c != "metric"}
 st.dataframe(table.style.apply(colour, axis=1).format({**numbers, **percent}, na_rep=""),

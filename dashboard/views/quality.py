@@ -5,6 +5,7 @@ from __future__ import annotations
 import altair as alt
 import streamlit as st
 
+from core import metrics as metric_catalogue
 from dashboard.data import facets, pareto, version_table, version_url
 
 st.title("Quality vs speed")
@@ -21,7 +22,7 @@ points = alt.Chart(table).mark_circle(opacity=0.8).encode(
     size=alt.Size("peak_rss_mb:Q", title="peak RSS MB"),
     color=alt.Color("frontier:N", title="Pareto frontier", scale=alt.Scale(domain=[True, False],
                                                                             range=["#d62728", "#7f7f7f"])),
-    href="url:N", tooltip=["version", "stage", "perplexity", "tokens_per_s", "ttft_ms", "peak_rss_mb"])
+    href="url:N", tooltip=["version", "stage", *metric_catalogue.headline()])
 line = alt.Chart(front).mark_line(color="#d62728", strokeDash=[4, 3]).encode(x="tokens_per_s:Q", y="perplexity:Q")
 labels = points.mark_text(dx=8, dy=-8, align="left").encode(text="version:N", size=alt.value(11), href="url:N")
 st.altair_chart((line + points + labels).properties(height=480).interactive(), width="stretch")

@@ -5,11 +5,9 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard.data import (aliases, around, held_out_answers, history, refresh, version, version_table,
+from dashboard.data import (aliases, around, held_out_answers, history, refresh, run_tunery, version, version_table,
                             version_url)
-from flows.rows import check_rows, export_rows, health_rows, metric_rows, promotion_rows
-from tasks.common import TuneryError
-from tasks.distill import summary, teacher_label
+from flows.report import check_rows, export_rows, promotion_rows, promotion_summary, section, version_report
 
 known = version_table()["version"].tolist()
 wanted = st.query_params.get("v")
@@ -34,31 +32,23 @@ with left:
     st.markdown("children: " + (", ".join(f"[{c}]({version_url(c)})" for c in near["children"]) or "none"))
     st.subheader("Hyperparameters")
     st.json(v.hyperparameters, expanded=1)
+report = version_report(v, near)
 with right:
-    st.subheader("Metrics")
-    st.dataframe(pd.DataFrame(metric_rows(v.metrics), columns=["metric", "value"]), hide_index=True, width="stretch",
-                 height=320)
-    if v.eval_data_hash:
-        st.caption(f"evaluated on data `{v.eval_data_hash[:16]}`")
-    for data, measured in v.metrics_on_other_data.items():
-        st.markdown(f"**Measured on other data** `{data[:16]}` (not used to compare, pick or gate)")
-        st.dataframe(pd.DataFrame(metric_rows(measured), columns=["metric", "value"]), hide_index=True,
-                     width="stretch")
-    health = health_rows(v.info)
-    if health:
+    for part in [s for s in report if s.kind == "metrics"]:
+        st.subheader(part.title.capitalize())
+        st.dataframe(pd.DataFrame(part.rows, columns=["group", "metric", "value"]), hide_index=True,
+                     width="stretch", **({"height": 320} if part.key == "metrics" else {}))
+        st.caption(part.caption)
+    if health := section(report, "health"):
         st.subheader("Training health")
-        for row in health:
+        for row in health.rows:
             show = {"ok": st.success, "warning": st.warning, "not judged": st.info}[row["state"]]
             show(f"{row['check']}: {row['verdict']} ({row['detail']})")
 
-distilled = summary(v.metrics)
-if distilled:
+if distilled := section(report, "distill"):
     st.subheader("Distillation")
-    st.caption(f"teacher {v.teacher} ({teacher_label(v.info)}), start {v.parents[0]}; measured on "
-               f"{v.metrics['distill_heldout_answers']:.0f} held-out teacher answers"
-               + (": the teacher with its long system prompt, start and student without" if v.stage ==
-                  "distill-prompt" else ""))
-    st.dataframe(pd.DataFrame(distilled), hide_index=True, width="stretch")
+    st.caption(distilled.caption)
+    st.dataframe(pd.DataFrame(distilled.rows), hide_index=True, width="stretch")
 
 curves = history(choice)
 if not curves.empty:
@@ -73,11 +63,10 @@ if not curves.empty:
             chart += alt.Chart(pd.DataFrame({"step": [best]})).mark_rule(color="green", strokeDash=[4, 4]).encode(
                 x="step:Q", tooltip=["step"])
         col.altair_chart(chart.properties(title=name, height=180), width="stretch")
-    if best is not None:
-        stopped = "stopped early" if v.metrics.get("stopped_early") else "ran to the end"
-        st.caption(f"early stopping: the version is step {best:.0f}'s weights (best validation loss "
-                   f"{v.metrics['best_eval_loss']:.4g}, dashed line); training {stopped} at step "
-                   f"{v.metrics.get('train_steps', float('nan')):.0f}")
+    training = section(report, "training")
+    for line in training.rows if training else []:
+        if line["text"].startswith("early stopping"):
+            st.caption(line["text"].replace("weights (", "weights (dashed line; "))
 
 if v.samples:
     st.subheader("Sample answers")
@@ -109,18 +98,15 @@ if v.status == "ready":
         quant = st.selectbox("Quantization", ["config's", "q4_k_m", "q8_0", "f16", "f32"])
         submitted = st.form_submit_button(f"Export, check and promote {v.version}")
     if submitted:
-        from flows.promotion import promote_from_config, summary
-
         with st.status(f"Promoting {v.version} to {v.name}@{alias}", expanded=True) as status:
-            try:
-                result = promote_from_config(v.version, config, alias, None if quant == "config's" else quant,
-                                             progress=st.write)
-            except TuneryError as e:
-                status.update(label=f"error: {e}", state="error", expanded=True)
+            result, error = run_tunery("promote", v.version, "--alias", alias, "--config", config,
+                                       *([] if quant == "config's" else ["--quant", quant]), progress=st.write)
+            if result is None:
+                status.update(label=f"error: {error}", state="error", expanded=True)
             else:
                 status.update(label=("promoted" if result["promoted"] else "refused by the gate"),
                               state="complete" if result["promoted"] else "error", expanded=True)
-                st.code(summary(result))
+                st.code(promotion_summary(result))
                 verdicts = pd.DataFrame(result["gate"]).astype({"value": str, "threshold": str})  # mixed types
                 st.dataframe(verdicts, hide_index=True, width="stretch")
                 refresh()
@@ -130,12 +116,9 @@ if held:
     with st.form("rollback"):
         target = st.selectbox("Roll back", held)
         if st.form_submit_button("Roll back to the previous holder"):
-            from flows.promotion import rollback
-
-            try:
-                result = rollback(target)
-            except TuneryError as e:
-                st.error(str(e))
+            result, error = run_tunery("rollback", target, progress=st.write)
+            if result is None:
+                st.error(error)
             else:
                 st.success(f"{result['alias']}: {result['previous']} -> {result['version']}")
                 refresh()

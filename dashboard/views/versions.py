@@ -5,6 +5,7 @@ import datetime as dt
 
 import streamlit as st
 
+from core import metrics as metric_catalogue
 from dashboard.data import facets, version_table, version_url
 
 st.title("Versions")
@@ -29,16 +30,22 @@ failed = int((table["status"] == "failed").sum())
 st.caption(f"{len(table)} versions" + (f", {failed} failed" if failed else "")
            + " · click a version to open it · sort by clicking a column header")
 table = table.assign(link=table["version"].map(version_url))
+headline = metric_catalogue.headline()
+
+
+def number_column(name: str):
+    """A headline metric's column: its catalogue label and format (printf style, as Streamlit takes it)."""
+    spec = metric_catalogue.CATALOGUE[name].fmt
+    return st.column_config.NumberColumn(metric_catalogue.label(name), help=metric_catalogue.CATALOGUE[name].meaning,
+                                         format=f"%{spec}" if spec.endswith("f") else None)
+
+
 st.dataframe(
-    table[["link", "stage", "status", "base_model", "aliases", "perplexity", "tokens_per_s", "ttft_ms",
-           "peak_rss_mb", "created_utc", "error"]],
+    table[["link", "stage", "status", "base_model", "aliases", *headline, "created_utc", "error"]],
     hide_index=True, width="stretch", key="versions_table",
     column_config={
         "link": st.column_config.LinkColumn("version", display_text=r"v=(.*)$"),
-        "perplexity": st.column_config.NumberColumn(format="%.2f"),
-        "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="%.1f"),
-        "ttft_ms": st.column_config.NumberColumn("TTFT ms", format="%.0f"),
-        "peak_rss_mb": st.column_config.NumberColumn("peak RSS MB", format="%.0f"),
+        **{name: number_column(name) for name in headline},
         "created_utc": st.column_config.DatetimeColumn("created (UTC)", format="YYYY-MM-DD HH:mm"),
     },
 )
