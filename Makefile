@@ -66,10 +66,17 @@ $(BASE_MODEL): | $(STAMP)
 demo: setup
 	$(BIN)/tunery run configs/demo.yaml
 
+# The reference under docs/ is built first (into .site/, ignored), in strict mode: a broken link or anchor, or a page
+# missing from mkdocs.yml's nav, fails the target. Its log is shown only then (--quiet would hide the warnings that
+# strict mode counts, and let the build pass).
+DOCS := out=$$($(BIN)/mkdocs build --strict 2>&1) || { echo "$$out"; echo "mkdocs build --strict failed"; exit 1; }
+
 test: setup
+	@$(DOCS)
 	$(BIN)/python -m pytest
 
 test-fast: setup
+	@$(DOCS)
 	$(BIN)/python -m pytest -m "not e2e"
 
 # A local Prefect server and its UI on http://127.0.0.1:4200, keeping its state under TUNERY_HOME. Point runs at it
