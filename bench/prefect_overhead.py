@@ -45,19 +45,19 @@ def fresh_home(root: Path, name: str, base_model: Path) -> Path:
 
 
 def direct(config: Path) -> float:
-    from flows import steps
+    from flows import evaluate, inputs, run
     from flows.config import BASE_REF, load_config
 
     began = time.perf_counter()
     cfg, config_dir = load_config(config)
-    base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base.artifact_path)
+    base = inputs.run_base(cfg, config_dir)
+    data = inputs.run_prep(cfg, config_dir, base.artifact_path)
     eval_cfg = cfg.eval_config()
-    steps.run_eval(base, data, eval_cfg)
+    evaluate.run_eval(base, data, eval_cfg)
     done, previous = {BASE_REF: base}, base
     for index in range(len(cfg.stages)):
-        previous = steps.run_stage(cfg, index, done, previous, data, config_dir)
-        steps.run_eval(previous, data, eval_cfg)
+        previous = run.run_stage(cfg, index, done, previous, data, config_dir)
+        evaluate.run_eval(previous, data, eval_cfg)
         done[cfg.stage_id(index)] = previous
     return time.perf_counter() - began
 

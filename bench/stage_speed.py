@@ -42,7 +42,8 @@ print(json.dumps({"seconds": time.perf_counter() - began, "metrics": result.metr
 
 TEACHER = """
 import json, sys, time
-from tasks.distill import DistillPromptConfig, teacher_answers, teacher_contexts
+from tasks.distill.settings import DistillPromptConfig, teacher_contexts
+from tasks.distill.teacher import teacher_answers
 from tasks.models import conversation, load_model, load_tokenizer
 spec = json.loads(sys.argv[1])
 config = DistillPromptConfig(**spec["stage"])

@@ -130,7 +130,7 @@ class HfChat:
     """Answers through transformers with the tokenizer's chat template."""
 
     def __init__(self, version: registry.Version, settings: Settings):
-        from flows.steps import adapter_base, model_folder
+        from flows.inputs import adapter_base, model_folder
         from tasks.modelfile import chat_frames
         from tasks.models import load_model, load_tokenizer
 

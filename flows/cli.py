@@ -193,7 +193,7 @@ def _print_distill(version) -> None:
 
 
 def _base_and_data(config: Path):
-    from flows.steps import load_with_data
+    from flows.inputs import load_with_data
 
     return load_with_data(config)
 
@@ -223,7 +223,8 @@ def _single_stage(kind: str, config: Path, start: str | None, stage_id: str | No
     It starts from `start`, else the stage's own `from` when that names a registered version, else the base.
     References to other stages of the config cannot be followed in a single-stage run and must be given here.
     """
-    from flows import steps
+    from flows.inputs import run_base, run_prep
+    from flows.run import run_stage
     from flows.config import BASE_REF, load_config
 
     cfg, config_dir = load_config(config)
@@ -247,10 +248,10 @@ def _single_stage(kind: str, config: Path, start: str | None, stage_id: str | No
     cfg = cfg.model_copy(update={"stages": cfg.stages[:index] + [stage] + cfg.stages[index + 1:]})
     # The stage is checked first; only then is the base resolved and the top-level data prepared, if the stage
     # trains on it (a merge takes no data, a stage with its own `data` prepares that instead).
-    base = steps.run_base(cfg, config_dir)
+    base = run_base(cfg, config_dir)
     uses_top_level = stage.data_kind is not None and stage.data is None
-    data = steps.run_prep(cfg, config_dir, base.artifact_path) if uses_top_level else None
-    version = steps.run_stage(cfg, index, {BASE_REF: base}, base, data, config_dir)
+    data = run_prep(cfg, config_dir, base.artifact_path) if uses_top_level else None
+    version = run_stage(cfg, index, {BASE_REF: base}, base, data, config_dir)
     if as_json:
         _print_json(version)
     else:
@@ -300,11 +301,11 @@ def eval_command(version: str = typer.Argument(..., help="NAME:N or NAME (its ne
                  as_json: bool = JsonOpt) -> None:
     """Measure a registered version on the config's held-out data and record the metrics."""
     import registry
-    from flows import steps
+    from flows.evaluate import run_eval
 
     v = registry.get_version(version)
     cfg, _, _, data = _base_and_data(config)
-    metrics = steps.run_eval(v, data, cfg.eval_config())
+    metrics = run_eval(v, data, cfg.eval_config())
     if as_json:
         _print_json({"version": v.version, "metrics": metrics})
     else:

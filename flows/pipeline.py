@@ -15,9 +15,12 @@ from core import metrics as metric_catalogue
 from core.errors import RegistryBusy, TuneryError
 from core.files import sha256_json
 from core.home import home
-from flows import promotion, report, steps
+from flows import promotion, report
 from flows.config import BASE_REF, load_config
+from flows.evaluate import run_eval
+from flows.inputs import run_base, run_prep
 from flows.plan import PlannedStage, code_version, plan_stage
+from flows.run import measure, run_planned
 from tasks.common import resolve_device
 
 # Tasks that use the accelerator carry this tag; every pipeline run (and `tunery serve`) makes sure the server has a
@@ -65,7 +68,7 @@ def _key(*parts: str) -> str:
 
 @task(task_run_name="prep {cfg.name}", **IO_RETRIES)
 def prep_task(cfg, config_dir: Path, base: registry.Version):
-    result = steps.run_prep(cfg, config_dir, base.artifact_path)
+    result = run_prep(cfg, config_dir, base.artifact_path)
     info = result.info
     create_markdown_artifact(
         key=_key(cfg.name, "prep"),
@@ -80,7 +83,7 @@ def prep_task(cfg, config_dir: Path, base: registry.Version):
 
 @task(task_run_name="base {cfg.base_model}", **IO_RETRIES)
 def base_task(cfg, config_dir: Path) -> registry.Version:
-    return steps.run_base(cfg, config_dir)
+    return run_base(cfg, config_dir)
 
 
 def result_storage() -> str:
@@ -111,22 +114,28 @@ def eval_cache_key(context, parameters: dict[str, Any]) -> str:
 @task(task_run_name="{plan.kind} {cfg.name} stage {plan.index}", cache_key_fn=stage_cache_key, persist_result=True,
       result_serializer="json", tags=[ACCELERATOR_TAG])
 def stage_task(cfg, plan: PlannedStage, data, config_dir: Path) -> registry.Version:
-    version = steps.run_planned(cfg, plan, data, config_dir, flow_run_id=str(flow_run.get_id() or ""), reuse=True)
-    create_markdown_artifact(key=_key(cfg.name, plan.stage_id), markdown=report.markdown(report.version_report(version)),
+    """Train the planned stage (or find the version its inputs already made) and, when it trained, take its kind's
+    own measurements; one artifact tells what it made."""
+    version = run_planned(cfg, plan, data, config_dir, flow_run_id=str(flow_run.get_id() or ""), reuse=True)
+    if not version.reused:
+        measure(version, cfg.device)
+        version = registry.get_version(version.version)
+    create_markdown_artifact(key=_key(cfg.name, plan.stage_id),
+                             markdown=report.markdown(report.version_report(version)),
                              description=f"{plan.kind} stage")
     return version
 
 
 @task(task_run_name="eval {version.version}", cache_key_fn=eval_cache_key, persist_result=True,
       result_serializer="json", tags=[ACCELERATOR_TAG])
-def eval_task(version: registry.Version, data, eval_cfg) -> dict[str, float]:
-    metrics = steps.run_eval(version, data, eval_cfg)
-    create_markdown_artifact(
-        key=_key(version.name, "eval"),
-        markdown=f"### {version.version}\n\n" + "\n".join(
-            f"- {k}: {metric_catalogue.fmt(k, metrics[k])}" for k in metric_catalogue.headline() if k in metrics),
-        description="evaluation on the held-out split",
-    )
+def eval_task(version: registry.Version, data, eval_cfg, own: bool = True) -> dict[str, float]:
+    """Evaluate the version on the held-out split; with `own`, take its kind's own measurements again first (the
+    stage task did not just take them: the version was made earlier, and the measuring code may have changed)."""
+    metrics = run_eval(version, data, eval_cfg, own=own)
+    measured = registry.get_version(version.version, data.info["data_hash"])
+    create_markdown_artifact(key=_key(version.name, "eval"), markdown=report.markdown(report.version_report(measured)),
+                             description="the version as measured: its stage's own measurements and the evaluation "
+                                         "on the held-out split")
     return metrics
 
 
@@ -198,7 +207,8 @@ def pipeline(config_path: str) -> dict[str, Any]:
         # read back from the registry: a result cached by a worker that mounts TUNERY_HOME elsewhere has its paths
         version = registry.get_version(cached.version)
         version = version.as_reused() if cached.reused else version
-        results.append((version, evaluate(version, data, eval_cfg)))
+        measured_now = version.flow_run_id == str(flow_run.get_id() or "") and not version.reused
+        results.append((version, evaluate(version, data, eval_cfg, own=not measured_now)))
         done[cfg.stage_id(index)] = previous = version
     this_run = str(flow_run.get_id() or "")
     logger = get_run_logger()

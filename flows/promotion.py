@@ -23,7 +23,8 @@ from core import metrics as metric_catalogue
 from core.errors import TuneryError, check_name
 from core.files import write_json
 from core.home import atomic_dir, home
-from flows.steps import forgetting, model_folder
+from flows.evaluate import forgetting
+from flows.inputs import model_folder
 from registry import exports as export_store
 from tasks.common import StageResult
 from tasks.convert import convert
@@ -420,7 +421,7 @@ def override(settings, option: str, **changes: Any):
 def _setup(ref: str, config: str | Path | None, quant: str | None, alias: str | None):
     """Check the version and the options first, then load the config and prepare its held-out data."""
     from flows.config import DEMO_CONFIG, load_config
-    from flows.steps import load_with_data
+    from flows.inputs import load_with_data
 
     registry.get_version(ref)
     cfg, _ = load_config(config or DEMO_CONFIG)  # reading the YAML is cheap; registering and preparing is not

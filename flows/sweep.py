@@ -197,7 +197,9 @@ def trial_config(path: Path, raw: dict[str, Any], values: dict[str, Any]):
 def run_trial(config_path: str, sweep_id: str, trial: int, values: dict[str, Any]) -> dict[str, Any]:
     """One trial: the config's stages with `values` set (reusing unchanged versions), then the held-out evaluation
     of the last version. Recorded in the registry whatever happens; returns the trial's row."""
-    from flows import steps
+    from flows.evaluate import run_eval
+    from flows.inputs import run_base, run_prep
+    from flows.run import run_planned
     from flows.plan import plan_stage
 
     began = time.perf_counter()
@@ -215,17 +217,17 @@ def run_trial(config_path: str, sweep_id: str, trial: int, values: dict[str, Any
     try:
         cfg, config_dir = trial_config(Path(config_path), read_raw(config_path), values)
         sweep = sweep_store.get_sweep(sweep_id)
-        base = steps.run_base(cfg, config_dir)
-        data = steps.run_prep(cfg, config_dir, base.artifact_path)
+        base = run_base(cfg, config_dir)
+        data = run_prep(cfg, config_dir, base.artifact_path)
         done, previous = {BASE_REF: base}, base
         for index in range(len(cfg.stages)):
             planned = plan_stage(cfg, index, done, previous, data, config_dir)
-            previous = steps.run_planned(cfg, planned, data, config_dir, flow_run_id=run_id, reuse=True)
+            previous = run_planned(cfg, planned, data, config_dir, flow_run_id=run_id, reuse=True)
             done[cfg.stage_id(index)] = previous
         version = previous.version
         measured = registry.get_version(version, data.info["data_hash"]).metrics
         if not (previous.reused and sweep["metric"] in measured):  # a reused version keeps its evaluation
-            measured = {**measured, **steps.run_eval(previous, data, cfg.eval_config())}
+            measured = {**measured, **run_eval(previous, data, cfg.eval_config())}
         value = measured.get(sweep["metric"])  # an evaluation metric, or one its stage measured
         if value is None or (isinstance(value, float) and math.isnan(value)):
             raise TuneryError(f"the evaluation measured no {sweep['metric']!r}")
@@ -306,13 +308,13 @@ def sweep_flow(config_path: str, sets: list[str] | None = None, pool: str | None
                              plan.space)
     logger.info(f"sweep {sweep_id}: {plan.trials} trials ({plan.method}) of {plan.path.name}, "
                 f"{plan.direction} {plan.metric}")
-    from flows import steps
+    from flows.inputs import run_base, run_prep
 
     try:
         # the base and the data once, before trials start side by side
         cfg, config_dir = plan.trial_config(plan.grid[0] if plan.grid else plan._example())
-        base = steps.run_base(cfg, config_dir)
-        steps.run_prep(cfg, config_dir, base.artifact_path)
+        base = run_base(cfg, config_dir)
+        run_prep(cfg, config_dir, base.artifact_path)
         deployment = deploy_trials(pool) if pool else None
         width = parallel or plan.parallel
         config_path = str(plan.path)

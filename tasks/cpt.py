@@ -38,7 +38,7 @@ def train_cpt(config: CptConfig, model_path: str, data_dir: str | Path, out_dir:
 
     from tasks.sft import scored_sft_trainer
 
-    run = start_run("cpt", config, model_path, data_dir, device, seed, checkpoints)
+    run = start_run(CptStage, config, model_path, data_dir, device, seed, checkpoints)
     device, precision, tokenizer, out_dir = run.device, run.precision, run.tokenizer, Path(out_dir)
     train_ds = Dataset.from_list([{"text": r["text"]} for r in run.train_rows])
     val_ds = Dataset.from_list([{"text": r["text"]} for r in run.val_rows]) if run.val_rows else None
@@ -67,10 +67,8 @@ def train_cpt(config: CptConfig, model_path: str, data_dir: str | Path, out_dir:
 
 
 class CptStage(TrainingStage, CptConfig):
-    """A `cpt` stage of a pipeline config."""
+    """Continued pretraining on raw text; registers the new version (no evaluation)."""
 
-    kind: ClassVar[str] = "cpt"
     data_kind: ClassVar[str | None] = "text"
-    summary: ClassVar[str] = "Continued pretraining on raw text; registers the new version (no evaluation)."
     trainer: ClassVar = staticmethod(train_cpt)
     stage: Literal["cpt"] = "cpt"

@@ -22,12 +22,12 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from core.errors import TuneryError
 from tasks.common import StageResult
 from tasks.evaluation import pair_loglik, preference_stats
 from tasks.models import load_model
-from tasks.stage import TrainingStage
-from tasks.training import (TrainingConfig, history_callback, run_training, start_run, trainable_model,
-                            trainer_arguments)
+from tasks.stage import StagePlan, TrainingStage
+from tasks.training import TrainingConfig, history_callback, run_training, start_run, trainable_model, trainer_arguments
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
               "apo_down", "sigmoid_norm")
@@ -105,7 +105,7 @@ def train_dpo(config: DpoConfig, model_path: str, data_dir: str | Path, out_dir:
     """
     from datasets import Dataset
 
-    run = start_run("dpo", config, model_path, data_dir, device, seed, checkpoints)
+    run = start_run(DpoStage, config, model_path, data_dir, device, seed, checkpoints)
     device, precision, tokenizer, out_dir = run.device, run.precision, run.tokenizer, Path(out_dir)
     train_rows, val_rows = run.train_rows, run.val_rows
     columns = ("prompt", "chosen", "rejected")
@@ -145,13 +145,12 @@ def train_dpo(config: DpoConfig, model_path: str, data_dir: str | Path, out_dir:
 
 
 class DpoStage(TrainingStage, DpoConfig):
-    """A `dpo` stage of a pipeline config: its pairs are its own `data`, the top-level data, or those an earlier
+    """Preference alignment (DPO, IPO, KTO, ORPO, SimPO, ...) on prompt/chosen/rejected pairs; registers it.
+
+    A `dpo` stage of a pipeline config: its pairs are its own `data`, the top-level data, or those an earlier
     distill-model stage wrote (`pairs_from`)."""
 
-    kind: ClassVar[str] = "dpo"
     data_kind: ClassVar[str | None] = "preference"
-    summary: ClassVar[str] = ("Preference alignment (DPO, IPO, KTO, ORPO, SimPO, ...) on prompt/chosen/rejected "
-                              "pairs; registers it.")
     trainer: ClassVar = staticmethod(train_dpo)
     stage: Literal["dpo"] = "dpo"
     pairs_from: str | None = Field(None, description="Train on the preference pairs an earlier distill-model stage "
@@ -159,6 +158,16 @@ class DpoStage(TrainingStage, DpoConfig):
 
     def references(self) -> list[str]:
         return super().references() + ([self.pairs_from] if self.pairs_from else [])
+
+    def plan(self, planner) -> StagePlan:
+        """With `pairs_from`, the pairs that distill-model stage wrote are its data."""
+        if not self.pairs_from:
+            return super().plan(planner)
+        path = planner.resolve(self.pairs_from).preference_pairs
+        if not path:
+            raise TuneryError(f"stage {self.id or self.kind}: pairs_from {self.pairs_from!r} wrote no preference "
+                              "pairs; give that distill-model stage `preference_pairs: true`")
+        return StagePlan(data_from="pairs", data=path)
 
     @model_validator(mode="after")
     def _one_source_of_pairs(self) -> "DpoStage":

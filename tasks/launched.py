@@ -5,6 +5,7 @@ back through `tasks.child` as the stage's StageResult.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import sys
@@ -15,17 +16,17 @@ from tasks.child import child_main, run_child
 from tasks.common import StageResult, resolve_device
 
 
-def launch(kind: str, config, model_path: str, data_dir: str, out_dir: Path, device: str, seed: int,
-           checkpoints: str | None = None) -> StageResult:
-    """Run one training stage under `accelerate launch` with `config.processes` processes; return its result."""
-    from tasks.catalogue import STAGES
-
-    stage_class = STAGES[kind]
-    spec = {"kind": kind, "config": stage_class.model_validate(config.model_dump(
-        include=set(stage_class.model_fields) - {"stage"}, by_alias=True)).model_dump(mode="json", by_alias=True),
-            "model_path": model_path,
-            "data_dir": str(data_dir), "out_dir": str(out_dir), "device": device, "seed": seed,
-            "checkpoints": str(checkpoints) if checkpoints else None}
+def launch(stage, model_path: str, data_dir: str, out_dir: Path, device: str, seed: int,
+           checkpoints: str | None = None, trainer: type | None = None) -> StageResult:
+    """Run one training stage under `accelerate launch` with `stage.processes` processes; return its result. Each
+    process trains with `trainer`, a stage class (default: the stage's own), built from the stage's settings."""
+    trainer = trainer or type(stage)
+    spec = {"class": f"{trainer.__module__}:{trainer.__qualname__}",
+            "config": trainer.model_validate(stage.model_dump(
+                include=set(trainer.model_fields) - {"stage"}, by_alias=True)).model_dump(mode="json", by_alias=True),
+            "model_path": model_path, "data_dir": str(data_dir), "out_dir": str(out_dir), "device": device,
+            "seed": seed, "checkpoints": str(checkpoints) if checkpoints else None}
+    kind, config = trainer.kind, stage
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -46,10 +47,9 @@ def launch(kind: str, config, model_path: str, data_dir: str, out_dir: Path, dev
 
 
 def _train(spec: dict[str, Any]) -> dict[str, Any] | None:
-    """One process's share of the stage (its kind's `train`); the main process (rank 0) reports the result."""
-    from tasks.catalogue import STAGES
-
-    stage = STAGES[spec["kind"]].model_validate(spec["config"])
+    """One process's share of the stage (its class's `train`); the main process (rank 0) reports the result."""
+    module, name = spec["class"].split(":")
+    stage = getattr(importlib.import_module(module), name).model_validate(spec["config"])
     result = stage.train(spec["model_path"], spec["data_dir"], Path(spec["out_dir"]), spec["device"], spec["seed"],
                          spec["checkpoints"])
     if int(os.environ.get("RANK", "0")) != 0:

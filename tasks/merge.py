@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from core.errors import TuneryError
 from core.files import write_json
 from tasks.common import StageResult
-from tasks.stage import StageFields, StageInputs
+from tasks.stage import Job, StageFields, StageInputs, StagePlan
 from tasks.training import QuantizationConfig
 
 MERGEKIT_METHODS = ("linear", "slerp", "ties", "dare_ties", "task_arithmetic", "passthrough")
@@ -214,12 +214,38 @@ def merge_models(config: MergeConfig, sources: dict[str, str], out_dir: str | Pa
 class MergeStage(StageFields, MergeConfig):
     """A `merge` stage of a pipeline config: it takes no data."""
 
-    kind: ClassVar[str] = "merge"
     summary: ClassVar[str] = "Fold an adapter into its base, or merge versions with mergekit; registers the merged version."
     stage: Literal["merge"] = "merge"
 
     def references(self) -> list[str]:
         return super().references() + list(self.sources) + ([self.base] if self.base else [])
+
+    def plan(self, planner) -> StagePlan:
+        """The sources, and for ties / dare_ties / task_arithmetic the base they are measured from (default: the
+        config's base)."""
+        refs = {"sources": tuple(planner.resolve(ref).version for ref in self.sources)}
+        if self.method in NEEDS_BASE:
+            refs["merge_base"] = ((planner.resolve(self.base) if self.base else planner.base).version,)
+        return StagePlan(refs=refs, data_from="none")
+
+    def prepare(self, plan: Any, data: StageResult | None, ctx: Any) -> Job:
+        """lora: the start's adapter folded into its base; else mergekit on the sources, checked before anything is
+        registered. Every source (and the base they are measured from) is a parent."""
+        start = ctx.version(plan.start)
+        sources = [ctx.version(v) for v in plan.refs.get("sources", ())]
+        hyperparameters = {"merge": self.hyperparameters(), "seed": ctx.seed, "sources": [s.version for s in sources]}
+        if self.method == "lora":
+            if not start.adapter:
+                raise TuneryError(f"merge (lora) needs an adapter version to fold in; {start.version} is not one")
+            inputs = StageInputs(start=start.artifact_path, seed=ctx.seed, quantization=start.quantization,
+                                 adapter_base=ctx.adapter_base(start))
+            return Job(parents=[start], inputs=inputs, hyperparameters=hyperparameters, data_hash=start.data_hash)
+        merge_base = [ctx.version(v) for v in plan.refs.get("merge_base", ())]
+        folders = {s.version: ctx.folder(s) for s in sources}
+        base = (merge_base[0].version, ctx.folder(merge_base[0])) if merge_base else None
+        check_sources(folders, base)
+        inputs = StageInputs(start=start.artifact_path, sources=folders, merge_base=base, seed=ctx.seed)
+        return Job(parents=sources + merge_base, inputs=inputs, hyperparameters=hyperparameters)
 
     @model_validator(mode="after")
     def _no_data(self) -> "MergeStage":

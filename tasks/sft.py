@@ -71,7 +71,7 @@ def train_sft(config: SftConfig, model_path: str, data_dir: str | Path, out_dir:
     from datasets import Dataset
     from trl import SFTConfig as TrlSFTConfig
 
-    run = start_run("sft", config, model_path, data_dir, device, seed, checkpoints)
+    run = start_run(SftStage, config, model_path, data_dir, device, seed, checkpoints)
     device, precision, tokenizer, out_dir = run.device, run.precision, run.tokenizer, Path(out_dir)
 
     def encode(rows: list[dict]) -> Dataset:
@@ -97,10 +97,8 @@ def train_sft(config: SftConfig, model_path: str, data_dir: str | Path, out_dir:
 
 
 class SftStage(TrainingStage, SftConfig):
-    """An `sft` stage of a pipeline config."""
+    """Supervised fine-tuning on chat data; registers the new version (no evaluation)."""
 
-    kind: ClassVar[str] = "sft"
     data_kind: ClassVar[str | None] = "chat"
-    summary: ClassVar[str] = "Supervised fine-tuning on chat data; registers the new version (no evaluation)."
     trainer: ClassVar = staticmethod(train_sft)
     stage: Literal["sft"] = "sft"

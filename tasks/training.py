@@ -164,18 +164,16 @@ class RunStart:
     checkpoints: Path | None = None  # where this stage keeps checkpoints (None: none), see trainer_arguments
 
 
-def start_run(stage: str, config: TrainingConfig, model_path: str, data_dir: str | Path, device: str,
+def start_run(stage: Any, config: TrainingConfig, model_path: str, data_dir: str | Path, device: str,
               seed: int, checkpoints: str | Path | None = None) -> RunStart:
     """Load the prepared data (refusing the wrong kind by name), resolve device and precision, seed, load the
-    tokenizer. Raises TuneryError when the data is not the kind `stage` trains on."""
+    tokenizer. Raises TuneryError when the data is not the kind the `stage` class trains on (its `data_kind`)."""
     import torch
 
-    from tasks.catalogue import STAGES
-
     meta, train_rows, val_rows = load_prepared(data_dir)
-    kind = STAGES[stage].data_kind
+    kind = stage.data_kind
     if meta["kind"] != kind:
-        raise TuneryError(f"{stage} needs {DATA_KINDS[kind]}; {data_dir} holds {meta['kind']} examples")
+        raise TuneryError(f"{stage.kind} needs {DATA_KINDS[kind]}; {data_dir} holds {meta['kind']} examples")
     device = resolve_device(device, quantized=config.quantized)
     precision = resolve_precision(config.precision, device)
     torch.manual_seed(seed)

@@ -13,10 +13,11 @@ from conftest import write_jsonl
 
 import registry
 from core.errors import TuneryError
-from flows import plan, steps
+from flows import inputs, plan, run
 from flows.config import BASE_REF, load_config
-from tasks.distill import (Answer, DistillModelConfig, DistillPromptConfig, distill_rows, gguf_teacher_answers,
-                           make_dataset, prompt_tokens_saved, settle, teacher_answers, teacher_contexts)
+from tasks.distill.settings import (Answer, DistillModelConfig, DistillPromptConfig, distill_rows, prompt_tokens_saved,
+                                    settle, teacher_contexts)
+from tasks.distill.teacher import gguf_teacher_answers, make_dataset, teacher_answers, teacher_gguf
 from tasks.models import conversation, load_model, load_tokenizer, prompt_ids, repeated_ngram_ends
 from tasks.prep import load_prepared
 
@@ -169,9 +170,9 @@ def _config(tmp_path, chatty, garden_rows, stages, **top) -> str:
 
 def _run(config: str, index: int = 0) -> dict:
     cfg, config_dir = load_config(config)
-    base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base.artifact_path)
-    return steps.run_stage(cfg, index, {BASE_REF: base}, base, data, config_dir)
+    base = inputs.run_base(cfg, config_dir)
+    data = inputs.run_prep(cfg, config_dir, base.artifact_path)
+    return run.run_stage(cfg, index, {BASE_REF: base}, base, data, config_dir)
 
 
 def test_distill_prompt_registers_the_student_with_the_teacher_as_parent(tmp_path, chatty, garden_rows):
@@ -215,9 +216,9 @@ def test_distill_model_learns_from_a_local_teacher_and_feeds_dpo_pairs(tmp_path,
               {"stage": "dpo", "pairs_from": "student", "max_steps": 2, "batch_size": 4, "max_length": 160}]
     config = _config(tmp_path, chatty, garden_rows, stages)
     cfg, config_dir = load_config(config)
-    base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base.artifact_path)
-    student = steps.run_stage(cfg, 0, {BASE_REF: base}, base, data, config_dir)
+    base = inputs.run_base(cfg, config_dir)
+    data = inputs.run_prep(cfg, config_dir, base.artifact_path)
+    student = run.run_stage(cfg, 0, {BASE_REF: base}, base, data, config_dir)
     teacher = next(v for v in registry.list_versions(name="teacher"))
     assert teacher.stage == "base" and teacher.artifact_path == str(tmp_path / "teacher")
     assert student.parents == ["tiny-base:1", teacher.version]
@@ -231,7 +232,7 @@ def test_distill_model_learns_from_a_local_teacher_and_feeds_dpo_pairs(tmp_path,
     pairs = student.preference_pairs
     meta, train_pairs, _ = load_prepared(pairs)
     assert meta["kind"] == "preference" and train_pairs
-    dpo = steps.run_stage(cfg, 1, {BASE_REF: base, "student": student}, student, data, config_dir)
+    dpo = run.run_stage(cfg, 1, {BASE_REF: base, "student": student}, student, data, config_dir)
     assert dpo.data_hash == meta["data_hash"] and dpo.parents == [student.version]
 
 
@@ -297,7 +298,7 @@ def test_dpo_pairs_from_a_stage_without_pairs_is_named(tmp_path, chatty, garden_
               {"stage": "dpo", "pairs_from": "student"}]
     cfg, config_dir = load_config(_config(tmp_path, chatty, garden_rows, stages))
     with pytest.raises(TuneryError, match="stage dpo: pairs_from 'student' wrote no preference pairs"):
-        plan.stage_data(cfg, 1, {"student": SimpleNamespace(preference_pairs=None)}, None, config_dir)
+        plan.stage_data(cfg, 1, {"student": SimpleNamespace(preference_pairs=None, status="ready")}, None, config_dir)
     both = _config(tmp_path, chatty, garden_rows, [stages[0], {**stages[1], "data": {"train": "garden.jsonl"}}])
     with pytest.raises(TuneryError, match="not both"):
         load_config(both)
@@ -342,13 +343,13 @@ def test_a_teacher_export_that_failed_its_checks_is_used_only_on_request(tmp_pat
 
     failed = export("v1-f16", "f16", False)
     version = registry.get_version(teacher)
-    assert steps.teacher_gguf(version, "auto") == (
+    assert teacher_gguf(version, registry.exports.list_exports(version.version), "auto") == (
         None, {"teacher_export_skipped": "tiny-base/v1-f16 (failed: answers_stop)"})
     with pytest.raises(TuneryError, match=r"no GGUF export that passed its checks; tiny-base/v1-f16 \(failed: "
                                           r"answers_stop\): set teacher_allow_failed_export: true"):
-        steps.teacher_gguf(version, "llama.cpp")
-    assert steps.teacher_gguf(version, "llama.cpp", allow_failed=True) == (
+        teacher_gguf(version, registry.exports.list_exports(version.version), "llama.cpp")
+    assert teacher_gguf(version, registry.exports.list_exports(version.version), "llama.cpp", allow_failed=True) == (
         failed, {"teacher_export": "tiny-base/v1-f16", "teacher_gguf_checks": "failed: answers_stop"})
     passed = export("v1-q8_0", "q8_0", True)
-    assert steps.teacher_gguf(version, "auto", allow_failed=True) == (
+    assert teacher_gguf(version, registry.exports.list_exports(version.version), "auto", allow_failed=True) == (
         passed, {"teacher_export": "tiny-base/v1-q8_0", "teacher_gguf_checks": "passed"})

@@ -9,7 +9,7 @@ from conftest import chat, write_jsonl
 
 import registry
 from core.errors import TuneryError
-from flows import steps
+from flows import evaluate, inputs, run
 from flows.config import load_config
 
 
@@ -95,10 +95,10 @@ def test_unchanged_inputs_skip_training_and_changed_data_retrains(prefect_server
 def test_failed_training_is_recorded_as_failed_and_leaves_no_artifact(tmp_path, tiny_model_dir, garden_rows,
                                                                        tunery_home):
     cfg, config_dir = load_config(tiny_config(tmp_path, tiny_model_dir, garden_rows, max_length=16))
-    base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base.artifact_path)
+    base = inputs.run_base(cfg, config_dir)
+    data = inputs.run_prep(cfg, config_dir, base.artifact_path)
     with pytest.raises(TuneryError, match="cuts off every answer"):
-        steps.run_train(cfg, cfg.stages[0], base, data)
+        run.run_train(cfg, cfg.stages[0], base, data)
     failed = registry.get_version("tiny-fern:1")
     assert failed.status == "failed" and "cuts off every answer" in failed.error
     assert not (tunery_home / "artifacts" / "tiny-fern" / "1").exists()
@@ -107,10 +107,10 @@ def test_failed_training_is_recorded_as_failed_and_leaves_no_artifact(tmp_path, 
 
 def test_eval_refuses_a_version_that_is_not_ready(tmp_path, tiny_model_dir, garden_rows):
     cfg, config_dir = load_config(tiny_config(tmp_path, tiny_model_dir, garden_rows))
-    data = steps.run_prep(cfg, config_dir)
+    data = inputs.run_prep(cfg, config_dir)
     v = registry.get_version(registry.create_version("tiny-fern", "sft"))
     with pytest.raises(TuneryError, match="tiny-fern:1 is running"):
-        steps.run_eval(v, data, cfg.eval_config())
+        evaluate.run_eval(v, data, cfg.eval_config())
 
 
 def test_bad_data_stops_before_any_version_is_registered(tmp_path, tiny_model_dir, garden_rows):
@@ -118,7 +118,7 @@ def test_bad_data_stops_before_any_version_is_registered(tmp_path, tiny_model_di
     write_jsonl(tmp_path / "garden.jsonl", garden_rows + [chat("Q", "A"), {"messages": [{"role": "user"}]}])
     cfg, config_dir = load_config(path)
     with pytest.raises(TuneryError, match=r"garden.jsonl line 26: field 'messages\[0\].content'"):
-        steps.run_prep(cfg, config_dir)
+        inputs.run_prep(cfg, config_dir)
     assert registry.list_versions(name="tiny-fern") == []
 
 
@@ -180,10 +180,10 @@ def test_stage_given_the_wrong_kind_of_data_registers_nothing(tmp_path, tiny_mod
     doc["stages"] = [{"stage": "dpo"}]
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(doc))
     cfg, config_dir = load_config(path)
-    base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base.artifact_path)
+    base = inputs.run_base(cfg, config_dir)
+    data = inputs.run_prep(cfg, config_dir, base.artifact_path)
     with pytest.raises(TuneryError, match=r"stage dpo \(dpo\) needs preference data, but its data holds chat"):
-        steps.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
+        run.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
     assert registry.list_versions(name="tiny-fern") == []
 
 
@@ -215,8 +215,8 @@ def test_a_stopped_training_resumes_from_its_last_checkpoint(tmp_path, tiny_mode
     import tasks.training as training
 
     cfg, config_dir = load_config(tiny_config(tmp_path, tiny_model_dir, garden_rows, max_steps=6, save_steps=2))
-    base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base.artifact_path)
+    base = inputs.run_base(cfg, config_dir)
+    data = inputs.run_prep(cfg, config_dir, base.artifact_path)
     real_guard = training.nan_guard
 
     def crashing_guard():  # fault injection: the process "dies" after step 5
@@ -231,12 +231,12 @@ def test_a_stopped_training_resumes_from_its_last_checkpoint(tmp_path, tiny_mode
 
     monkeypatch.setattr(training, "nan_guard", crashing_guard)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        steps.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
+        run.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
     assert [p.name for p in (tunery_home / "checkpoints").glob("*/checkpoint-*")] == ["checkpoint-4"]
     assert registry.get_version("tiny-fern:1").status == "failed"
 
     monkeypatch.setattr(training, "nan_guard", real_guard)
-    version = steps.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
+    version = run.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
     assert version.version == "tiny-fern:2" and version.info["resumed_from"] == "checkpoint-4"
     assert version.metrics["train_steps"] == 6
     assert [h["step"] for h in registry.get_history("tiny-fern:2")] == [5, 6]  # steps 1-4 were not run again
@@ -249,9 +249,9 @@ def test_a_stage_with_two_processes_trains_under_accelerate_launch(tmp_path, tin
     from safetensors.torch import load_file
 
     cfg, config_dir = load_config(tiny_config(tmp_path, tiny_model_dir, garden_rows, processes=2, max_steps=3))
-    base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base.artifact_path)
-    version = steps.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
+    base = inputs.run_base(cfg, config_dir)
+    data = inputs.run_prep(cfg, config_dir, base.artifact_path)
+    version = run.run_stage(cfg, 0, {"base": base}, base, data, config_dir)
     assert version.status == "ready" and version.info["processes"] == version.info["world_size"] == 2
     assert version.metrics["train_steps"] == 3 and len(registry.get_history(version.version)) == 3
     adapter = load_file(str(Path(version.artifact_path) / "adapter_model.safetensors"))
@@ -273,8 +273,8 @@ def test_a_copy_of_tunery_home_at_another_path_reuses_every_stage(prefect_server
     from flows.pipeline import pipeline
 
     shutil.copytree(tiny_model_dir, tunery_home / "base_models" / "tiny")
-    real = steps.resolve_base_model
-    monkeypatch.setattr(steps, "resolve_base_model", lambda spec, config_dir=None: str(
+    real = inputs.resolve_base_model
+    monkeypatch.setattr(inputs, "resolve_base_model", lambda spec, config_dir=None: str(
         base_models_dir() / "tiny") if spec == "default" else real(spec, config_dir))
     config = tiny_config(tmp_path, tiny_model_dir, garden_rows)
     doc = yaml.safe_load(Path(config).read_text())

@@ -103,7 +103,7 @@ def test_a_bad_step_stops_training_there_and_fails_the_version(tiny_model_dir, g
     import yaml
     from conftest import write_jsonl
 
-    from flows import steps
+    from flows import inputs, run
     from flows.config import load_config
 
     # Two clean steps (the estimate needs no probe passes of its own), then a bad one at step 3 of 20.
@@ -113,10 +113,10 @@ def test_a_bad_step_stops_training_there_and_fails_the_version(tiny_model_dir, g
         "name": "bad", "base_model": str(tiny_model_dir), "device": "cpu", "data": {"train": "g.jsonl"},
         "stages": [{"stage": "sft", "max_steps": 20, **FAST}]}))
     cfg, config_dir = load_config(tmp_path / "c.yaml")
-    base = steps.run_base(cfg, config_dir)
-    data = steps.run_prep(cfg, config_dir, base.artifact_path)
+    base = inputs.run_base(cfg, config_dir)
+    data = inputs.run_prep(cfg, config_dir, base.artifact_path)
     with pytest.raises(TuneryError, match=message + ", so training stopped there"):
-        steps.run_train(cfg, cfg.stages[0], base, data)
+        run.run_train(cfg, cfg.stages[0], base, data)
     assert seen["forward"] == 3  # training stopped: steps 4-20 never ran
     failed = registry.get_version("bad:1")
     assert failed.status == "failed" and message in failed.error

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,8 +19,13 @@ from core.errors import TuneryError
 
 # The new metric of the promise: how long an answer is against its reference. Lower is better here, the opposite of
 # every other answer score, so a ranking that ignored the catalogue's direction would pick the wrong version.
-ENTRY = catalogue.Metric("answer_length_ratio", "lower", "x", ".2f", "headline",
-                         "answer length over the reference's length", "length ratio")
+LINE = ('  answer_length_ratio: {better: lower, fmt: ".2f", unit: "x", label: "length ratio", '
+        'meaning: "answer length over the reference\'s length"}\n')
+
+
+def with_line(text: str) -> str:
+    """The catalogue file with the new metric's line at the end of the headline group."""
+    return text.replace("quality:\n", LINE + "quality:\n", 1)
 
 
 def length_ratio(answer: str, reference: str) -> float:
@@ -35,6 +41,8 @@ def test_names_inherit_their_family_and_the_exported_form():
     assert catalogue.lookup("never_declared") is None
     with pytest.raises(ValueError, match="declared twice"):
         catalogue.register(catalogue.Metric("perplexity", "higher", "", ".3f", "headline", "twice"))
+    assert catalogue.headline() == ("perplexity", "answer_f1", "general_accuracy", "tokens_per_s", "ttft_ms",
+                                    "peak_rss_mb")
     with pytest.raises(ValueError, match="has no better direction"):
         catalogue.check_rankable("train_steps", "metric")
 
@@ -53,12 +61,19 @@ def test_every_score_and_every_evaluation_metric_is_declared(tiny_model_dir, pre
 
 
 @pytest.fixture
-def with_new_metric(monkeypatch):
-    """The new metric's two pieces: its catalogue entry and its computation (an answer scorer)."""
+def with_new_metric(monkeypatch, tmp_path):
+    """The new metric's two pieces: its line in a copy of core/metrics.yaml, and its computation (an answer
+    scorer). Returns a copy of core/ holding that catalogue, for processes of their own."""
     from tasks import scores
 
-    monkeypatch.setitem(catalogue.CATALOGUE, ENTRY.name, ENTRY)
+    code = tmp_path / "code"
+    shutil.copytree(REPO / "core", code / "core", ignore=shutil.ignore_patterns("__pycache__"))
+    catalogue_file = code / "core" / "metrics.yaml"
+    catalogue_file.write_text(with_line(catalogue_file.read_text()))
+    loaded = {m.name: m for m in catalogue.load(catalogue_file)}
+    monkeypatch.setattr(catalogue, "CATALOGUE", loaded)
     monkeypatch.setitem(scores.SCORERS, "length_ratio", length_ratio)
+    return code
 
 
 def _registered(tiny_model_dir) -> tuple[str, str, str]:
@@ -86,15 +101,11 @@ def test_a_new_metric_is_one_entry_plus_its_computation(with_new_metric, tiny_mo
     assert registry.get_version(brief).metrics["answer_length_ratio"] == pytest.approx(1 / 3)
     assert registry.get_version(wordy).metrics["answer_length_ratio"] == pytest.approx(7 / 3)
 
-    # The CLI in its own process, where the entry is the one line a developer adds to core/metrics.py.
+    # The CLI in its own process, on the copy of core/ whose catalogue has the one new line.
     def tunery(*args: str) -> subprocess.CompletedProcess:
-        code = ("import sys; from core import metrics as m; "
-                f"m.register(m.Metric(*{[ENTRY.name, ENTRY.better, ENTRY.unit, ENTRY.fmt, ENTRY.group]!r}, "
-                f"{ENTRY.meaning!r}, {ENTRY.label!r})); "
-                "from flows.cli import main; sys.argv = ['tunery', *sys.argv[1:]]; main()")
-        env = {**os.environ, "TUNERY_HOME": str(tunery_home)}
-        return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=300, check=True)
+        env = {**os.environ, "TUNERY_HOME": str(tunery_home), "PYTHONPATH": str(with_new_metric)}
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=with_new_metric.parent, env=env,
+                              capture_output=True, text=True, timeout=300, check=True)
 
     rows = {r["metric"]: r for r in json.loads(tunery("compare", wordy, brief, "--json").stdout)["metrics"]}
     assert rows["answer_length_ratio"]["better"] is True  # lower, as its entry says

@@ -14,7 +14,7 @@ import registry
 from conftest import chat, write_jsonl
 from flows import plan as planning
 from flows.config import BASE_REF, load_config
-from flows.steps import run_base, run_prep
+from flows.inputs import run_base, run_prep
 
 
 def _config(tmp_path: Path, tiny_model_dir, garden_rows, stages: list[dict], **top) -> Path:
@@ -65,7 +65,7 @@ def test_planning_twice_gives_one_fingerprint_and_writes_nothing(tmp_path, tiny_
     assert plans[0] == plans[2] and plans[1] == plans[3] and plans[0].fingerprint != plans[1].fingerprint
     own, distill = plans[0], plans[1]
     assert own.data_from == "stage" and not Path(own.data).exists() and own.data_hash != data.info["data_hash"]
-    assert distill.teacher == f"folder:{(tmp_path / 'teacher').resolve()}" and distill.data_from == "config"
+    assert distill.refs["teacher"] == (f"folder:{(tmp_path / 'teacher').resolve()}",) and distill.data_from == "config"
     assert own.to_json()["fingerprint"] == own.fingerprint and own.device == "cpu"
 
 
@@ -114,13 +114,13 @@ def test_merge_sources_and_teacher_are_in_the_fingerprint(tmp_path, tiny_model_d
     merge = {"stage": "merge", "method": "linear", "sources": ["tiny-base:2", "tiny-base:3"]}
     config = _config(tmp_path, tiny_model_dir, garden_rows, [merge])
     first = _plan(config)
-    assert first.sources == ("tiny-base:2", "tiny-base:3")
+    assert first.refs["sources"] == ("tiny-base:2", "tiny-base:3")
     config = _config(tmp_path, tiny_model_dir, garden_rows, [{**merge, "sources": ["tiny-base:2", "tiny-base:1"]}])
     assert _plan(config).fingerprint != first.fingerprint
     teach = {"stage": "distill-model", "max_steps": 2}
     by_two = _plan(_config(tmp_path, tiny_model_dir, garden_rows, [{**teach, "teacher": "tiny-base:2"}]))
     by_three = _plan(_config(tmp_path, tiny_model_dir, garden_rows, [{**teach, "teacher": "tiny-base:3"}]))
-    assert by_two.teacher == "tiny-base:2" and by_two.fingerprint != by_three.fingerprint
+    assert by_two.refs["teacher"] == ("tiny-base:2",) and by_two.fingerprint != by_three.fingerprint
 
 
 def test_code_and_library_versions_are_in_the_digest(tmp_path, monkeypatch):
@@ -146,6 +146,24 @@ def test_code_and_library_versions_are_in_the_digest(tmp_path, monkeypatch):
     assert {"torch", "transformers", "peft", "trl", "mergekit", "llama_cpp_python"} <= set(planning.RESULT_LIBRARIES)
 
 
+def test_measuring_code_is_left_out_of_the_training_digest(tmp_path):
+    """What a stage trains and what it measures have separate keys: a change to measuring code (metrics/, the
+    evaluation, the answer scores, a kind's own measurements) changes the digest of all code, which keys the
+    evaluation, and leaves the training digest, which keys the stage, as it was."""
+    files = ["tasks/train.py", "tasks/evaluation.py", "tasks/scores.py", "tasks/distill/measure.py",
+             "tasks/distill/teacher.py", "metrics/perplexity/perplexity.py"]
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    for name in files:
+        training = planning.source_digest(tmp_path, exclude=planning.MEASURING)
+        everything = planning.source_digest(tmp_path)
+        (tmp_path / name).write_text("x = 2\n")
+        assert planning.source_digest(tmp_path) != everything, name
+        measuring_only = name.startswith(planning.MEASURING)
+        assert (planning.source_digest(tmp_path, exclude=planning.MEASURING) == training) == measuring_only, name
+
+
 def test_changed_code_reruns_the_stage_and_its_evaluation_and_another_server_finds_the_cache(
         tmp_path, tiny_model_dir, garden_rows, tunery_home, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
@@ -164,9 +182,17 @@ def test_changed_code_reruns_the_stage_and_its_evaluation_and_another_server_fin
         states = _task_states(str(state.state_details.flow_run_id))
         assert states["sft tiny-fern from tiny-base:1"] == "Cached", states
         assert states["eval tiny-fern:1"] == "Cached" and states["eval tiny-base:1"] == "Cached", states
+        # Changed measuring code only (a line under metrics/): the version is measured again, not trained again.
+        monkeypatch.setattr(flow_module, "code_version", lambda: "changed-measuring-code")
+        state = flow_module.pipeline(config, return_state=True)
+        assert state.result()["tuned"] == "tiny-fern:1"
+        states = _task_states(str(state.state_details.flow_run_id))
+        assert states["sft tiny-fern from tiny-base:1"] == "Cached", states
+        assert states["eval tiny-fern:1"] == "Completed" and states["eval tiny-base:1"] == "Completed", states
         # Changed code (as a new tasks/ or metrics/ source or library version makes it): the stage trains again
         # and both evaluations run again.
         monkeypatch.setattr(planning, "code_version", lambda: "changed-code")
+        monkeypatch.setattr(planning, "training_code_version", lambda: "changed-code")
         monkeypatch.setattr(flow_module, "code_version", lambda: "changed-code")
         state = flow_module.pipeline(config, return_state=True)
         assert state.result()["tuned"] == "tiny-fern:2"
@@ -250,3 +276,102 @@ def test_a_new_stage_kind_is_one_module_and_one_catalogue_entry(tmp_path, tiny_m
     assert refused.returncode == 1 and "needs chat data, but its data holds preference examples" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert [v.version for v in registry.list_versions(name="tiny-fern")] == ["tiny-fern:1"]
+
+
+GRAFT_KIND = '''"""A `graft` stage: the start model's weights averaged with a donor version's (its own input, like a teacher)."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from tasks.common import StageResult
+from tasks.stage import StageFields, StageInputs, StagePlan
+
+
+class GraftStage(StageFields):
+    """A `graft` stage of a pipeline config."""
+
+    kind: ClassVar[str] = "graft"
+    summary: ClassVar[str] = "Average the start model with a donor version."
+    stage: Literal["graft"] = "graft"
+    donor: str = Field(description="An earlier stage's id or NAME:N whose weights are averaged in.")
+    weight: float = Field(0.5, ge=0, le=1, description="The donor's share.")
+
+    def references(self) -> list[str]:
+        return super().references() + [self.donor]
+
+    def plan(self, planner) -> StagePlan:
+        return StagePlan(refs={"donor": (planner.resolve(self.donor).version,)}, data_from="none")
+
+    def prepare(self, plan, data, ctx, teacher=None):
+        job = super().prepare(plan, data, ctx)
+        donor = ctx.version(plan.refs["donor"][0])
+        inputs = dataclasses.replace(job.inputs, sources={donor.version: ctx.folder(donor)})
+        return dataclasses.replace(job, parents=job.parents + [donor], inputs=inputs)
+
+    def run(self, inputs: StageInputs, out_dir: Path) -> StageResult:
+        (donor,) = inputs.sources.values()
+        for f in Path(inputs.start).iterdir():
+            if f.is_file() and f.name != "model.safetensors":
+                shutil.copy2(f, out_dir / f.name)
+        mine, theirs = load_file(Path(inputs.start) / "model.safetensors"), load_file(Path(donor) / "model.safetensors")
+        save_file({k: (1 - self.weight) * v + self.weight * theirs[k] for k, v in mine.items()},
+                  out_dir / "model.safetensors")
+        return StageResult(stage="graft", artifact_path=str(out_dir))
+'''
+
+
+def test_a_new_stage_kind_with_its_own_input_is_one_module_and_one_catalogue_entry(tmp_path, tiny_model_dir,
+                                                                                   garden_rows, tunery_home):
+    """Like the snapshot kind, for a kind that reads a version beyond its start (a donor, as a teacher or merge
+    sources are read): its plan hook names it, so it is resolved, checked, fingerprinted and made a parent without
+    a line of the flow changed."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import REPO
+
+    shutil.copytree(REPO / "tasks", tmp_path / "code" / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "data" / "general", tmp_path / "code" / "data" / "general")
+    (tmp_path / "code" / "tasks" / "graft.py").write_text(GRAFT_KIND)
+    catalogue = tmp_path / "code" / "tasks" / "catalogue.py"
+    text = catalogue.read_text().replace("from tasks.sft import SftStage\n", "from tasks.sft import SftStage\n"
+                                                                           "from tasks.graft import GraftStage\n")
+    catalogue.write_text(text.replace("DistillModelStage)}", "DistillModelStage, GraftStage)}"))
+    # The donor: a registered copy of the tiny model with every weight doubled.
+    donor_dir = tmp_path / "donor"
+    shutil.copytree(tiny_model_dir, donor_dir)
+    weights = load_file(donor_dir / "model.safetensors")
+    save_file({k: 2 * v for k, v in weights.items()}, donor_dir / "model.safetensors")
+    _plan(_config(tmp_path, tiny_model_dir, garden_rows, [dict(SFT)]))  # registers the base, tiny-base:1
+    donor = registry.create_version("tiny-base", "base")
+    registry.finish_version(donor, str(donor_dir))
+    registry.db.release()
+    config = _config(tmp_path, tiny_model_dir, garden_rows, [{"stage": "graft", "donor": donor, "weight": 0.25}])
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "code"), "TUNERY_HOME": str(tunery_home)}
+
+    def tunery(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    ran = tunery("graft", str(config), "--json")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    version = json.loads(ran.stdout)
+    assert version["parents"] == ["tiny-base:1", donor]
+    assert version["hyperparameters"]["graft"] == {"donor": donor, "weight": 0.25}
+    grafted = load_file(Path(version["artifact_path"]) / "model.safetensors")
+    assert all(torch.allclose(grafted[k], 1.25 * w) for k, w in weights.items())
+    # An unknown donor is named before anything is registered.
+    config = _config(tmp_path, tiny_model_dir, garden_rows, [{"stage": "graft", "donor": "tiny-base:9"}])
+    refused = tunery("graft", str(config))
+    assert refused.returncode == 1 and "tiny-base:9" in refused.stderr and "Traceback" not in refused.stderr
+    assert [v.version for v in registry.list_versions(name="tiny-fern")] == [version["version"]]

@@ -1,7 +1,9 @@
 """The DuckDB registry: numbering, lineage, failure records, reopening, bound parameters, lock handling."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -434,3 +436,37 @@ def test_a_connection_the_postgresql_server_dropped_is_replaced(backend):
         admin.execute("SELECT pg_terminate_backend(%s)", [pid])
     assert [v.version for v in registry.list_versions()] == ["fern:1"]
     assert registry.db._handle().con.info.backend_pid != pid
+
+
+def test_a_new_version_column_is_its_record_field_plus_a_migration(tmp_path, tunery_home):
+    """The architecture promise for the registry: a copy of registry/ with one field added to the Version record
+    and one numbered migration, and nothing else changed, stores, reads and prints the new column."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = tmp_path / "code"
+    shutil.copytree(REPO / "registry", code / "registry", ignore=shutil.ignore_patterns("__pycache__"))
+    records = code / "registry" / "records.py"
+    text = records.read_text()
+    anchor = "    host: str | None = field(default=None, metadata=column())"
+    assert anchor in text
+    records.write_text(text.replace(anchor, anchor + "\n    licence: str | None = field(default=None, "
+                                                     "metadata=column())  # the weights' licence"))
+    migrations = sorted((code / "registry" / "migrations").glob("[0-9]*.sql"))
+    number = int(migrations[-1].name[:3]) + 1
+    (code / "registry" / "migrations" / f"{number:03d}_licence.sql").write_text(
+        "-- why: a version records the licence of its weights\nALTER TABLE versions ADD COLUMN licence VARCHAR;\n")
+    script = ("import json, registry; v = registry.create_version('fern', 'base'); "
+              "registry.finish_version(v, '/m', licence='apache-2.0'); "
+              "print(json.dumps(registry.get_version(v).json()))")
+    env = {**os.environ, "PYTHONPATH": str(code), "TUNERY_HOME": str(tunery_home)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["licence"] == "apache-2.0"
+    shown = subprocess.run([sys.executable, "-m", "flows.cli", "show", "fern:1", "--json"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert json.loads(shown.stdout)["licence"] == "apache-2.0"
