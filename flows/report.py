@@ -12,12 +12,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core import metrics as metric_catalogue
-from registry.records import Version
+from registry.records import Version, columns
 
 # A verdict's `ok`: True healthy, False a warning, None too little to judge.
 STATES = {True: "ok", False: "warning", None: "not judged"}
 RECORD_FIELDS = ("version", "stage", "status", "parents", "base_model", "data_hash", "artifact_path", "host",
                  "created_at", "error")
+# Columns of a version shown elsewhere in its report (or only of use to the flow); any other column, a new one
+# included, is shown with the record's fields.
+SHOWN_ELSEWHERE = {"name", "number", "hyperparameters", "info", "flow_run_id", "finished_at", "fingerprint",
+                   "adapter", "quantization", "teacher", "preference_pairs"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ def check_rows(export: dict[str, Any]) -> list[dict[str, Any]]:
 def record_rows(v: Version) -> list[dict[str, str]]:
     """A version's own fields that are set, as {field, value} (lists joined)."""
     rows = []
-    for key in RECORD_FIELDS:
+    extra = [f for f, _, _ in columns(Version) if f not in RECORD_FIELDS and f not in SHOWN_ELSEWHERE]
+    for key in (*RECORD_FIELDS, *extra):
         value = getattr(v, key)
         if value not in (None, [], ""):
             rows.append({"field": key, "value": ", ".join(value) if isinstance(value, list) else str(value)})

@@ -6,7 +6,7 @@ stage reported for people to read (VersionInfo lists its keys); no decision read
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, TypedDict
 
 
@@ -28,36 +28,53 @@ class VersionInfo(TypedDict, total=False):
     teacher_export_skipped: str   # distill: a failed export not used
 
 
+def column(name: str | None = None, codec: str | None = None) -> dict[str, Any]:
+    """A field's place in its table: the column (default: the field's name) and how its value is stored: `json`
+    (a JSON text), `path` (relative to TUNERY_HOME when inside it), `time` (a UTC timestamp, ISO text with Z when
+    read), `bool`; None: as it is."""
+    return {"column": name, "codec": codec}
+
+
+DERIVED = {"column": False}  # a field read from other tables or computed, not a column of the record's table
+
+
 @dataclass(frozen=True)
 class Version:
-    """One registered version with its lineage, settings and measurements (see registry.store.list_versions)."""
+    """One registered version with its lineage, settings and measurements (see registry.store.list_versions).
+
+    Each field that is a column of `versions` says so in its metadata (`column`); registry.store builds its SELECT,
+    its row mapping and its typed updates from them, so a new column is a field here plus a migration."""
 
     version: str                  # NAME:N
     name: str
     number: int
     stage: str                    # base | cpt | sft | dpo | merge | distill-prompt | distill-model
     status: str                   # running | ready | failed
-    parents: list[str]
-    base_model: str | None
-    hyperparameters: dict[str, Any]
-    data_hash: str | None         # the data it was trained on
-    eval_data_hash: str | None    # the data `metrics` were measured on (its first evaluation's)
-    metrics: dict[str, float]     # training figures plus the evaluation on eval_data_hash
-    metrics_on_other_data: dict[str, dict[str, float]]
-    artifact_path: str | None
-    info: dict[str, Any]          # what its stage reported for people to read: the keys of VersionInfo
-    samples: list[dict[str, str]]
-    error: str | None
-    flow_run_id: str | None
-    created_at: str
-    finished_at: str | None
-    fingerprint: str | None = None        # the stage inputs it was made from (flows.plan)
-    adapter: bool = False                 # artifact_path is a LoRA adapter on its first parent
-    quantization: dict[str, Any] | None = None  # the QuantizationConfig an adapter was trained against
-    teacher: str | None = None            # distill: the teacher version
-    preference_pairs: str | None = None   # distill-model: the prepared preference pairs it made
-    host: str | None = None               # the machine (worker) that made it
-    reused: bool = field(default=False, compare=False)  # returned by a run that found it instead of training
+    parents: list[str] = field(metadata=DERIVED)  # version_parents, in order (the start first)
+    base_model: str | None = field(metadata=column())
+    hyperparameters: dict[str, Any] = field(metadata=column("hyperparameters_json", "json"))
+    data_hash: str | None = field(metadata=column())          # the data it was trained on
+    # the data `metrics` were measured on (its first evaluation's)
+    eval_data_hash: str | None = field(metadata=DERIVED)
+    metrics: dict[str, float] = field(metadata=DERIVED)  # training figures plus the evaluation on eval_data_hash
+    metrics_on_other_data: dict[str, dict[str, float]] = field(metadata=DERIVED)
+    artifact_path: str | None = field(metadata=column(codec="path"))
+    info: dict[str, Any] = field(metadata=column("info_json", "json"))  # for people to read: VersionInfo's keys
+    samples: list[dict[str, str]] = field(metadata=DERIVED)
+    error: str | None = field(metadata=column())
+    flow_run_id: str | None = field(metadata=column())
+    created_at: str = field(metadata=column("created_utc", "time"))
+    finished_at: str | None = field(metadata=column("finished_utc", "time"))
+    fingerprint: str | None = field(default=None, metadata=column())  # the stage inputs it was made from (flows.plan)
+    adapter: bool = field(default=False, metadata=column(codec="bool"))  # a LoRA adapter on its first parent
+    # the QuantizationConfig an adapter was trained against
+    quantization: dict[str, Any] | None = field(default=None, metadata=column("quantization_json", "json"))
+    teacher: str | None = field(default=None, metadata=column())  # distill: the teacher version
+    # distill-model: the prepared preference pairs it made
+    preference_pairs: str | None = field(default=None, metadata=column(codec="path"))
+    host: str | None = field(default=None, metadata=column())  # the machine (worker) that made it
+    # returned by a run that found it instead of training
+    reused: bool = field(default=False, compare=False, metadata=DERIVED)
 
     TYPED: ClassVar[tuple[str, ...]] = ("fingerprint", "adapter", "quantization", "teacher", "preference_pairs")
 
@@ -74,3 +91,13 @@ class Version:
 
     def as_reused(self) -> "Version":
         return replace(self, reused=True)
+
+
+def columns(record: type) -> list[tuple[str, str, str | None]]:
+    """(field, column, codec) of every field of a record class that is a column of its table, in field order."""
+    out = []
+    for f in fields(record):
+        spec = f.metadata if "column" in f.metadata else column()
+        if spec["column"] is not False:
+            out.append((f.name, spec["column"] or f.name, spec["codec"]))
+    return out

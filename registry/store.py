@@ -12,9 +12,18 @@ from core import metrics as metric_catalogue
 from core.errors import TuneryError, check_name
 from core.home import home_relative, in_home
 from registry.db import connect, utcnow
-from registry.records import Version
+from registry.records import Version, columns
 
 VERSION_RE = re.compile(r"^(?P<name>[^:@]+):(?P<number>\d+)$")
+COLUMNS = columns(Version)  # the versions table's columns, from the record's fields
+FIXED = {"version", "name", "number", "stage", "status", "parents", "created_at", "flow_run_id", "host"}
+# How a column's value is written and read back (registry.records.column).
+ENCODE: dict[str | None, Any] = {
+    None: lambda v: v, "bool": bool, "path": home_relative, "time": lambda v: v,
+    "json": lambda v: json.dumps(v, sort_keys=True) if v is not None else None}
+DECODE: dict[str | None, Any] = {
+    None: lambda v: v, "bool": bool, "path": in_home, "json": lambda v: json.loads(v) if v is not None else None,
+    "time": lambda v: v.isoformat() + "Z" if v is not None else None}
 STATUSES = ("running", "ready", "failed")
 
 # ---------------------------------------------------------------- writers
@@ -102,21 +111,23 @@ def _next_number(con, name: str) -> int:
                        "model_names.last_number + 1 RETURNING last_number", [name]).fetchone()[0]
 
 
-def finish_version(version: str, artifact_path: str | None, info: dict | None = None, *,
-                   fingerprint: str | None = None, adapter: bool = False, quantization: dict | None = None,
-                   preference_pairs: str | None = None) -> None:
+def finish_version(version: str, artifact_path: str | None, info: dict | None = None, **typed: Any) -> None:
     """Mark a running version `ready`, with the folder that holds its weights or adapter and the typed fields
-    (registry.records.Version) its stage settled."""
+    (columns of registry.records.Version: fingerprint, adapter, quantization, preference_pairs, ...) its stage
+    settled. An unknown field is a ValueError."""
+    settable = {f: (c, codec) for f, c, codec in COLUMNS if f not in FIXED}
+    unknown = set(typed) - set(settable)
+    if unknown:
+        raise ValueError(f"not typed fields of a version: {sorted(unknown)}")
+    values = {"artifact_path": artifact_path, "finished_at": utcnow(), "adapter": False, **typed}
+    if info is not None:
+        values["info"] = info
+    # Column names come from registry.records.Version, never from the caller's text; values are bound.
+    assignments = ", ".join(f"{settable[f][0]} = ?" for f in values)
     with connect() as con:
         _require(con, version)
-        con.execute("UPDATE versions SET status = 'ready', artifact_path = ?, finished_utc = ?, fingerprint = ?, "
-                    "adapter = ?, quantization_json = ?, preference_pairs = ? WHERE version = ?",
-                    [home_relative(artifact_path), utcnow(), fingerprint, adapter,
-                     json.dumps(quantization, sort_keys=True) if quantization else None,
-                     home_relative(preference_pairs), version])
-        if info is not None:
-            con.execute("UPDATE versions SET info_json = ? WHERE version = ?",
-                        [json.dumps(info, sort_keys=True), version])
+        con.execute(f"UPDATE versions SET status = 'ready', {assignments} WHERE version = ?",
+                    [ENCODE[settable[f][1]](v) for f, v in values.items()] + [version])
 
 
 def fail_version(version: str, error: str) -> None:
@@ -236,15 +247,12 @@ def resolve(ref: str) -> str:
 
 def _version_objects(con, where: str, params: list[Any], eval_data: str | None = None) -> list[Version]:
     # `where` is a fixed SQL fragment chosen by this module, never user text; values come through `params`.
-    rows = con.execute(
-        "SELECT version, name, number, stage, status, base_model, hyperparameters_json, data_hash, artifact_path, "
-        "info_json, error, flow_run_id, created_utc, finished_utc, fingerprint, adapter, quantization_json, teacher, "
-        f"preference_pairs, host FROM versions {where} ORDER BY name, number",
-        params,
-    ).fetchall()
+    rows = con.execute(f"SELECT {', '.join(c for _, c, _ in COLUMNS)} FROM versions {where} ORDER BY name, number",
+                       params).fetchall()
     if not rows:
         return []
-    names = [r[0] for r in rows]
+    rows = [{f: DECODE[codec](value) for (f, _, codec), value in zip(COLUMNS, row)} for row in rows]
+    names = [r["version"] for r in rows]
     parents: dict[str, list[str]] = {v: [] for v in names}
     for child, parent in con.execute(
         "SELECT version, parent FROM version_parents WHERE version IN (SELECT unnest(?::VARCHAR[])) "
@@ -276,22 +284,10 @@ def _version_objects(con, where: str, params: list[Any], eval_data: str | None =
     ).fetchall():
         if data is None or data == reference[v]:
             samples[v].append({"prompt": prompt, "answer": answer})
-    out = []
-    for (version, name, number, stage, status, base_model, hp, data_hash, artifact, info, error, flow_run,
-         created, finished, fingerprint, adapter, quantization, teacher, pairs, host) in rows:
-        out.append(Version(
-            version=version, name=name, number=number, stage=stage, status=status, parents=parents[version],
-            base_model=base_model, hyperparameters=json.loads(hp), data_hash=data_hash,
-            eval_data_hash=reference[version],
-            metrics={**metrics[version], **by_data[version].get(reference[version], {})},
-            metrics_on_other_data={h: m for h, m in by_data[version].items() if h != reference[version]},
-            artifact_path=in_home(artifact), info=json.loads(info), samples=samples[version], error=error,
-            flow_run_id=flow_run, created_at=created.isoformat() + "Z",
-            finished_at=finished.isoformat() + "Z" if finished else None, fingerprint=fingerprint,
-            adapter=bool(adapter), quantization=json.loads(quantization) if quantization else None, teacher=teacher,
-            preference_pairs=in_home(pairs), host=host,
-        ))
-    return out
+    return [Version(**row, parents=parents[v], eval_data_hash=reference[v],
+                    metrics={**metrics[v], **by_data[v].get(reference[v], {})},
+                    metrics_on_other_data={h: m for h, m in by_data[v].items() if h != reference[v]},
+                    samples=samples[v]) for row in rows for v in [row["version"]]]
 
 
 def list_versions(name: str | None = None, status: str | None = None,

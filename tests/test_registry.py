@@ -470,3 +470,6 @@ def test_a_new_version_column_is_its_record_field_plus_a_migration(tmp_path, tun
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert json.loads(shown.stdout)["licence"] == "apache-2.0"
+    shown = subprocess.run([sys.executable, "-m", "flows.cli", "show", "fern:1"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert "licence" in shown.stdout and "apache-2.0" in shown.stdout
