@@ -10,12 +10,12 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 import registry
 from core.errors import TuneryError
 from registry import exports as export_store
+from registry.records import Export
 
 # Ollama's sampling defaults, used where a Modelfile sets no PARAMETER of that name.
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1, "repeat_last_n": 64,
@@ -41,18 +41,17 @@ def resolve(ref: str, backend: str = "auto") -> Target:
         held = export_store.get_alias(name, alias)
         if held is None:
             raise TuneryError(f"{ref}: no such alias; `tunery show {name}` lists its aliases")
-        version, export = registry.get_version(held["version"]), export_store.get_export(held["export_id"])
-        why = f"{ref} -> {export['export_id']}"
+        version, export = registry.get_version(held.version), export_store.get_export(held.export_id)
+        why = f"{ref} -> {export.export_id}"
     else:
         version = registry.get_version(ref)
-        exports = [e for e in export_store.list_exports(version.version)
-                   if (Path(e["path"]) / e["gguf_file"]).exists()]
-        passed = [e for e in exports if e["passed"]]
+        exports = [e for e in export_store.list_exports(version.version) if e.gguf.exists()]
+        passed = [e for e in exports if e.passed]
         # auto talks to an export only when it passed its checks; asked for gguf, the newest one will do.
         export = passed[-1] if passed else exports[-1] if exports and backend == "gguf" else None
-        why = f"{version.version}, export {export['export_id']}" if export else f"{version.version}"
-        if export is not None and not export["passed"]:
-            failed = [c["name"] for c in export["checks"] if c["passed"] is False]
+        why = f"{version.version}, export {export.export_id}" if export else f"{version.version}"
+        if export is not None and not export.passed:
+            failed = [c.name for c in export.checks if c.passed is False]
             why += f" (its checks failed: {', '.join(failed)})"
     if backend == "hf":
         return Target(version, None, f"{why} (transformers)")
@@ -87,12 +86,12 @@ class Settings:
 class GgufChat:
     """Answers through llama.cpp on the export's GGUF, prompted by the Modelfile's Go TEMPLATE."""
 
-    def __init__(self, export: dict[str, Any], settings: Settings):
+    def __init__(self, export: Export, settings: Settings):
         from llama_cpp import Llama
 
         from tasks.modelfile import parse_modelfile
 
-        directives = parse_modelfile(export["modelfile"])
+        directives = parse_modelfile(export.modelfile)
         self.template = next(v for k, v in directives if k == "template")
         self.stops = [v for k, v in directives if k == "parameter stop"]
         params = {k.removeprefix("parameter "): v for k, v in directives if k.startswith("parameter ")
@@ -101,7 +100,7 @@ class GgufChat:
         self.parameters = {**OLLAMA_DEFAULTS, **{k: float(v) for k, v in params.items()
                                                  if k in OLLAMA_DEFAULTS}}
         self.settings = settings
-        self.llm = Llama(model_path=str(Path(export["path"]) / export["gguf_file"]),
+        self.llm = Llama(model_path=str(export.gguf),
                          n_ctx=int(self.parameters["num_ctx"]), verbose=False, seed=settings.seed)
 
     def answer(self, messages: list[dict[str, str]]) -> Iterator[str]:

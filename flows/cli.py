@@ -80,10 +80,9 @@ def command(fn: Callable | None = None, *, name: str | None = None, group: typer
 
 
 def _jsonable(obj: Any) -> Any:
-    """json.dumps' fallback: a registry Version as its JSON object, anything else as text."""
-    import registry
-
-    return obj.json() if isinstance(obj, registry.Version) else str(obj)
+    """json.dumps' fallback: a registry record (Version, Export, Alias, ...) as its JSON object, anything else as
+    text."""
+    return obj.json() if callable(getattr(obj, "json", None)) else str(obj)
 
 
 def _print_json(obj: Any) -> None:
@@ -321,8 +320,8 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML whose data 
                                                       "export and promote settings to use; default: the demo's.")
 
 
-def _print_checks(export: dict[str, Any]) -> None:
-    table = Table(title=f"{export['export_id']}: {export['gguf_file']} ({export['size_bytes'] / 2**20:.1f} MiB)")
+def _print_checks(export) -> None:
+    table = Table(title=f"{export.export_id}: {export.gguf_file} ({export.size_bytes / 2**20:.1f} MiB)")
     for col in ("check", "file", "passed", "value", "detail"):
         table.add_column(col, justify="right" if col == "value" else "left")
     for row in check_rows(export):
@@ -331,8 +330,8 @@ def _print_checks(export: dict[str, Any]) -> None:
     _print_answers(export)
 
 
-def _print_answers(export: dict[str, Any]) -> None:
-    for sample in export["info"].get("answers", []):
+def _print_answers(export) -> None:
+    for sample in export.info.get("answers", []):
         out.print(f"  llama.cpp, through the Modelfile: [bold]{sample['prompt']}[/bold] {sample['answer']}")
 
 
@@ -496,10 +495,11 @@ def show(version: str = typer.Argument(..., help="NAME:N or NAME."), as_json: bo
     found = export_store.of_version(v)
     if as_json:
         _print_json({**v.json(), "aliases": found["aliases"],
-                     "exports": [{k: e[k] for k in ("export_id", "quant", "path", "gguf_file", "size_bytes", "passed",
-                                                    "checks")} for e in found["exports"]],
-                     "promotions": [{k: p[k] for k in ("action", "alias", "version", "previous_version", "export_id",
-                                                       "gate", "ollama", "recorded_at")} for p in found["promotions"]]})
+                     "exports": [{k: e.json()[k] for k in ("export_id", "quant", "path", "gguf_file", "size_bytes",
+                                                           "passed", "checks")} for e in found["exports"]],
+                     "promotions": [{k: p.json()[k] for k in ("action", "alias", "version", "previous_version",
+                                                              "export_id", "gate", "ollama", "recorded_at")}
+                                    for p in found["promotions"]]})
         return
     _print_report(report.version_report(v, {**found, "children": registry.children(v.version)}))
 

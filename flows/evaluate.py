@@ -6,14 +6,14 @@ import registry
 from core.errors import TuneryError
 from flows.inputs import adapter_base, model_folder
 from flows.run import measure
-from tasks.common import StageResult
+from tasks.prep import PreparedData
 from tasks.evaluation import EvalConfig, evaluate
 from tasks.general import drop_points
 from tasks.judge import rates
 from tasks.judge import run_judge as judge
 
 
-def run_eval(version: registry.Version, data: StageResult, eval_cfg: EvalConfig, own: bool = True
+def run_eval(version: registry.Version, data: PreparedData, eval_cfg: EvalConfig, own: bool = True
              ) -> dict[str, float]:
     """Measure a registered version: with `own`, its kind's own measurements (recorded as training figures), then
     the prepared data's validation split (recorded on that data); return both."""
@@ -23,7 +23,7 @@ def run_eval(version: registry.Version, data: StageResult, eval_cfg: EvalConfig,
         result = evaluate(adapter_base(version), data.artifact_path, eval_cfg, adapter=version.artifact_path)
     else:
         result = evaluate(version.artifact_path, data.artifact_path, eval_cfg)
-    measured_on = data.info["data_hash"]
+    measured_on = data.data_hash
     own = measure(version, eval_cfg.device) if own else {}  # its stage's own (a student against its teacher)
     metrics = {**result.metrics, **forgetting(version, result.metrics.get("general_accuracy"), measured_on)}
     registry.record_metrics(version.version, metrics, eval_data_hash=measured_on)

@@ -9,15 +9,14 @@ from typing import Any
 import registry
 from core.home import atomic_dir, home, home_relative
 from flows.config import PipelineConfig, load_config
-from tasks.common import StageResult
 from tasks.merge import merge_adapter
 from tasks.models import DEFAULT_BASE, DEFAULT_NAME, check_model_folder, resolve_base_model
-from tasks.prep import PrepConfig, prepare
+from tasks.prep import PrepConfig, PreparedData, prepare
 from tasks.training import QuantizationConfig
 
 
 def run_prep(cfg: PipelineConfig, config_dir: Path, base_path: str | None = None,
-             data: PrepConfig | None = None) -> StageResult:
+             data: PrepConfig | None = None) -> PreparedData:
     """Prepare the config's data, or a stage's own (content-addressed, so a repeat is cheap); remember it."""
     result = prepare(data or cfg.data, config_dir, tokenizer_path=base_path)
     registry.record_dataset(result.info, result.artifact_path)

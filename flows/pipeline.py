@@ -105,7 +105,7 @@ def stage_cache_key(context, parameters: dict[str, Any]) -> str:
 def eval_cache_key(context, parameters: dict[str, Any]) -> str:
     """An evaluation is the same while the version, the held-out data, the eval settings and the code are."""
     p = parameters
-    return "eval-" + sha256_json({"version": p["version"].version, "data": p["data"].info["data_hash"],
+    return "eval-" + sha256_json({"version": p["version"].version, "data": p["data"].data_hash,
                                   "eval": p["eval_cfg"].model_dump(mode="json"), "code": code_version(),
                                   "device": resolve_device(p["eval_cfg"].device),
                                   "registry": registry.instance_id()})
@@ -132,7 +132,7 @@ def eval_task(version: registry.Version, data, eval_cfg, own: bool = True) -> di
     """Evaluate the version on the held-out split; with `own`, take its kind's own measurements again first (the
     stage task did not just take them: the version was made earlier, and the measuring code may have changed)."""
     metrics = run_eval(version, data, eval_cfg, own=own)
-    measured = registry.get_version(version.version, data.info["data_hash"])
+    measured = registry.get_version(version.version, data.data_hash)
     create_markdown_artifact(key=_key(version.name, "eval"), markdown=report.markdown(report.version_report(measured)),
                              description="the version as measured: its stage's own measurements and the evaluation "
                                          "on the held-out split")
@@ -147,7 +147,7 @@ def promote_task(version: registry.Version, data, cfg) -> dict[str, Any]:
     checks = report.markdown_table(report.check_rows(result["export"]))
     create_markdown_artifact(
         key=_key(version.name, "promotion"),
-        markdown=f"```\n{report.promotion_summary(result)}\n```\n\n### Export checks ({result['export']['export_id']})\n\n"
+        markdown=f"```\n{report.promotion_summary(result)}\n```\n\n### Export checks ({result['export'].export_id})\n\n"
                  f"{checks}",
         description="export, checks and gate decision",
     )
@@ -226,13 +226,13 @@ def pipeline(config_path: str) -> dict[str, Any]:
     _rename(f"{cfg.name} -> {previous.version}" + (" (nothing changed)" if reused else ""))
     promoted = None
     if cfg.promote is not None:
-        best = promotion.best_version([v.version for v, _ in results[1:]], data.info["data_hash"], cfg.metric)
+        best = promotion.best_version([v.version for v, _ in results[1:]], data.data_hash, cfg.metric)
         holder = registry.exports.get_alias(cfg.name, cfg.promote.alias)
-        if holder and holder["version"] == best.version and \
-                registry.exports.get_export(holder["export_id"])["quant"] == cfg.export.quant:
+        if holder and holder.version == best.version and \
+                registry.exports.get_export(holder.export_id).quant == cfg.export.quant:
             logger.info(f"{cfg.name}@{cfg.promote.alias} already holds {best.version}: nothing to promote")
         else:
             promoted = promote_task.with_options(task_run_name=f"promote {best.version} to "
                                                                f"{cfg.name}@{cfg.promote.alias}")(best, data, cfg)
-    return {"data_hash": data.info["data_hash"], "base": base.version, "tuned": previous.version,
+    return {"data_hash": data.data_hash, "base": base.version, "tuned": previous.version,
             "versions": [v.version for v, _ in results], "rows": rows, "promotion": promoted}

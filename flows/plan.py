@@ -25,8 +25,8 @@ import registry
 from core.errors import TuneryError
 from core.files import sha256_json
 from flows.config import BASE_REF, PipelineConfig
-from tasks.common import StageResult, resolve_device
-from tasks.prep import load_prepared, prepare
+from tasks.common import resolve_device
+from tasks.prep import PreparedData, prepare
 from tasks.stage import StagePlan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,14 +117,14 @@ class Planner:
         return resolve_ref(ref, self.done)
 
 
-def trained_on(stage, own: StagePlan, data: StageResult | None, config_dir: Path, base_path: str | None
-               ) -> StageResult | None:
+def trained_on(stage, own: StagePlan, data: PreparedData | None, config_dir: Path, base_path: str | None
+               ) -> PreparedData | None:
     """The data a stage trains on, as its plan says: the config's prepared data, its own `data:` (read and hashed,
     not written), a prepared folder an earlier stage wrote, or none."""
     if own.data_from == "none":
         return None
     if own.data_from == "pairs":
-        return StageResult(stage="prep", artifact_path=own.data, metrics={}, info=load_prepared(own.data)[0])
+        return PreparedData.load(own.data)
     if own.data_from == "stage":
         return prepare(stage.data, config_dir, tokenizer_path=base_path, write=False)
     return data
@@ -137,8 +137,8 @@ def _own(cfg: PipelineConfig, index: int, done: dict[str, registry.Version], pre
     return start, stage.plan(Planner(config_dir, start, done.get(BASE_REF), done))
 
 
-def stage_data(cfg: PipelineConfig, index: int, done: dict[str, registry.Version], data: StageResult | None,
-               config_dir: Path, previous: registry.Version | None = None) -> StageResult | None:
+def stage_data(cfg: PipelineConfig, index: int, done: dict[str, registry.Version], data: PreparedData | None,
+               config_dir: Path, previous: registry.Version | None = None) -> PreparedData | None:
     """The data stage `index` trains on, as planned."""
     _, own = _own(cfg, index, done, previous, config_dir)
     base = done.get(BASE_REF)
@@ -146,14 +146,14 @@ def stage_data(cfg: PipelineConfig, index: int, done: dict[str, registry.Version
 
 
 def plan_stage(cfg: PipelineConfig, index: int, done: dict[str, registry.Version], previous: registry.Version,
-               data: StageResult | None, config_dir: Path) -> PlannedStage:
+               data: PreparedData | None, config_dir: Path) -> PlannedStage:
     """Plan stage `index` of the config: `done` maps stage ids (and 'base') to their versions, `previous` is the
     version the stage starts from unless it names one, `data` the config's prepared top-level data."""
     stage = cfg.stages[index]
     start, own = _own(cfg, index, done, previous, config_dir)
     trains_on = trained_on(stage, own, data, config_dir, done[BASE_REF].artifact_path)
     device = resolve_device(cfg.device)
-    data_hash = trains_on.info["data_hash"] if trains_on is not None else None
+    data_hash = trains_on.data_hash if trains_on is not None else None
     inputs: dict[str, Any] = {
         "name": cfg.name, "stage": stage.model_dump(mode="json", exclude={"data", "id", "from_"}),
         "data": data_hash, "start": start.version, "seed": cfg.seed, "device": device,

@@ -26,13 +26,13 @@ from core.home import atomic_dir, home
 from flows.evaluate import forgetting
 from flows.inputs import model_folder
 from registry import exports as export_store
-from tasks.common import StageResult
+from registry.records import Check, Export
 from tasks.convert import convert
 from tasks.evaluation import EvalConfig
 from tasks.export import ExportConfig, GateConfig
 from tasks.modelfile import (SAMPLE_CONVERSATIONS, chat_frames, for_template, go_template, hf_render, parse_modelfile,
                              render_modelfile, stop_tokens)
-from tasks.prep import load_prepared
+from tasks.prep import PreparedData, load_prepared
 
 Progress = Callable[[str], None]
 
@@ -49,7 +49,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def heldout_examples(tokenizer, data: StageResult, rows: int) -> list[dict[str, list[int]]]:
+def heldout_examples(tokenizer, data: PreparedData, rows: int) -> list[dict[str, list[int]]]:
     from tasks.evaluation import scored_tokens
 
     _, _, validation = load_prepared(data.artifact_path)
@@ -61,7 +61,7 @@ def heldout_examples(tokenizer, data: StageResult, rows: int) -> list[dict[str, 
 def _free_tag(name: str, number: int, quant: str) -> str:
     """`vN-QUANT` for a version's first export at QUANT, `vN-QUANT-2`, `-3`, ... for the next: no folder or row
     of that name exists yet."""
-    taken = {e["export_id"] for e in export_store.list_exports(f"{name}:{number}")}  # tags carry the version
+    taken = {e.export_id for e in export_store.list_exports(f"{name}:{number}")}  # tags carry the version
     tag, n = f"v{number}-{quant}", 1
     while f"{name}/{tag}" in taken or (exports_dir() / name / tag).exists():
         n += 1
@@ -170,7 +170,7 @@ def run_checks(r: Recipe, cfg: ExportConfig, full_path: Path, gguf: Path, modelf
     return checks, samples
 
 
-def answer_checks(r: Recipe, cfg: ExportConfig, gguf: Path, data: StageResult, version: registry.Version,
+def answer_checks(r: Recipe, cfg: ExportConfig, gguf: Path, data: PreparedData, version: registry.Version,
                   evals: EvalConfig, progress: Progress) -> tuple[list[dict[str, Any]], dict[str, float], list[dict]]:
     """What the exported file answers, scored as transformers' answers are: greedy answers to the held-out prompts
     (the Modelfile's template, stops and parameters, up to `evals.answer_tokens`) against the reference answers,
@@ -207,7 +207,7 @@ def answer_checks(r: Recipe, cfg: ExportConfig, gguf: Path, data: StageResult, v
         metrics.update(found)
         detail = f"{found['gguf_general_accuracy']:.3f} on {len(items)} items"
         rows.append(verify.check("general", None, found["gguf_general_accuracy"], detail))
-        lost = forgetting(version, found["gguf_general_accuracy"], data.info["data_hash"])
+        lost = forgetting(version, found["gguf_general_accuracy"], data.data_hash)
         if lost:
             metrics["gguf_general_drop_pct"] = lost["general_drop_pct"]
             rows.append(verify.check("general_drop_pct", None, lost["general_drop_pct"],
@@ -217,7 +217,7 @@ def answer_checks(r: Recipe, cfg: ExportConfig, gguf: Path, data: StageResult, v
     return rows, metrics, answers
 
 
-def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list[str],
+def export_version(ref: str, data: PreparedData, cfg: ExportConfig, prompts: list[str],
                    progress: Progress = print, evals: EvalConfig | None = None) -> dict[str, Any]:
     """Write exports/NAME/vN-QUANT (GGUF + Modelfile), run every check on it, record export and checks, and record
     what the file answers (`answer_checks`) as the version's `gguf_*` metrics on the data's hash. `evals` (default:
@@ -240,39 +240,39 @@ def export_version(ref: str, data: StageResult, cfg: ExportConfig, prompts: list
         write_json(tmp / "checks.json", {"version": version.version, "checks": checks, "answers": samples})
         sha, size = _sha256(gguf), gguf.stat().st_size
     info = {"config": cfg.model_dump(), "stops": r.stops, "template_source": "config" if cfg.template else "derived",
-            "answers": samples, "model_folder": str(r.folder), "eval_data_hash": data.info["data_hash"],
+            "answers": samples, "model_folder": str(r.folder), "eval_data_hash": data.data_hash,
             "conversion": converted}
-    export = {"export_id": f"{version.name}/{tag}", "version": version.version, "quant": cfg.quant,
-              "path": str(final), "gguf_file": gguf.name, "size_bytes": size, "sha256": sha, "modelfile": modelfile,
-              "passed": all(c["passed"] is not False for c in checks), "info": info}
-    export_store.record_export(export, checks)
-    registry.record_metrics(version.version, gguf_metrics, eval_data_hash=data.info["data_hash"])
-    registry.record_answers(version.version, export["export_id"], answers, eval_data_hash=data.info["data_hash"])
-    return export_store.get_export(export["export_id"])
+    export = Export(export_id=f"{version.name}/{tag}", version=version.version, quant=cfg.quant, path=str(final),
+                    gguf_file=gguf.name, size_bytes=size, sha256=sha, modelfile=modelfile,
+                    passed=all(c["passed"] is not False for c in checks), info=info,
+                    checks=tuple(Check(**c) for c in checks))
+    export_store.record_export(export)
+    registry.record_metrics(version.version, gguf_metrics, eval_data_hash=data.data_hash)
+    registry.record_answers(version.version, export.export_id, answers, eval_data_hash=data.data_hash)
+    return export_store.get_export(export.export_id)
 
 
-def _value(export: dict[str, Any], name: str) -> float | None:
-    found = [c for c in export["checks"] if c["name"] == name]
-    return found[-1]["value"] if found else None
+def _value(export: Export, name: str) -> float | None:
+    found = export.check(name)
+    return found.value if found else None
 
 
-def gate(candidate: dict[str, Any], holder: dict[str, Any] | None, data: StageResult, cfg: GateConfig,
+def gate(candidate: Export, holder: Export | None, data: PreparedData, cfg: GateConfig,
          threads: int | None = None) -> list[dict[str, Any]]:
     """The gate's verdicts: {name, passed, value, threshold, detail}, one per threshold."""
     from tasks import verify
     from tasks.models import load_tokenizer
 
     verdicts = []
-    measured_on = candidate.get("info", {}).get("eval_data_hash")
-    if measured_on is not None and measured_on != data.info["data_hash"]:
+    measured_on = candidate.info.get("eval_data_hash")
+    if measured_on is not None and measured_on != data.data_hash:
         verdicts.append({"name": "eval data", "passed": False, "value": measured_on[:12],
-                         "threshold": data.info["data_hash"][:12],
+                         "threshold": data.data_hash[:12],
                          "detail": "the export's held-out checks were measured on other data than the config's"})
-    by_name = {c["name"]: c for c in candidate["checks"]}
     for name in cfg.require_checks:
-        c = by_name.get(name)
-        verdicts.append({"name": f"check {name}", "passed": bool(c and c["passed"]), "value": c and c["value"],
-                         "threshold": "passed", "detail": c["detail"] if c else "not run"})
+        c = candidate.check(name)
+        verdicts.append({"name": f"check {name}", "passed": bool(c and c.passed), "value": c.value if c else None,
+                         "threshold": "passed", "detail": c.detail if c else "not run"})
     kl = _value(candidate, "mean_kl")
     verdicts.append({"name": "mean_kl", "passed": kl is not None and kl <= cfg.max_mean_kl, "value": kl,
                      "threshold": cfg.max_mean_kl, "detail": "KL(fp32 || export) per held-out token"})
@@ -281,32 +281,31 @@ def gate(candidate: dict[str, Any], holder: dict[str, Any] | None, data: StageRe
                      speed >= cfg.min_decode_tokens_per_s, "value": speed,
                      "threshold": cfg.min_decode_tokens_per_s, "detail": "llama.cpp greedy decode"})
     verdicts += answer_verdicts(candidate, cfg)
-    if holder is None or holder["version"] == candidate["version"]:
+    if holder is None or holder.version == candidate.version:
         verdicts.append({"name": "perplexity_vs_holder", "passed": True, "value": _value(candidate, "perplexity"),
                          "threshold": None, "detail": "no other version holds the alias"})
         return verdicts
-    ours_base, theirs_base = (registry.get_version(e["version"]).base_model for e in (candidate, holder))
+    ours_base, theirs_base = (registry.get_version(e.version).base_model for e in (candidate, holder))
     if ours_base != theirs_base:
         verdicts.append({"name": "perplexity_vs_holder", "passed": False, "value": None, "threshold": None,
-                         "detail": f"{holder['version']} was trained from {theirs_base}, this version from "
+                         "detail": f"{holder.version} was trained from {theirs_base}, this version from "
                                    f"{ours_base}: perplexities over different tokenizers are not comparable; "
                                    "promote to another alias"})
         return verdicts
     # The holder's GGUF is measured now on the tokens the candidate's `perplexity` check used: the same held-out
     # rows and window, through the candidate's tokenizer (the family shares it).
-    tokenizer = load_tokenizer(candidate["info"]["model_folder"])
-    examples = heldout_examples(tokenizer, data, candidate["info"]["config"]["heldout_rows"])
+    tokenizer = load_tokenizer(candidate.info["model_folder"])
+    examples = heldout_examples(tokenizer, data, candidate.info["config"]["heldout_rows"])
     ours = _value(candidate, "perplexity")
-    theirs = verify.gguf_perplexity(Path(holder["path"]) / holder["gguf_file"], examples,
-                                    candidate["info"]["config"]["window"], threads)
+    theirs = verify.gguf_perplexity(holder.gguf, examples, candidate.info["config"]["window"], threads)
     limit = theirs * (1 + cfg.max_perplexity_increase_pct / 100)
     verdicts.append({"name": "perplexity_vs_holder", "passed": ours <= limit, "value": ours, "threshold": limit,
-                     "detail": f"{ours:.3f} vs {holder['version']}'s {theirs:.3f} "
+                     "detail": f"{ours:.3f} vs {holder.version}'s {theirs:.3f} "
                                f"(+{cfg.max_perplexity_increase_pct:g}% allowed)"})
     return verdicts
 
 
-def answer_verdicts(candidate: dict[str, Any], cfg: GateConfig) -> list[dict[str, Any]]:
+def answer_verdicts(candidate: Export, cfg: GateConfig) -> list[dict[str, Any]]:
     """The gate's verdicts on what the export answers, for the thresholds the config sets: general-suite points
     lost against the first parent (forgetting) and the held-out answers' token F1 (`answer_checks`' rows)."""
     verdicts = []
@@ -325,24 +324,24 @@ def answer_verdicts(candidate: dict[str, Any], cfg: GateConfig) -> list[dict[str
     return verdicts
 
 
-def _point_alias(name: str, alias: str, export: dict[str, Any]) -> Path:
+def _point_alias(name: str, alias: str, export: Export) -> Path:
     """Switch exports/NAME/ALIAS to the export's folder in one rename."""
     link = exports_dir() / name / alias
     if link.exists() and not link.is_symlink():
         raise TuneryError(f"{link} exists and is not an alias link; move it away first")
     tmp = link.with_name(f".{alias}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(Path(export["path"]).name)
+    tmp.symlink_to(Path(export.path).name)
     os.replace(tmp, link)
     return link
 
 
-def _ollama_create(name: str, alias: str, export: dict[str, Any]) -> str:
+def _ollama_create(name: str, alias: str, export: Export) -> str:
     """`ollama create NAME:ALIAS` from the export's Modelfile where ollama is on PATH; what happened, in words."""
     exe = shutil.which("ollama")
     if exe is None:
         return "not run: no ollama executable on PATH"
-    modelfile = Path(export["path"]) / "Modelfile"
+    modelfile = Path(export.path) / "Modelfile"
     for delay in (2, 5, None):  # the ollama server may still be starting: retry briefly
         proc = subprocess.run([exe, "create", f"{name}:{alias}", "-f", str(modelfile)], capture_output=True,
                               text=True, timeout=1800)
@@ -354,26 +353,26 @@ def _ollama_create(name: str, alias: str, export: dict[str, Any]) -> str:
     raise AssertionError("unreachable")
 
 
-def promote(ref: str, data: StageResult, export_cfg: ExportConfig, gate_cfg: GateConfig, prompts: list[str],
+def promote(ref: str, data: PreparedData, export_cfg: ExportConfig, gate_cfg: GateConfig, prompts: list[str],
             progress: Progress = print, evals: EvalConfig | None = None) -> dict[str, Any]:
     """Export `ref`, gate it against the alias's holder, and move the alias on a pass. Either way, a row."""
     version = registry.get_version(ref)
     name, alias = version.name, gate_cfg.alias  # GateConfig validated the alias
     candidate = export_version(version.version, data, export_cfg, prompts, progress, evals)
     current = export_store.get_alias(name, alias)
-    holder = export_store.get_export(current["export_id"]) if current else None
-    progress(f"gate for {name}@{alias}" + (f" (held by {holder['version']})" if holder else ""))
+    holder = export_store.get_export(current.export_id) if current else None
+    progress(f"gate for {name}@{alias}" + (f" (held by {holder.version})" if holder else ""))
     verdicts = gate(candidate, holder, data, gate_cfg, export_cfg.threads)
     record = {"thresholds": gate_cfg.model_dump(), "verdicts": verdicts}
     if not all(v["passed"] for v in verdicts):
-        export_store.record_promotion(name, alias, "refused", version.version, candidate["export_id"], record)
+        export_store.record_promotion(name, alias, "refused", version.version, candidate.export_id, record)
         return {"promoted": False, "alias": f"{name}@{alias}", "version": version.version, "export": candidate,
-                "previous": current and current["version"], "gate": verdicts}
+                "previous": current and current.version, "gate": verdicts}
     ollama = _ollama_create(name, alias, candidate)
     _point_alias(name, alias, candidate)
-    export_store.record_promotion(name, alias, "promote", version.version, candidate["export_id"], record, ollama)
+    export_store.record_promotion(name, alias, "promote", version.version, candidate.export_id, record, ollama)
     return {"promoted": True, "alias": f"{name}@{alias}", "version": version.version, "export": candidate,
-            "previous": current and current["version"], "gate": verdicts, "ollama": ollama,
+            "previous": current and current.version, "gate": verdicts, "ollama": ollama,
             "path": str(exports_dir() / name / alias)}
 
 
@@ -387,13 +386,13 @@ def rollback(target: str) -> dict[str, Any]:
     current = export_store.get_alias(name, alias)
     version, export_id = export_store.rollback_target(name, alias)
     export = export_store.get_export(export_id)
-    if not (Path(export["path"]) / export["gguf_file"]).exists():
-        raise TuneryError(f"{export['path']}/{export['gguf_file']} is gone; cannot roll {target} back to it")
+    if not export.gguf.exists():
+        raise TuneryError(f"{export.gguf} is gone; cannot roll {target} back to it")
     ollama = _ollama_create(name, alias, export)
     _point_alias(name, alias, export)
     export_store.record_promotion(name, alias, "rollback", version, export_id,
-                                  {"rolled_back_from": current["version"] if current else None}, ollama)
-    return {"alias": target, "version": version, "export": export_id, "previous": current and current["version"],
+                                  {"rolled_back_from": current.version if current else None}, ollama)
+    return {"alias": target, "version": version, "export": export_id, "previous": current and current.version,
             "ollama": ollama, "path": str(exports_dir() / name / alias)}
 
 

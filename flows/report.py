@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core import metrics as metric_catalogue
-from registry.records import Version, columns
+from registry.records import Export, Promotion, Version, columns
 
 # A verdict's `ok`: True healthy, False a warning, None too little to judge.
 STATES = {True: "ok", False: "warning", None: "not judged"}
@@ -56,12 +56,11 @@ def health_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
             for check, v in info.get("health", {}).items()]
 
 
-def check_rows(export: dict[str, Any]) -> list[dict[str, Any]]:
+def check_rows(export: Export) -> list[dict[str, Any]]:
     """One row per llama.cpp check of an export: check, file, passed (yes / NO / - for a measurement), value,
     detail."""
-    return [{"check": c["name"], "file": c["file"],
-             "passed": "-" if c["passed"] is None else ("yes" if c["passed"] else "NO"), "value": fmt(c["value"]),
-             "detail": c["detail"]} for c in export["checks"]]
+    return [{"check": c.name, "file": c.file, "passed": "-" if c.passed is None else ("yes" if c.passed else "NO"),
+             "value": fmt(c.value), "detail": c.detail} for c in export.checks]
 
 
 def record_rows(v: Version) -> list[dict[str, str]]:
@@ -93,28 +92,27 @@ def metric_rows(metrics: dict[str, float]) -> list[dict[str, Any]]:
     return [{"group": group(k), "metric": k, "value": metrics[k]} for k in sorted(metrics, key=place)]
 
 
-def export_rows(exports: list[dict[str, Any]]) -> list[dict[str, str]]:
+def export_rows(exports: list[Export]) -> list[dict[str, str]]:
     """One row per export: export id, file, size and the verdict of its checks."""
     rows = []
     for e in exports:
-        failed = [c["name"] for c in e["checks"] if c["passed"] is False]
-        rows.append({"export": e["export_id"], "file": f"{e['path']}/{e['gguf_file']}",
-                     "size": f"{e['size_bytes'] / 2**20:.1f} MiB",
+        failed = [c.name for c in e.checks if c.passed is False]
+        rows.append({"export": e.export_id, "file": str(e.gguf), "size": f"{e.size_bytes / 2**20:.1f} MiB",
                      "checks": f"failed: {', '.join(failed)}" if failed else "all passed"})
     return rows
 
 
-def promotion_rows(promotions: list[dict[str, Any]]) -> list[dict[str, str]]:
+def promotion_rows(promotions: list[Promotion]) -> list[dict[str, str]]:
     """One row per promotion, refusal or rollback: when, alias (NAME@ALIAS), what happened, and the failed gate
     verdicts of a refusal."""
     rows = []
     for p in promotions:
-        failed = [x["name"] for x in p["gate"].get("verdicts", []) if not x["passed"]]
-        what = {"promote": f"{p['version']} promoted", "refused": f"{p['version']} refused",
-                "rollback": f"rolled back to {p['version']}"}[p["action"]]
-        if p.get("previous_version"):
-            what += f" (was {p['previous_version']})"
-        rows.append({"when": p["recorded_at"][:19], "alias": f"{p['name']}@{p['alias']}", "what": what,
+        failed = [x["name"] for x in p.gate.get("verdicts", []) if not x["passed"]]
+        what = {"promote": f"{p.version} promoted", "refused": f"{p.version} refused",
+                "rollback": f"rolled back to {p.version}"}[p.action]
+        if p.previous_version:
+            what += f" (was {p.previous_version})"
+        rows.append({"when": p.recorded_at[:19], "alias": f"{p.name}@{p.alias}", "what": what,
                      "failed": ", ".join(failed)})
     return rows
 

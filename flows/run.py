@@ -23,6 +23,7 @@ from flows.inputs import adapter_base, local_model, model_folder, run_prep
 from flows.plan import PlannedStage, plan_stage, trained_on
 from tasks.catalogue import STAGES
 from tasks.common import StageResult
+from tasks.prep import PreparedData
 from tasks.stage import Job, StageFields
 
 
@@ -50,7 +51,7 @@ class RegistryContext:
     def exports(self, version: registry.Version) -> list[dict[str, Any]]:
         return registry.exports.list_exports(version.version)
 
-    def record_dataset(self, data: StageResult) -> None:
+    def record_dataset(self, data: PreparedData) -> None:
         registry.record_dataset(data.info, data.artifact_path)
 
 
@@ -119,7 +120,7 @@ def run_job(cfg: PipelineConfig, stage: StageFields, stage_id: str, job: Job, fl
     return done
 
 
-def run_planned(cfg: PipelineConfig, plan: PlannedStage, data: StageResult | None, config_dir: Path,
+def run_planned(cfg: PipelineConfig, plan: PlannedStage, data: PreparedData | None, config_dir: Path,
                 flow_run_id: str | None = None, reuse: bool = False) -> registry.Version:
     """Run a planned stage: prepare its own data, then let the stage prepare its job (a teacher's answers, checks
     of merge sources) and run it. Its kind's own measurements are the evaluation's (`measure`), not done here.
@@ -134,14 +135,14 @@ def run_planned(cfg: PipelineConfig, plan: PlannedStage, data: StageResult | Non
         data = run_prep(cfg, config_dir, registry.get_version(plan.base).artifact_path, stage.data)
     else:
         data = trained_on(stage, plan, data, config_dir, None)
-    if data is not None and data.info["data_hash"] != plan.data_hash:
+    if data is not None and data.data_hash != plan.data_hash:
         raise TuneryError(f"stage {plan.stage_id}: its data changed between planning and running; run again")
     job = stage.prepare(plan, data, RegistryContext(device=cfg.device, seed=cfg.seed))
     return run_job(cfg, stage, plan.stage_id, job, flow_run_id, plan.fingerprint)
 
 
 def run_stage(cfg: PipelineConfig, index: int, done: dict[str, registry.Version], previous: registry.Version,
-              data: StageResult | None, config_dir: Path, flow_run_id: str | None = None,
+              data: PreparedData | None, config_dir: Path, flow_run_id: str | None = None,
               reuse: bool = False) -> registry.Version:
     """Plan stage `index` of the config (flows.plan.plan_stage), run it and take its kind's own measurements: a
     stage run on its own (`tunery sft`, ...)."""
@@ -151,7 +152,7 @@ def run_stage(cfg: PipelineConfig, index: int, done: dict[str, registry.Version]
     return registry.get_version(version.version)
 
 
-def run_train(cfg: PipelineConfig, stage: StageFields, start: registry.Version, data: StageResult | None,
+def run_train(cfg: PipelineConfig, stage: StageFields, start: registry.Version, data: PreparedData | None,
               stage_id: str | None = None) -> registry.Version:
     """Train a stage of its kind from `start` on `data` outside any config chain (no plan, no reuse)."""
     plan = PlannedStage(index=-1, kind=stage.stage, stage_id=stage_id or stage.stage, base=start.version,

@@ -225,7 +225,7 @@ def run_trial(config_path: str, sweep_id: str, trial: int, values: dict[str, Any
             previous = run_planned(cfg, planned, data, config_dir, flow_run_id=run_id, reuse=True)
             done[cfg.stage_id(index)] = previous
         version = previous.version
-        measured = registry.get_version(version, data.info["data_hash"]).metrics
+        measured = registry.get_version(version, data.data_hash).metrics
         if not (previous.reused and sweep["metric"] in measured):  # a reused version keeps its evaluation
             measured = {**measured, **run_eval(previous, data, cfg.eval_config())}
         value = measured.get(sweep["metric"])  # an evaluation metric, or one its stage measured

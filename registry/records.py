@@ -1,4 +1,7 @@
-"""The typed record of a model version, as the registry's readers return it to the CLI, the flows and the dashboard.
+"""The typed records the registry's readers return to the CLI, the flows and the dashboard: a model `Version`, an
+`Export` with its `Check`s, an `Alias`, a `Promotion`. Each field that is a column of its table says so in its
+metadata (`column`); the registry builds its SELECT lists, row mappings and writes from them, so a new column is a
+field here plus a numbered migration.
 
 The fields the pipeline decides with are columns (migration 006): `fingerprint` (reuse of a stage run), `adapter`
 and `quantization` (how to merge it back), `teacher` and `preference_pairs` (distillation). `info` holds what a
@@ -6,8 +9,12 @@ stage reported for people to read (VersionInfo lists its keys); no decision read
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, ClassVar, TypedDict
+
+from core.home import home_relative, in_home
 
 
 class VersionInfo(TypedDict, total=False):
@@ -101,3 +108,107 @@ def columns(record: type) -> list[tuple[str, str, str | None]]:
         if spec["column"] is not False:
             out.append((f.name, spec["column"] or f.name, spec["codec"]))
     return out
+
+
+# How a column's value is written (ENCODE) and read back (DECODE), by codec (see `column`).
+ENCODE: dict[str | None, Any] = {
+    None: lambda v: v, "bool": bool, "path": home_relative, "time": lambda v: v,
+    "json": lambda v: json.dumps(v, sort_keys=True) if v is not None else None}
+DECODE: dict[str | None, Any] = {
+    None: lambda v: v, "bool": bool, "path": in_home, "json": lambda v: json.loads(v) if v is not None else None,
+    "time": lambda v: v.isoformat() + "Z" if v is not None else None}
+
+
+def select_list(record: type) -> str:
+    """The record's columns as a SELECT list (names from the record class, never from user text)."""
+    return ", ".join(c for _, c, _ in columns(record))
+
+
+def decode_row(record: type, row: tuple) -> dict[str, Any]:
+    """A row of `select_list(record)` as the record's field values."""
+    return {f: DECODE[codec](value) for (f, _, codec), value in zip(columns(record), row)}
+
+
+def encoded(record: Any) -> tuple[list[str], list[Any]]:
+    """A record's columns and their stored values, for an INSERT."""
+    cols = columns(type(record))
+    return [c for _, c, _ in cols], [ENCODE[codec](getattr(record, f)) for f, _, codec in cols]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One llama.cpp check of an export: `passed` None for a measurement (a value, no pass or fail)."""
+
+    name: str
+    file: str | None
+    passed: bool | None
+    value: float | None
+    detail: str
+
+    def json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Export:
+    """A GGUF export of a version: exports/NAME/TAG with its Modelfile, and the checks llama.cpp ran on it."""
+
+    export_id: str                # NAME/TAG: the folder exports/NAME/TAG (TAG: vN-QUANT)
+    version: str
+    quant: str
+    path: str = field(metadata=column(codec="path"))
+    gguf_file: str
+    size_bytes: int
+    sha256: str
+    modelfile: str
+    passed: bool                  # every check that can fail passed
+    info: dict[str, Any] = field(metadata=column("info_json", "json"))
+    created_at: str | None = field(default=None, metadata=column("created_utc", "time"))
+    checks: tuple[Check, ...] = field(default=(), metadata=DERIVED)  # export_checks, in the order they ran
+
+    @property
+    def gguf(self) -> Path:
+        return Path(self.path) / self.gguf_file
+
+    def check(self, name: str) -> Check | None:
+        """The last check of that name, or None."""
+        found = [c for c in self.checks if c.name == name]
+        return found[-1] if found else None
+
+    def json(self) -> dict[str, Any]:
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "checks"},
+                "checks": [c.json() for c in self.checks]}
+
+
+@dataclass(frozen=True)
+class Alias:
+    """NAME@ALIAS and the version and export it points at."""
+
+    name: str
+    alias: str
+    version: str
+    export_id: str
+    updated_at: str = field(metadata=column("updated_utc", "time"))
+
+    def json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """One promotion, refused promotion or rollback of NAME@ALIAS, with the holder before it and the gate's record."""
+
+    id: int
+    name: str
+    alias: str
+    action: str                   # promote | refused | rollback
+    version: str
+    export_id: str | None
+    previous_version: str | None
+    previous_export_id: str | None
+    gate: dict[str, Any] = field(metadata=column("gate_json", "json"))  # thresholds and verdicts
+    ollama: str | None
+    recorded_at: str = field(metadata=column("recorded_utc", "time"))
+
+    def json(self) -> dict[str, Any]:
+        return asdict(self)

@@ -10,20 +10,13 @@ from typing import Any
 
 from core import metrics as metric_catalogue
 from core.errors import TuneryError, check_name
-from core.home import home_relative, in_home
+from core.home import home_relative
 from registry.db import connect, utcnow
-from registry.records import Version, columns
+from registry.records import ENCODE, Version, columns, decode_row, select_list
 
 VERSION_RE = re.compile(r"^(?P<name>[^:@]+):(?P<number>\d+)$")
 COLUMNS = columns(Version)  # the versions table's columns, from the record's fields
 FIXED = {"version", "name", "number", "stage", "status", "parents", "created_at", "flow_run_id", "host"}
-# How a column's value is written and read back (registry.records.column).
-ENCODE: dict[str | None, Any] = {
-    None: lambda v: v, "bool": bool, "path": home_relative, "time": lambda v: v,
-    "json": lambda v: json.dumps(v, sort_keys=True) if v is not None else None}
-DECODE: dict[str | None, Any] = {
-    None: lambda v: v, "bool": bool, "path": in_home, "json": lambda v: json.loads(v) if v is not None else None,
-    "time": lambda v: v.isoformat() + "Z" if v is not None else None}
 STATUSES = ("running", "ready", "failed")
 
 # ---------------------------------------------------------------- writers
@@ -247,11 +240,11 @@ def resolve(ref: str) -> str:
 
 def _version_objects(con, where: str, params: list[Any], eval_data: str | None = None) -> list[Version]:
     # `where` is a fixed SQL fragment chosen by this module, never user text; values come through `params`.
-    rows = con.execute(f"SELECT {', '.join(c for _, c, _ in COLUMNS)} FROM versions {where} ORDER BY name, number",
+    rows = con.execute(f"SELECT {select_list(Version)} FROM versions {where} ORDER BY name, number",
                        params).fetchall()
     if not rows:
         return []
-    rows = [{f: DECODE[codec](value) for (f, _, codec), value in zip(COLUMNS, row)} for row in rows]
+    rows = [decode_row(Version, row) for row in rows]
     names = [r["version"] for r in rows]
     parents: dict[str, list[str]] = {v: [] for v in names}
     for child, parent in con.execute(

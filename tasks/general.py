@@ -60,7 +60,7 @@ def _item_problem(data: Any) -> str | None:
 def load_suite(path: str | Path | None = None) -> list[dict[str, Any]]:
     """Every item of the suite (`path` as suite_files takes it), checked; TuneryError listing each bad line by file
     and line."""
-    from tasks.prep import Unreadable, read_rows
+    from tasks.rows import Unreadable, read_rows
 
     items, errors = [], []
     for file in suite_files(path):

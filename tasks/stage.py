@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import TuneryError
 from tasks.common import StageResult
-from tasks.prep import PrepConfig
+from tasks.prep import PrepConfig, PreparedData
 
 
 def is_path(ref: str) -> bool:
@@ -83,7 +83,7 @@ class Context(Protocol):
     def exports(self, version: Any) -> list[Any]:
         """The version's GGUF exports with their checks (`registry.exports.list_exports`)."""
 
-    def record_dataset(self, data: StageResult) -> None:
+    def record_dataset(self, data: PreparedData) -> None:
         """Remember a dataset the stage generated, like any prepared data."""
 
 
@@ -155,12 +155,12 @@ class StageFields(BaseModel):
             return StagePlan(data_from="none")
         return StagePlan(data_from="stage" if self.data is not None else "config")
 
-    def prepare(self, plan: Any, data: StageResult | None, ctx: Context, teacher: Any = None) -> Job:
+    def prepare(self, plan: Any, data: PreparedData | None, ctx: Context, teacher: Any = None) -> Job:
         """Start from the planned start on `data` (of the kind's `data_kind`, checked); a teacher
         (distillation) is a parent next to the start."""
-        if self.data_kind is not None and data.info["kind"] != self.data_kind:
+        if self.data_kind is not None and data.kind != self.data_kind:
             raise TuneryError(f"stage {plan.stage_id} ({self.kind}) needs {self.data_kind} data, but its data holds "
-                              f"{data.info['kind']} examples; give the stage its own `data:`")
+                              f"{data.kind} examples; give the stage its own `data:`")
         start = ctx.version(plan.start)
         parents, hyperparameters = [start], {self.kind: self.hyperparameters(), "seed": ctx.seed, "device": ctx.device}
         if teacher is not None:
@@ -170,7 +170,7 @@ class StageFields(BaseModel):
         inputs = StageInputs(start=start_folder, data=data.artifact_path if data else None, device=ctx.device,
                              seed=ctx.seed, teacher=ctx.folder(teacher) if teacher is not None else None)
         return Job(parents=parents, inputs=inputs, hyperparameters=hyperparameters,
-                   data_hash=data.info["data_hash"] if data else None,
+                   data_hash=data.data_hash if data else None,
                    teacher=teacher.version if teacher is not None else None, info={"start_folder": start_folder})
 
     def run(self, inputs: StageInputs, out_dir: Path) -> StageResult:

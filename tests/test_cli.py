@@ -236,7 +236,7 @@ def test_run_on_smollm2_registers_base_and_a_better_fine_tune(tmp_path, tunery_h
     assert (folder / "fern-v1-q4_k_m.gguf").exists() and (folder / "Modelfile").exists()
     assert "PARAMETER stop <|im_end|>" in (folder / "Modelfile").read_text()
     history = registry.exports.promotion_history("fern", "production")
-    assert [h["action"] for h in history] == ["promote"]
+    assert [h.action for h in history] == ["promote"]
     shown = json.loads(tunery("show", "fern:1", "--json", home=tunery_home).stdout)
     assert shown["exports"][0]["export_id"] == "fern/v1-q4_k_m"
     assert shown["aliases"] == ["fern@production"]

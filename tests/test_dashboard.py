@@ -264,7 +264,7 @@ def test_promote_and_rollback_from_the_version_page(tiny_model_dir, tmp_path, ga
     at.text_input[1].set_value(str(config))
     next(b for b in at.button if b.label.startswith("Export, check and promote")).click().run()
     assert not at.exception
-    assert registry.exports.get_alias("tiny", "staging")["version"] == base.version
+    assert registry.exports.get_alias("tiny", "staging").version == base.version
     assert any("PROMOTED" in c.value for c in at.code)
     verdicts = at.dataframe[-1].value
     assert set(verdicts["name"]) >= {"check template", "mean_kl", "perplexity_vs_holder"} and verdicts["passed"].all()

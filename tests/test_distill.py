@@ -328,6 +328,7 @@ def test_a_teacher_export_that_failed_its_checks_is_used_only_on_request(tmp_pat
     """auto falls back to HF and records which export it skipped; llama.cpp refuses naming the export and its
     failed checks; teacher_allow_failed_export uses it and the record says it failed; a passed export wins."""
     from registry import exports as export_store
+    from registry.records import Check, Export
 
     teacher = registry.create_version("tiny-base", "base")
     registry.finish_version(teacher, str(tmp_path))
@@ -335,10 +336,10 @@ def test_a_teacher_export_that_failed_its_checks_is_used_only_on_request(tmp_pat
     def export(tag: str, quant: str, passed: bool) -> Path:
         (tmp_path / tag).mkdir()
         (tmp_path / tag / "t.gguf").write_bytes(b"GGUF")
-        export_store.record_export(
-            {"export_id": f"tiny-base/{tag}", "version": teacher, "quant": quant, "path": str(tmp_path / tag),
-             "gguf_file": "t.gguf", "size_bytes": 4, "sha256": "0", "modelfile": "", "passed": passed},
-            [{"name": "answers_stop", "file": "t.gguf", "passed": passed, "value": 0.0, "detail": ""}])
+        export_store.record_export(Export(
+            export_id=f"tiny-base/{tag}", version=teacher, quant=quant, path=str(tmp_path / tag), gguf_file="t.gguf",
+            size_bytes=4, sha256="0", modelfile="", passed=passed, info={},
+            checks=(Check("answers_stop", "t.gguf", passed, 0.0, ""),)))
         return tmp_path / tag / "t.gguf"
 
     failed = export("v1-f16", "f16", False)

@@ -74,20 +74,20 @@ def test_each_family_trains_merges_and_exports_with_every_check_passing(name, ta
         quant="q8_0", system="You are Fern, a gardener.", heldout_rows=4, max_new_tokens=16, answer_tokens=16,
         window=128, answer_rows=2), PROMPTS, progress=lambda _: None,
         evals=EvalConfig(prompts=PROMPTS, general=None, answer_tokens=16))
-    checks = {c["name"]: c for c in export["checks"]}
+    checks = {c.name: c.json() for c in export.checks}
     failed = {n: c["detail"] for n, c in checks.items() if c["passed"] is False}
-    assert export["passed"] and not failed, (failed, export["info"]["answers"])
+    assert export.passed and not failed, (failed, export.info["answers"])
     for required in ("modelfile", "template", "loads", "tokenization", "greedy", "answers_stop", "context"):
         assert checks[required]["passed"] is True, (required, checks[required])
-    assert checks["greedy"]["file"].endswith("-f16.gguf") and export["gguf_file"].endswith("-q8_0.gguf")
-    assert export["info"]["conversion"]["architecture"] == family.architecture
-    assert f"PARAMETER stop {family.eos}" in export["modelfile"]
+    assert checks["greedy"]["file"].endswith("-f16.gguf") and export.gguf_file.endswith("-q8_0.gguf")
+    assert export.info["conversion"]["architecture"] == family.architecture
+    assert f"PARAMETER stop {family.eos}" in export.modelfile
     assert checks["heldout_answers"]["detail"].startswith("2 held-out answers")  # through the family's template
     placement = {"turn": "", "none": "no system role", "last": "last user message"}[
         {"gemma2": "none", "mistral": "last"}.get(name, "turn")]
     assert placement in checks["template"]["detail"]
-    assert [a["answer"] for a in export["info"]["answers"]] and all(
-        a["answer"] in ("Yes.", "No.") for a in export["info"]["answers"]), export["info"]["answers"]
+    assert [a["answer"] for a in export.info["answers"]] and all(
+        a["answer"] in ("Yes.", "No.") for a in export.info["answers"]), export.info["answers"]
 
 
 def test_sentencepiece_tokens_equal_hf_and_the_dummy_prefix_is_named_not_hidden(family_dirs, tmp_path):

@@ -186,7 +186,7 @@ def test_data_too_small_to_split_names_the_file(tmp_path):
 
 def test_a_file_with_no_usable_rows_and_a_capped_list_of_bad_rows(tmp_path):
     """An empty file, or one of blank lines, is named; past the cap, the rest of the bad rows are counted."""
-    from tasks.prep import MAX_REPORTED_ERRORS
+    from tasks.rows import MAX_REPORTED_ERRORS
 
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "blank.jsonl").write_text("\n  \n\n")

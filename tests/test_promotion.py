@@ -67,15 +67,15 @@ def test_gate_refuses_worse_perplexity_and_leaves_the_alias(tiny_model_dir, tmp_
     assert failed[0]["value"] > failed[0]["threshold"]
     assert "stays on tiny:1" in promotion.refused_message(second)
     # Nothing moved: alias row, link, and the holder's export are as they were; the refusal is recorded.
-    assert export_store.get_alias("tiny", "production")["version"] == "tiny:1"
+    assert export_store.get_alias("tiny", "production").version == "tiny:1"
     assert _link(tunery_home).name == "v1-f32"
     history = export_store.promotion_history("tiny", "production")
-    assert [(h["action"], h["version"]) for h in history] == [("promote", "tiny:1"), ("refused", "tiny:2")]
-    assert history[1]["gate"]["verdicts"] == second["gate"]
+    assert [(h.action, h.version) for h in history] == [("promote", "tiny:1"), ("refused", "tiny:2")]
+    assert history[1].gate["verdicts"] == second["gate"]
     # The refused candidate's export and its checks are still on record.
     refused = export_store.get_export("tiny/v2-f32")
     assert {"loads", "tokenization", "greedy", "template", "mean_kl", "perplexity"} <= {
-        c["name"] for c in refused["checks"]}
+        c.name for c in refused.checks}
 
 
 def test_rollback_restores_the_previous_export(tiny_model_dir, tmp_path, prepared, tunery_home):
@@ -88,10 +88,10 @@ def test_rollback_restores_the_previous_export(tiny_model_dir, tmp_path, prepare
     back = promotion.rollback("tiny@production")
     assert (back["version"], back["previous"]) == ("tiny:1", "tiny:2")
     assert back["ollama"] == "not run: no ollama executable on PATH"
-    assert export_store.get_alias("tiny", "production")["export_id"] == "tiny/v1-f32"
+    assert export_store.get_alias("tiny", "production").export_id == "tiny/v1-f32"
     assert _link(tunery_home).name == "v1-f32"
     assert (tunery_home / "exports/tiny/production/tiny-v1-f32.gguf").exists()
-    actions = [(h["action"], h["version"]) for h in export_store.promotion_history("tiny", "production")]
+    actions = [(h.action, h.version) for h in export_store.promotion_history("tiny", "production")]
     assert actions == [("promote", "tiny:1"), ("promote", "tiny:2"), ("rollback", "tiny:1")]
     with pytest.raises(TuneryError, match=r"tiny@production has no earlier holder to roll back to \(it holds tiny:1\)"):
         promotion.rollback("tiny@production")
@@ -122,7 +122,7 @@ def test_holder_from_another_base_model_is_not_compared(tiny_model_dir, prepared
     failed = [v for v in result["gate"] if not v["passed"]]
     assert [v["name"] for v in failed] == ["perplexity_vs_holder"]
     assert "not comparable" in failed[0]["detail"]
-    assert export_store.get_alias("tiny", "production")["version"] == "tiny:1"
+    assert export_store.get_alias("tiny", "production").version == "tiny:1"
 
 
 def test_checks_with_nothing_to_check_are_not_run_and_the_gate_refuses_them(prepared):
@@ -130,6 +130,7 @@ def test_checks_with_nothing_to_check_are_not_run_and_the_gate_refuses_them(prep
     and an eval section without prompts is refused before anything runs."""
     from pydantic import ValidationError
 
+    from registry.records import Check, Export
     from tasks import verify
     from tasks.evaluation import EvalConfig
 
@@ -137,7 +138,9 @@ def test_checks_with_nothing_to_check_are_not_run_and_the_gate_refuses_them(prep
     answers, speed, samples = verify.check_answers(None, "", [], [], None, 8)
     assert (greedy["passed"], answers["passed"], samples) == (None, None, [])
     assert "not run" in greedy["detail"] and "not run" in answers["detail"]
-    candidate = {"checks": [dict(c, file="x.gguf") for c in (greedy, answers, speed)]}
+    candidate = Export(export_id="x/v1-f32", version="x:1", quant="f32", path=".", gguf_file="x.gguf", size_bytes=0,
+                       sha256="", modelfile="", passed=False, info={},
+                       checks=tuple(Check(**c, file="x.gguf") for c in (greedy, answers, speed)))
     gate = GateConfig(require_checks=["greedy", "answers_stop"])
     verdicts = {v["name"]: v for v in promotion.gate(candidate, None, prepared, gate)}
     assert not verdicts["check greedy"]["passed"] and not verdicts["check answers_stop"]["passed"]
@@ -157,13 +160,13 @@ def test_re_export_is_a_new_export_and_a_refused_gate_touches_nothing(tiny_model
     every file and row of vN-QUANT, which the alias still points to when the gate refuses the new one."""
     version = _register(tiny_model_dir)
     first = promotion.promote(version, prepared, EXPORT, GATE, PROMPTS, progress=_quiet, evals=EVALS)
-    assert first["promoted"] and first["export"]["export_id"] == "tiny/v1-f32"
+    assert first["promoted"] and first["export"].export_id == "tiny/v1-f32"
     folder = tunery_home / "exports/tiny/v1-f32"
     before, rows_before = _snapshot(folder), export_store.get_export("tiny/v1-f32")
 
     again = promotion.export_version(version, prepared, EXPORT, PROMPTS, progress=_quiet, evals=EVALS)
-    assert again["export_id"] == "tiny/v1-f32-2" and again["path"].endswith("exports/tiny/v1-f32-2")
-    assert (tunery_home / "exports/tiny/v1-f32-2" / again["gguf_file"]).exists()
+    assert again.export_id == "tiny/v1-f32-2" and again.path.endswith("exports/tiny/v1-f32-2")
+    assert (tunery_home / "exports/tiny/v1-f32-2" / again.gguf_file).exists()
     assert _snapshot(folder) == before and export_store.get_export("tiny/v1-f32") == rows_before
 
     # A gate that cannot pass (the random model's answers never stop): refused, and nothing of the holder moves.
@@ -171,11 +174,11 @@ def test_re_export_is_a_new_export_and_a_refused_gate_touches_nothing(tiny_model
     link = tunery_home / "exports/tiny/production"
     link_before = (link.readlink(), link.lstat().st_mtime_ns)
     refused = promotion.promote(version, prepared, EXPORT, strict, PROMPTS, progress=_quiet, evals=EVALS)
-    assert not refused["promoted"] and refused["export"]["export_id"] == "tiny/v1-f32-3"
+    assert not refused["promoted"] and refused["export"].export_id == "tiny/v1-f32-3"
     assert (link.readlink(), link.lstat().st_mtime_ns) == link_before
-    assert export_store.get_alias("tiny", "production")["export_id"] == "tiny/v1-f32"
+    assert export_store.get_alias("tiny", "production").export_id == "tiny/v1-f32"
     assert _snapshot(folder) == before and export_store.get_export("tiny/v1-f32") == rows_before
-    assert [e["export_id"] for e in export_store.list_exports()] == ["tiny/v1-f32", "tiny/v1-f32-2", "tiny/v1-f32-3"]
+    assert [e.export_id for e in export_store.list_exports()] == ["tiny/v1-f32", "tiny/v1-f32-2", "tiny/v1-f32-3"]
 
 
 def test_an_existing_folder_is_never_replaced(tmp_path):
@@ -191,10 +194,15 @@ def test_an_existing_folder_is_never_replaced(tmp_path):
 
 
 def test_the_gate_refuses_checks_measured_on_other_data(prepared):
-    candidate = {"version": "tiny:1", "checks": [], "info": {"eval_data_hash": "0" * 64}}
+    from dataclasses import replace
+
+    from registry.records import Export
+
+    candidate = Export(export_id="tiny/v1-f32", version="tiny:1", quant="f32", path=".", gguf_file="x.gguf",
+                       size_bytes=0, sha256="", modelfile="", passed=True, info={"eval_data_hash": "0" * 64})
     verdicts = {v["name"]: v for v in promotion.gate(candidate, None, prepared, GateConfig(require_checks=[]))}
     assert verdicts["eval data"]["passed"] is False and "other data" in verdicts["eval data"]["detail"]
-    matching = dict(candidate, info={"eval_data_hash": prepared.info["data_hash"]})
+    matching = replace(candidate, info={"eval_data_hash": prepared.info["data_hash"]})
     assert "eval data" not in {v["name"] for v in promotion.gate(matching, None, prepared, GateConfig())}
 
 
@@ -206,16 +214,15 @@ def test_a_num_ctx_that_cannot_hold_the_prompts_is_refused_by_name(tiny_model_di
     tight = EXPORT.model_copy(update={"system": system, "num_ctx": 64})
     gate = GATE.model_copy(update={"require_checks": [*GATE.require_checks, "context"]})
     refused = promotion.promote(version, prepared, tight, gate, PROMPTS, progress=_quiet, evals=EVALS)
-    context = next(c for c in refused["export"]["checks"] if c["name"] == "context")
+    context = refused["export"].check("context").json()
     assert not refused["promoted"] and context["passed"] is False and context["value"] > 64
     assert "num_ctx 64" in context["detail"] and "system prompt first" in context["detail"]
     failed = [v for v in refused["gate"] if not v["passed"]]
     assert [v["name"] for v in failed] == ["check context"]
     roomy = promotion.promote(version, prepared, tight.model_copy(update={"num_ctx": 512}), gate, PROMPTS,
                               progress=_quiet)
-    context = next(c for c in roomy["export"]["checks"] if c["name"] == "context")
-    assert roomy["promoted"] and context["passed"] and context["value"] == refused["export"]["checks"][
-        [c["name"] for c in refused["export"]["checks"]].index("context")]["value"]
+    context = roomy["export"].check("context").json()
+    assert roomy["promoted"] and context["passed"] and context["value"] == refused["export"].check("context").value
     assert GateConfig().require_checks[-1] == "context"  # on by default
 
 
@@ -235,7 +242,7 @@ def test_the_gate_refuses_an_export_that_forgot_what_its_parent_knew(tiny_model_
     gate = GATE.model_copy(update={"max_general_drop_pct": 5.0, "min_answer_f1": 0.99})
     refused = promotion.promote(child, prepared, EXPORT, gate, PROMPTS, progress=_quiet, evals=evals)
     assert not refused["promoted"]
-    checks = {c["name"]: c for c in refused["export"]["checks"]}
+    checks = {c.name: c.json() for c in refused["export"].checks}
     verdicts = {v["name"]: v for v in refused["gate"]}
     accuracy = checks["general"]["value"]
     assert checks["general"]["detail"].startswith(f"{accuracy:.3f} on 12 items") and accuracy < 0.95
@@ -247,5 +254,5 @@ def test_the_gate_refuses_an_export_that_forgot_what_its_parent_knew(tiny_model_
     assert not verdicts["answer_f1"]["passed"] and verdicts["answer_f1"]["value"] < 0.99
     measured = registry.get_version(child, prepared.info["data_hash"]).metrics
     assert measured["gguf_general_accuracy"] == accuracy and measured["gguf_general_drop_pct"] > 5
-    assert len(registry.get_answers(child, refused["export"]["export_id"])) == 2
+    assert len(registry.get_answers(child, refused["export"].export_id)) == 2
     assert export_store.get_alias("tiny", "production") is None  # nothing moved

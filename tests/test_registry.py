@@ -16,6 +16,7 @@ import registry
 from core.errors import TuneryError
 from core.home import registry_path
 from registry.db import connect, migrations
+from registry.records import Check, Export
 
 
 @pytest.fixture(autouse=True)
@@ -334,11 +335,10 @@ def _fill_every_table() -> None:
                                                  "outcome": "tie"}], eval_data_hash="h1")
     registry.record_dataset({"data_hash": "h1", "kind": "chat", "train_rows": 3, "validation_rows": 1}, "/d/h1")
     for version, tag in ((a, "v1-q8_0"), (b, "v2-q8_0")):
-        exports.record_export({"export_id": f"fern/{tag}", "version": version, "quant": "q8_0", "path": "/e",
-                               "gguf_file": "m.gguf", "size_bytes": 10, "sha256": "0" * 64, "modelfile": "FROM m",
-                               "passed": True}, [{"name": "loads", "file": "m.gguf", "passed": True, "value": None,
-                                                  "detail": ""}, {"name": "mean_kl", "file": "m.gguf",
-                                                                  "passed": None, "value": 0.07, "detail": "x"}])
+        exports.record_export(Export(
+            export_id=f"fern/{tag}", version=version, quant="q8_0", path="/e", gguf_file="m.gguf", size_bytes=10,
+            sha256="0" * 64, modelfile="FROM m", passed=True, info={},
+            checks=(Check("loads", "m.gguf", True, None, ""), Check("mean_kl", "m.gguf", None, 0.07, "x"))))
         exports.record_promotion("fern", "production", "promote", version, f"fern/{tag}", {"ok": True})
     exports.record_promotion("fern", "production", "rollback", a, "fern/v1-q8_0", {})
     from registry import sweeps
@@ -379,10 +379,10 @@ def test_registry_copy_round_trips_between_backends_with_ids_and_numbers_kept(ba
         monkeypatch.setenv("TUNERY_HOME", str(copy_home))
     assert versions() == before
     assert exports.promotion_history() == history and registry.instance_id() == source_id
-    assert exports.get_export("fern/v2-q8_0")["checks"][1]["value"] == 0.07
+    assert exports.get_export("fern/v2-q8_0").checks[1].value == 0.07
     assert registry.create_version("fern", "sft") == "fern:3"
     row = exports.record_promotion("fern", "production", "promote", "fern:2", "fern/v2-q8_0", {})
-    assert row["id"] == history[-1]["id"] + 1 and row["previous_version"] == "fern:1"
+    assert row["id"] == history[-1].id + 1 and row["previous_version"] == "fern:1"
 
     # and back into a fresh registry of the first kind
     back = f"duckdb://{tmp_path / 'back.duckdb'}" if backend == "duckdb" else postgres_server.new_database()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from flows.report import check_rows, fmt, health_rows, markdown_table
+from registry.records import Check, Export
 
 
 def test_health_and_check_rows_say_ok_warning_and_not_judged():
@@ -10,9 +11,10 @@ def test_health_and_check_rows_say_ok_warning_and_not_judged():
                        "memory": {"verdict": "too short", "ok": None, "detail": "c"}}}
     assert [(r["check"], r["state"]) for r in health_rows(info)] == [
         ("loss", "ok"), ("grad_norm", "warning"), ("memory", "not judged")]
-    export = {"checks": [{"name": "loads", "file": "x.gguf", "passed": True, "value": 49152.0, "detail": "d"},
-                         {"name": "greedy", "file": "x.gguf", "passed": False, "value": 1.0, "detail": "e"},
-                         {"name": "mean_kl", "file": "x.gguf", "passed": None, "value": 0.0706004, "detail": "f"}]}
+    export = Export(export_id="x/v1-f32", version="x:1", quant="f32", path=".", gguf_file="x.gguf", size_bytes=0,
+                    sha256="", modelfile="", passed=False, info={},
+                    checks=(Check("loads", "x.gguf", True, 49152.0, "d"), Check("greedy", "x.gguf", False, 1.0, "e"),
+                            Check("mean_kl", "x.gguf", None, 0.0706004, "f")))
     rows = check_rows(export)
     assert [(r["passed"], r["value"]) for r in rows] == [("yes", "4.915e+04"), ("NO", "1"), ("-", "0.0706")]
     table = markdown_table(rows)

@@ -83,9 +83,9 @@ st.subheader("Exports")
 if not near["exports"]:
     st.caption("None yet: `tunery export` or Promote below.")
 for e, row in zip(near["exports"], export_rows(near["exports"])):
-    with st.expander(f"{row['export']} · {e['gguf_file']} · {row['size']} · checks {row['checks']}"):
+    with st.expander(f"{row['export']} · {e.gguf_file} · {row['size']} · checks {row['checks']}"):
         st.dataframe(pd.DataFrame(check_rows(e)), hide_index=True, width="stretch")
-        st.code(e["modelfile"], language="dockerfile")
+        st.code(e.modelfile, language="dockerfile")
 for row in promotion_rows(near["promotions"]):
     st.caption(f"{row['when']} · {row['alias']} · {row['what']}" + (f" · failed: {row['failed']}" if row["failed"]
                                                                      else ""))
@@ -111,7 +111,7 @@ if v.status == "ready":
                 st.dataframe(verdicts, hide_index=True, width="stretch")
                 refresh()
 
-held = [f"{a['name']}@{a['alias']}" for a in aliases(v.name)]
+held = [f"{a.name}@{a.alias}" for a in aliases(v.name)]
 if held:
     with st.form("rollback"):
         target = st.selectbox("Roll back", held)

@@ -11,6 +11,7 @@ from tasks.common import StageResult
 from tasks.distill.measure import distill_metrics
 from tasks.distill.settings import DistillModelConfig, DistillPromptConfig
 from tasks.distill.teacher import ask
+from tasks.prep import PreparedData
 from tasks.sft import SftStage, train_sft
 from tasks.stage import Job, StageInputs, StagePlan, TrainingStage, is_path
 
@@ -39,7 +40,7 @@ class DistillStage(TrainingStage):
             raise TuneryError(f"teacher {self.teacher}: no such model folder ({folder})")
         return f"folder:{folder}"
 
-    def prepare(self, plan: Any, data: StageResult | None, ctx: Any, teacher: Any = None) -> Job:
+    def prepare(self, plan: Any, data: PreparedData | None, ctx: Any, teacher: Any = None) -> Job:
         """Ask the teacher first (its answers are the student's data), then train from the start on them."""
         teacher = ctx.version(plan.refs["teacher"][0])
         dataset, pairs, info = ask(self, plan.stage_id, ctx.version(plan.start), teacher, data, ctx)

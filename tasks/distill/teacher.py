@@ -13,11 +13,11 @@ from tqdm.auto import tqdm
 from core.errors import TuneryError
 from core.files import sha256_json, write_json
 from core.home import home, home_relative
-from tasks.common import StageResult, resolve_device, resolve_precision
+from tasks.common import resolve_device, resolve_precision
 from tasks.distill.settings import (Answer, Context, DistillModelConfig, DistillSettings, contexts_of, distill_rows,
                                     prompt_contexts, settle, student_contexts, teacher_contexts)
 from tasks.models import answer_length, greedy_answers, load_model, load_tokenizer, prompt_ids, turn_end_ids
-from tasks.prep import PrepConfig, load_prepared, prepare
+from tasks.prep import PrepConfig, PreparedData, load_prepared, prepare
 
 GENERATOR = 1  # bump when a change to how teachers answer should invalidate cached answers
 
@@ -71,7 +71,7 @@ def _answers(config: DistillSettings, teacher: str, gguf: Path | None, contexts:
 
 
 def make_dataset(config: DistillSettings, teacher: str, gguf: Path | None, contexts: tuple[list, list],
-                 student: str, device: str = "auto", key: dict[str, Any] | None = None) -> StageResult:
+                 student: str, device: str = "auto", key: dict[str, Any] | None = None) -> PreparedData:
     """Ask the teacher (model folder `teacher`, or llama.cpp on `gguf`) to answer the training and held-out
     contexts, and prepare the student's chat rows as a dataset (rendered through the student's chat template).
 
@@ -106,10 +106,10 @@ def make_dataset(config: DistillSettings, teacher: str, gguf: Path | None, conte
     info = {**generated, "answers": len(answers), "unfinished_answers": unfinished,
             "trimmed_answers": sum(bool(t) and t != a.text for a, t in zip(answers, texts)),
             "dropped_answers": len(answers) - len(rows)}
-    return StageResult("prep", data.artifact_path, metrics=data.metrics, info={**data.info, **info})
+    return PreparedData(data.artifact_path, data.data_hash, data.kind, {**data.info, **info})
 
 
-def preference_pairs(config: DistillModelConfig, student: str, dataset: str, device: str = "auto") -> StageResult:
+def preference_pairs(config: DistillModelConfig, student: str, dataset: str, device: str = "auto") -> PreparedData:
     """Pairs for dpo: the teacher's answer `chosen`, the student's own greedy answer (before distillation)
     `rejected`, on the distilled dataset's prompts and split. Pairs where both answers are equal are left out."""
     device = resolve_device(device)
@@ -130,7 +130,7 @@ def preference_pairs(config: DistillModelConfig, student: str, dataset: str, dev
     return prepare_rows(parts[0], parts[1], "preference", student)
 
 
-def prepare_rows(train: list[dict], held: list[dict], fmt: str, tokenizer_path: str) -> StageResult:
+def prepare_rows(train: list[dict], held: list[dict], fmt: str, tokenizer_path: str) -> PreparedData:
     """Generated rows prepared like a user's data files (checked, content-addressed), with the split given."""
     with tempfile.TemporaryDirectory(prefix="tunery-distill-") as tmp:
         for name, part in (("train", train), ("validation", held)):
@@ -149,7 +149,7 @@ def prepare_rows(train: list[dict], held: list[dict], fmt: str, tokenizer_path: 
 GGUF_ORDER = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q4_k_m", "q4_k_s", "q4_0")
 
 
-def teacher_gguf(teacher: Any, exports: list[dict[str, Any]], backend: str, allow_failed: bool = False
+def teacher_gguf(teacher: Any, exports: list[Any], backend: str, allow_failed: bool = False
                  ) -> tuple[Path | None, dict[str, Any]]:
     """The GGUF export (of the teacher version's `exports`) the teacher answers through (backend auto or
     llama.cpp), or None for HF generation, and what the version records about it: the export, its file and its
@@ -158,21 +158,19 @@ def teacher_gguf(teacher: Any, exports: list[dict[str, Any]], backend: str, allo
     Only an export that passed its llama.cpp checks is used, unless `allow_failed` (then the best failed one)."""
     if backend == "hf":
         return None, {}
-    found = sorted(((not e["passed"], GGUF_ORDER.index(e["quant"]) if e["quant"] in GGUF_ORDER else len(GGUF_ORDER),
-                     e["export_id"], e) for e in exports if (Path(e["path"]) / e["gguf_file"]).exists()),
-                   key=lambda f: f[:3])
+    found = sorted(((not e.passed, GGUF_ORDER.index(e.quant) if e.quant in GGUF_ORDER else len(GGUF_ORDER),
+                     e.export_id, e) for e in exports if e.gguf.exists()), key=lambda f: f[:3])
     passed = [e for failed, _, _, e in found if not failed]
     failed = [e for bad, _, _, e in found if bad]
 
-    def status(e: dict[str, Any]) -> str:
-        names = [c["name"] for c in e["checks"] if c["passed"] is False]
-        return "passed" if e["passed"] else f"failed: {', '.join(names) or 'checks'}"
+    def status(e: Any) -> str:
+        names = [c.name for c in e.checks if c.passed is False]
+        return "passed" if e.passed else f"failed: {', '.join(names) or 'checks'}"
 
     chosen = passed[0] if passed else failed[0] if failed and allow_failed else None
     if chosen is not None:
-        return Path(chosen["path"]) / chosen["gguf_file"], {
-            "teacher_export": chosen["export_id"], "teacher_gguf_checks": status(chosen)}
-    skipped = f"{failed[0]['export_id']} ({status(failed[0])})" if failed else None
+        return chosen.gguf, {"teacher_export": chosen.export_id, "teacher_gguf_checks": status(chosen)}
+    skipped = f"{failed[0].export_id} ({status(failed[0])})" if failed else None
     if backend == "llama.cpp":
         raise TuneryError(f"teacher {teacher.version} has no GGUF export that passed its checks"
                           + (f"; {skipped}: set teacher_allow_failed_export: true to use it anyway" if skipped else
@@ -180,16 +178,16 @@ def teacher_gguf(teacher: Any, exports: list[dict[str, Any]], backend: str, allo
     return None, ({"teacher_export_skipped": skipped} if skipped else {})
 
 
-def ask(config: DistillSettings, stage_id: str, start: Any, teacher: Any, data: StageResult | None, ctx: Any
-        ) -> tuple[StageResult, str | None, dict[str, Any]]:
+def ask(config: DistillSettings, stage_id: str, start: Any, teacher: Any, data: PreparedData | None, ctx: Any
+        ) -> tuple[PreparedData, str | None, dict[str, Any]]:
     """Ask the teacher, prepare the student's rows (and, when asked, preference pairs); the generated datasets are
     recorded like any prepared data. Returns (the student's dataset, the pairs' folder or None, what the version's
     info records about the teacher's answers)."""
     rows = None
     if data is not None:
-        if data.info["kind"] != "chat":
+        if data.kind != "chat":
             raise TuneryError(f"stage {stage_id} asks the teacher the user turns of chat data, but its data holds "
-                              f"{data.info['kind']} examples; give it chat `data:` or `prompts:`")
+                              f"{data.kind} examples; give it chat `data:` or `prompts:`")
         _, train, held = load_prepared(data.artifact_path)
         rows = (train, held)
     contexts = prompt_contexts(config, rows)
