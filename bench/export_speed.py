@@ -26,9 +26,9 @@ PROMPTS = ["How do I keep my basil from wilting?", "When should I plant tulip bu
 def main() -> None:
     import torch
 
-    from tasks import verify
-    from tasks.evaluation import latency
-    from tasks.convert import write_gguf
+    from tasks.evaluate.evaluation import latency
+    from tasks.export.convert import write_gguf
+    from tasks.export import verify
     from tasks.models import ensure_default_base_model, load_model, load_tokenizer, prompt_ids
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

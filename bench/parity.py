@@ -49,7 +49,7 @@ def merged(a: dict, b: dict) -> dict:
 
 def run(settings: dict, model_dir: str, data: str, seed: int, out: Path) -> dict:
     from bench.train_speed import held_out_quality
-    from tasks.sft import SftConfig, train_sft
+    from tasks.stages.sft import SftConfig, train_sft
 
     began = time.perf_counter()
     result = train_sft(SftConfig(**settings), model_dir, data, out, "cpu", seed)

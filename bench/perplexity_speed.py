@@ -37,7 +37,7 @@ def naive(model, encoded) -> tuple[float, int]:
 def main() -> None:
     import torch
 
-    from tasks.evaluation import answer_nll, scored_tokens
+    from tasks.evaluate.evaluation import answer_nll, scored_tokens
     from tasks.models import ensure_default_base_model, load_model, load_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

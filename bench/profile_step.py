@@ -35,8 +35,8 @@ def main() -> None:
 
     from bench.train_speed import build_model, prepare_data
     from tasks.models import ensure_default_base_model
-    from tasks.sft import SftConfig, scored_sft_trainer
-    from tasks.training import trainable_model, trainer_arguments
+    from tasks.stages.sft import SftConfig, scored_sft_trainer
+    from tasks.train.training import trainable_model, trainer_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plain", action="store_true")
@@ -54,8 +54,8 @@ def main() -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    from tasks.data.prep import load_prepared
     from tasks.models import encode_chat, load_tokenizer
-    from tasks.prep import load_prepared
 
     cfg = SftConfig(max_steps=args.steps + 1, batch_size=args.batch_size, max_length=256, learning_rate=1e-3)
     tok = load_tokenizer(str(model_dir))

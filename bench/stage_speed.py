@@ -6,11 +6,11 @@ The earlier revision (default: 6f9c712, the code before issue 14) is unpacked wi
 folder and run with the same virtual environment, the same prepared demo data, SmolLM2-135M-Instruct and the demo
 config's settings; each measurement runs in a fresh process, interleaved (baseline, current, baseline, ...).
 
-- eval: `tasks.evaluation.evaluate` of the base model with configs/demo.yaml's `eval:` section (held-out perplexity
+- eval: `tasks.evaluate.evaluation.evaluate` of the base model with configs/demo.yaml's `eval:` section (held-out perplexity
   per category, generated lengths, latency, sample answers), wall time of the whole stage including its child
   process. The perplexities must agree to 1e-4.
 - teacher: the demo's distill-prompt teacher (Fern's persona prompt and three example exchanges) answering the first
-  N demo questions greedily (batch 16, 128 new tokens, no repeated 4-grams), as `tasks.distill.teacher_answers`
+  N demo questions greedily (batch 16, 128 new tokens, no repeated 4-grams), as `tasks.stages.distill.teacher_answers`
   does in each revision. The answers must be identical.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 EVAL = """
 import json, sys, time
-from tasks.evaluation import EvalConfig, evaluate
+from tasks.evaluate.evaluation import EvalConfig, evaluate
 spec = json.loads(sys.argv[1])
 began = time.perf_counter()
 result = evaluate(spec["model"], spec["data"], EvalConfig(**spec["eval"]))
@@ -42,8 +42,8 @@ print(json.dumps({"seconds": time.perf_counter() - began, "metrics": result.metr
 
 TEACHER = """
 import json, sys, time
-from tasks.distill.settings import DistillPromptConfig, teacher_contexts
-from tasks.distill.teacher import teacher_answers
+from tasks.stages.distill.settings import DistillPromptConfig, teacher_contexts
+from tasks.stages.distill.teacher import teacher_answers
 from tasks.models import conversation, load_model, load_tokenizer
 spec = json.loads(sys.argv[1])
 config = DistillPromptConfig(**spec["stage"])
@@ -74,8 +74,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    from tasks.data.prep import PrepConfig, prepare
     from tasks.models import ensure_default_base_model
-    from tasks.prep import PrepConfig, prepare
 
     model = str(ensure_default_base_model())
     demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())

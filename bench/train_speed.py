@@ -20,9 +20,8 @@ Measured per arm, the same way in both (the hooks are installed on `transformers
 
 A speed-up counts only at equal quality: the report gives the loss and perplexity differences next to the ratios.
 `--checkpointing selective` sets tunery's `gradient_checkpointing` (default: the stage's auto, off on the CPU).
-`--model-shape qwen2.5-0.5b` trains a random-initialised Qwen2 with Qwen2.5-0.5B's shapes (hidden 896, 24 layers,
-vocabulary 151936), where the LM head and the loss dominate; `--quick` uses a tiny random model and 2 steps (the
-test suite runs it).
+`--model-shape qwen2.5-0.5b` trains a random Qwen2 with Qwen2.5-0.5B's shapes (hidden 896, 24 layers, vocabulary
+151936), where the LM head and the loss dominate; `--quick` uses a tiny random model and 2 steps (tests run it).
 """
 from __future__ import annotations
 
@@ -135,7 +134,7 @@ def _plain_sft(plan: dict, model_dir: str, data_dir: str, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from tasks.prep import load_prepared
+    from tasks.data.prep import load_prepared
 
     _, train, _ = load_prepared(data_dir)
     rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in train]
@@ -154,7 +153,7 @@ def _plain_dpo(plan: dict, model_dir: str, data_dir: str, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from tasks.prep import load_prepared
+    from tasks.data.prep import load_prepared
 
     _, train, _ = load_prepared(data_dir)
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train]
@@ -176,18 +175,18 @@ def tunery_config(plan: dict):
                   learning_rate=plan["learning_rate"], lr_scheduler=plan["lr_scheduler"],
                   warmup_ratio=plan["warmup_ratio"], max_length=plan["max_length"])
     if plan["method"] == "sft":
-        from tasks.sft import SftConfig
+        from tasks.stages.sft import SftConfig
 
         return SftConfig(**common)
-    from tasks.dpo import DpoConfig
+    from tasks.stages.dpo import DpoConfig
 
     return DpoConfig(beta=plan["beta"], **common)
 
 
 def _tunery(plan: dict, model_dir: str, data_dir: str, out: Path) -> None:
     """tunery's stage, called as the flow calls it."""
-    from tasks.dpo import train_dpo
-    from tasks.sft import train_sft
+    from tasks.stages.dpo import train_dpo
+    from tasks.stages.sft import train_sft
 
     train = train_sft if plan["method"] == "sft" else train_dpo
     train(tunery_config(plan), model_dir, data_dir, out / "adapter", plan["device"], plan["seed"])
@@ -195,9 +194,9 @@ def _tunery(plan: dict, model_dir: str, data_dir: str, out: Path) -> None:
 
 def held_out_quality(method: str, model_dir: str, adapter: Path, data_dir: str, device: str) -> dict:
     """The trained adapter on the fp32 base, scored on the held-out split the same way for both arms."""
-    from tasks.evaluation import perplexity, preference_accuracy
+    from tasks.data.prep import load_prepared
+    from tasks.evaluate.evaluation import perplexity, preference_accuracy
     from tasks.models import load_model, load_tokenizer
-    from tasks.prep import load_prepared
 
     _, _, held = load_prepared(data_dir)
     model = load_model(model_dir, device=device, adapter=str(adapter), merge=True)
@@ -266,7 +265,7 @@ def tiny_tokenizer(out: Path) -> Path:
 
 
 def prepare_data(model_dir: Path) -> dict[str, str]:
-    from tasks.prep import PrepConfig, prepare
+    from tasks.data.prep import PrepConfig, prepare
 
     demo = REPO / "data" / "demo"
     return {"sft": prepare(PrepConfig(train=["garden_chat.jsonl"], val_fraction=0.15), demo,

@@ -89,7 +89,7 @@ class GgufChat:
     def __init__(self, export: Export, settings: Settings):
         from llama_cpp import Llama
 
-        from tasks.modelfile import parse_modelfile
+        from tasks.export.modelfile import parse_modelfile
 
         directives = parse_modelfile(export.modelfile)
         self.template = next(v for k, v in directives if k == "template")
@@ -104,7 +104,7 @@ class GgufChat:
                          n_ctx=int(self.parameters["num_ctx"]), verbose=False, seed=settings.seed)
 
     def answer(self, messages: list[dict[str, str]]) -> Iterator[str]:
-        from tasks.modelfile import render_go
+        from tasks.export.modelfile import render_go
 
         prompt = render_go(self.template, [messages])[0]
         ids = self.llm.tokenize(prompt.encode("utf-8"), add_bos=self.llm._model.add_bos_token(), special=True)
@@ -130,7 +130,7 @@ class HfChat:
 
     def __init__(self, version: registry.Version, settings: Settings):
         from flows.inputs import adapter_base, model_folder
-        from tasks.modelfile import chat_frames
+        from tasks.export.modelfile import chat_frames
         from tasks.models import load_model, load_tokenizer
 
         self.settings = settings
@@ -148,7 +148,7 @@ class HfChat:
         import torch
         from transformers import TextIteratorStreamer
 
-        from tasks.modelfile import for_template
+        from tasks.export.modelfile import for_template
         from tasks.models import prompt_ids, turn_end_ids
 
         ids = torch.tensor([prompt_ids(self.tokenizer, for_template(messages, self.frames))])

@@ -11,11 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from core import metrics as metric_catalogue
 from core.errors import TuneryError, check_name
 from core.files import read_utf8
-from tasks.catalogue import STAGES, TRAINING, Stage
-from tasks.evaluation import EvalConfig
-from tasks.export import ExportConfig, GateConfig
-from tasks.prep import PrepConfig
-from tasks.sft import SftStage
+from tasks.data.prep import PrepConfig
+from tasks.evaluate.evaluation import EvalConfig
+from tasks.export.settings import ExportConfig, GateConfig
+from tasks.stages.catalogue import STAGES, TRAINING, Stage
+from tasks.stages.sft import SftStage
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 BASE_REF = "base"
@@ -160,7 +160,7 @@ def validate_config(raw: dict[str, Any], path: Path) -> tuple[PipelineConfig, Pa
     except ValidationError as e:
         raise TuneryError(f"{path}: " + "; ".join(_describe(err) for err in e.errors())) from None
     if cfg.eval.general not in (None, "default"):
-        from tasks.general import load_suite
+        from tasks.evaluate.general import load_suite
 
         suite = Path(cfg.eval.general)
         cfg.eval.general = str(suite if suite.is_absolute() else path.resolve().parent / suite)

@@ -6,11 +6,11 @@ import registry
 from core.errors import TuneryError
 from flows.inputs import adapter_base, model_folder
 from flows.run import measure
-from tasks.prep import PreparedData
-from tasks.evaluation import EvalConfig, evaluate
-from tasks.general import drop_points
-from tasks.judge import rates
-from tasks.judge import run_judge as judge
+from tasks.data.prep import PreparedData
+from tasks.evaluate.evaluation import EvalConfig, evaluate
+from tasks.evaluate.general import drop_points
+from tasks.evaluate.judge import rates
+from tasks.evaluate.judge import run_judge as judge
 
 
 def run_eval(version: registry.Version, data: PreparedData, eval_cfg: EvalConfig, own: bool = True
@@ -37,8 +37,8 @@ def run_eval(version: registry.Version, data: PreparedData, eval_cfg: EvalConfig
 
 
 def run_judge(version: registry.Version, cfg, eval_data_hash: str) -> dict[str, float]:
-    """The judge's verdicts on the version's held-out answers against its first parent's (tasks.judge), recorded;
-    returns the `judge_*` rates (nothing when it has no parent or the parent has no answers on this data)."""
+    """The judge's verdicts on the version's held-out answers against its first parent's (tasks.evaluate.judge),
+    recorded; returns the `judge_*` rates (nothing when it has no parent or the parent has no answers on this data)."""
     if not version.parents:
         return {}
     mine = registry.get_answers(version.version, "hf", eval_data_hash)

@@ -9,10 +9,10 @@ from typing import Any
 import registry
 from core.home import atomic_dir, home, home_relative
 from flows.config import PipelineConfig, load_config
-from tasks.merge import merge_adapter
+from tasks.data.prep import PreparedData, PrepConfig, prepare
 from tasks.models import DEFAULT_BASE, DEFAULT_NAME, check_model_folder, resolve_base_model
-from tasks.prep import PrepConfig, PreparedData, prepare
-from tasks.training import QuantizationConfig
+from tasks.stages.merge import merge_adapter
+from tasks.train.settings import QuantizationConfig
 
 
 def run_prep(cfg: PipelineConfig, config_dir: Path, base_path: str | None = None,

@@ -217,7 +217,8 @@ def pipeline(config_path: str) -> dict[str, Any]:
             logger.info(f"{v.version} reused: its inputs are unchanged since flow run {v.flow_run_id}")
     rows = [{"version": v.version, "stage": v.stage, "parents": ", ".join(v.parents),
              "this run": "reused" if i and v.flow_run_id != this_run else ("base" if not i else "trained"),
-             **{k: round(m.get(k, float("nan")), 3) for k in metric_catalogue.headline()}} for i, (v, m) in enumerate(results)]
+             **{k: round(m.get(k, float("nan")), 3) for k in metric_catalogue.headline()}}
+            for i, (v, m) in enumerate(results)]
     create_table_artifact(key=_key(cfg.name, "summary"), table=rows, description="every version of this run")
     create_link_artifact(key=_key(cfg.name, "dashboard"), link=dashboard_url(previous.version),
                          link_text=f"{previous.version} in the tunery dashboard",

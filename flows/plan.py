@@ -2,8 +2,8 @@
 
 `plan_stage` has no side effects: it reads the config, the registry and the data files, and writes nothing (no
 prepared dataset, no registered teacher, no row). The stage itself says what it reads beyond its start and where
-its data comes from (its `plan` hook, tasks/stage.py); this module knows no stage kind. The flow computes the plan
-once, uses its fingerprint as the Prefect cache key, and hands the plan to the task that runs it
+its data comes from (its `plan` hook, tasks/stages/stage.py); this module knows no stage kind. The flow computes the
+plan once, uses its fingerprint as the Prefect cache key, and hands the plan to the task that runs it
 (`flows.run.run_planned`).
 
 The fingerprint covers everything that changes a stage's result: its settings, the hash of the data it trains
@@ -26,8 +26,8 @@ from core.errors import TuneryError
 from core.files import sha256_json
 from flows.config import BASE_REF, PipelineConfig
 from tasks.common import resolve_device
-from tasks.prep import PreparedData, prepare
-from tasks.stage import StagePlan
+from tasks.data.prep import PreparedData, prepare
+from tasks.stages.stage import StagePlan
 
 ROOT = Path(__file__).resolve().parent.parent
 # The libraries whose versions change what a stage or an evaluation computes.
@@ -35,10 +35,9 @@ RESULT_LIBRARIES = ("torch", "transformers", "peft", "trl", "mergekit", "llama_c
                     "datasets", "tokenizers")
 
 
-# What only measures a result: the evaluation, its scores, suites and judge, a kind's own measurements (distill),
-# and the metric modules. Left out of the training fingerprint.
-MEASURING = ("tasks/evaluation.py", "tasks/scores.py", "tasks/general.py", "tasks/judge.py",
-             "tasks/distill/measure.py", "metrics/")
+# What only measures a result: the evaluation room (perplexity, answers, scores, the suite, the judge), a kind's own
+# measurements (distill) and the metric modules. Left out of the training fingerprint.
+MEASURING = ("tasks/evaluate/", "tasks/stages/distill/measure.py", "metrics/")
 # The flow code that runs a stage and what it reads (the rest of flows/ only wires, plans and shows).
 RUNNING = ("flows/run.py", "flows/inputs.py")
 
@@ -106,7 +105,7 @@ def resolve_ref(ref: str, done: dict[str, registry.Version]) -> registry.Version
 
 @dataclasses.dataclass(frozen=True)
 class Planner:
-    """What a stage's `plan` hook may ask (tasks.stage.Planner): references resolved, nothing written."""
+    """What a stage's `plan` hook may ask (tasks.stages.stage.Planner): references resolved, nothing written."""
 
     config_dir: Path
     start: registry.Version

@@ -21,15 +21,15 @@ from core.home import artifacts_dir, atomic_dir, home
 from flows.config import PipelineConfig
 from flows.inputs import adapter_base, local_model, model_folder, run_prep
 from flows.plan import PlannedStage, plan_stage, trained_on
-from tasks.catalogue import STAGES
 from tasks.common import StageResult
-from tasks.prep import PreparedData
-from tasks.stage import Job, StageFields
+from tasks.data.prep import PreparedData
+from tasks.stages.catalogue import STAGES
+from tasks.stages.stage import Job, StageFields
 
 
 @dataclasses.dataclass(frozen=True)
 class RegistryContext:
-    """tasks.stage.Context over the registry: what a stage may ask of the flow while it prepares, runs and
+    """tasks.stages.stage.Context over the registry: what a stage may ask of the flow while it prepares, runs and
     measures."""
 
     device: str = "auto"

@@ -199,8 +199,8 @@ def run_trial(config_path: str, sweep_id: str, trial: int, values: dict[str, Any
     of the last version. Recorded in the registry whatever happens; returns the trial's row."""
     from flows.evaluate import run_eval
     from flows.inputs import run_base, run_prep
-    from flows.run import run_planned
     from flows.plan import plan_stage
+    from flows.run import run_planned
 
     began = time.perf_counter()
     run_id = str(flow_run.get_id() or "")

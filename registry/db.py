@@ -24,15 +24,13 @@ import re
 import threading
 import time
 from contextlib import ExitStack, contextmanager
-from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from core.errors import RegistryBusy, TuneryError
 from core.home import registry_path
-from registry import dialect
+from registry.schema import Connection, apply_migration, pending_migrations, migrate
 
 LOCK_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0)  # DuckDB's own lock, held by a process outside
 LINGER_S = 0.05    # DuckDB: keep the file open this long after an operation, for the process's next one
@@ -40,16 +38,6 @@ HOLD_S = 0.15      # DuckDB: hand the file over at the end of an operation once 
 HANDOVER_S = 0.01  # DuckDB: after handing the file over, wait this long before asking for it again
 WAIT_S = 120.0     # DuckDB: give up (RegistryBusy) after waiting this long for a turn
 MIGRATION_LOCK = 7_245_021  # PostgreSQL advisory lock id: one process migrates at a time
-
-
-def migrations() -> list[tuple[int, str, str]]:
-    """The numbered migrations shipped in registry/migrations, in order: (id, name, sql)."""
-    found = []
-    for entry in resources.files("registry.migrations").iterdir():
-        match = re.match(r"^(\d+)_(\w+)\.sql$", entry.name)
-        if match:
-            found.append((int(match.group(1)), match.group(2), entry.read_text()))
-    return sorted(found)
 
 
 def registry_url() -> str | None:
@@ -86,33 +74,6 @@ def exists() -> bool:
     return bool(registry_url()) or registry_path().exists()
 
 
-class Connection:
-    """One driver connection with the registry's SQL dialect: `execute` and `executemany` take DuckDB SQL with `?`
-    placeholders and return a cursor (fetchone, fetchall, description)."""
-
-    def __init__(self, raw: Any, name: str):
-        self.raw, self.dialect = raw, name
-
-    def execute(self, sql: str, params: Any = None):
-        if self.dialect == "duckdb":
-            return self.raw.execute(sql) if params is None else self.raw.execute(sql, params)
-        return self.raw.execute(dialect.sql(sql, self.dialect, placeholders=params is not None), params)
-
-    def executemany(self, sql: str, rows: list) -> None:
-        if self.dialect == "duckdb":
-            self.raw.executemany(sql, rows)
-        else:
-            with self.raw.cursor() as cursor:
-                cursor.executemany(dialect.sql(sql, self.dialect), rows)
-
-
-def _statements(number: int, sql: str, name: str) -> list[str]:
-    try:
-        return dialect.statements(sql, name)
-    except ValueError as e:
-        raise TuneryError(f"migration {number}: {e}") from None
-
-
 # ---------------------------------------------------------------- DuckDB
 
 
@@ -136,37 +97,6 @@ def _open(path: Path):
                 raise RegistryBusy(f"{path}: the registry is locked by another process; try again") from None
             time.sleep(delay)
     raise AssertionError("unreachable: the last attempt returns or raises")
-
-
-def _pending(con) -> list[tuple[int, str, str]]:
-    """The shipped migrations this registry has not applied yet (creating its `_migrations` table if missing)."""
-    con.execute("CREATE TABLE IF NOT EXISTS _migrations (id INTEGER PRIMARY KEY, name VARCHAR, applied_utc TIMESTAMP)")
-    done = {row[0] for row in con.execute("SELECT id FROM _migrations").fetchall()}
-    return [m for m in migrations() if m[0] not in done]
-
-
-def _apply(con, migration: tuple[int, str, str]) -> None:
-    """Run one migration's statements for this connection's database and record it (inside a transaction)."""
-    number, name, sql = migration
-    for statement in _statements(number, sql, con.dialect):
-        con.execute(statement)
-    con.execute("INSERT INTO _migrations VALUES (?, ?, ?)", [number, name, utcnow()])
-
-
-def migrate(con) -> list[int]:
-    """Apply the migrations this DuckDB registry has not seen, each in its own transaction; return their ids."""
-    con = Connection(con, "duckdb")
-    applied = []
-    for migration in _pending(con):
-        con.execute("BEGIN TRANSACTION")
-        try:
-            _apply(con, migration)
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
-        applied.append(migration[0])
-    return applied
 
 
 def _try_lock(fd: int) -> bool:
@@ -349,11 +279,11 @@ class _Postgres:
         """All pending migrations in one transaction, one process at a time (an advisory lock); nothing to lock
         when every migration is there already."""
         with con.raw.transaction():
-            if con.execute("SELECT to_regclass('_migrations') IS NOT NULL").fetchone()[0] and not _pending(con):
+            if con.execute("SELECT to_regclass('_migrations') IS NOT NULL").fetchone()[0] and not pending_migrations(con):
                 return
             con.execute("SELECT pg_advisory_xact_lock(?)", [MIGRATION_LOCK])
-            for migration in _pending(con):
-                _apply(con, migration)
+            for migration in pending_migrations(con):
+                apply_migration(con, migration)
 
     @contextmanager
     def lease(self, reader: bool) -> Iterator[Connection]:
@@ -454,5 +384,3 @@ os.register_at_fork(after_in_child=_forget_in_child)
 atexit.register(release)
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)

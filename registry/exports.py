@@ -7,7 +7,8 @@ from dataclasses import replace
 from typing import Any
 
 from core.errors import TuneryError
-from registry.db import connect, utcnow
+from registry.db import connect
+from registry.schema import utcnow
 from registry.records import Alias, Check, Export, Promotion, Version, decode_row, encoded, select_list
 from registry.store import _require
 

@@ -24,7 +24,7 @@ class VersionInfo(TypedDict, total=False):
     source: str                   # base versions: the model as the config named it
     method: str                   # training: full | lora | qlora | spectrum
     start_folder: str             # the model folder training started from
-    health: dict[str, dict]       # training: verdicts of tasks.health (name -> {ok, detail})
+    health: dict[str, dict]       # training: verdicts of tasks.train.health (name -> {ok, detail})
     spectrum: dict[str, Any]      # spectrum: the matrices trained and every matrix's score
     merge: str                    # merge: the method
     mergekit_config: str          # merge with mergekit: the config as run

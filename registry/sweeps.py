@@ -6,7 +6,8 @@ import socket
 from typing import Any
 
 from core.errors import TuneryError
-from registry.db import connect, utcnow
+from registry.db import connect
+from registry.schema import utcnow
 
 
 def create_sweep(sweep_id: str, name: str, config: str, method: str, metric: str, direction: str,

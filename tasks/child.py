@@ -1,6 +1,6 @@
 """Work in a child process: the parent writes a JSON spec, runs `python -m MODULE SPEC OUT` (or that under a
 launcher such as torchrun), and reads the JSON the child wrote to OUT. Used where a fresh process matters: an
-evaluation (a clean peak-memory reading) and a training stage on several processes (`tasks.launched`).
+evaluation (a clean peak-memory reading) and a training stage on several processes (`tasks.train.launched`).
 
 The child runs in its own process group, so when the parent is interrupted (Ctrl-C, SIGTERM) the whole group,
 launcher workers included, is killed instead of left running. A TuneryError in the child comes back as the same

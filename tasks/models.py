@@ -115,7 +115,7 @@ def load_model(path: str, device: str = "cpu", precision: str = "fp32", quantiza
                adapter: str | None = None, merge: bool = False):
     """Load a causal LM (optionally 4/8-bit, optionally with a LoRA adapter) onto `device` for training or eval.
 
-    `quantization` is a QuantizationConfig (tasks.training) or None. With `merge`, the adapter is folded into the
+    `quantization` is a QuantizationConfig (tasks.train.training) or None. With `merge`, the adapter is folded into the
     weights, which is how a version is served. Raises TuneryError when the weights cannot be loaded.
     """
     from transformers import AutoModelForCausalLM

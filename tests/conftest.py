@@ -60,7 +60,7 @@ def tiny_gguf(tiny_model_dir, tmp_path_factory):
     checks the conversion itself)."""
     import shutil
 
-    from tasks.convert import write_gguf
+    from tasks.export.convert import write_gguf
 
     made: dict[str, Path] = {}
 
@@ -175,7 +175,7 @@ def garden_rows() -> list[dict]:
 @pytest.fixture
 def prepared(tmp_path, garden_rows, tiny_model_dir):
     """A prepared dataset (StageResult) of the 24 garden examples, split 20/4."""
-    from tasks.prep import PrepConfig, prepare
+    from tasks.data.prep import PrepConfig, prepare
 
     write_jsonl(tmp_path / "garden.jsonl", garden_rows)
     return prepare(PrepConfig(train=["garden.jsonl"], val_fraction=0.15), tmp_path, str(tiny_model_dir))

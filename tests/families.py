@@ -154,8 +154,8 @@ def taught(name: str, work: Path) -> Path:
     stops). Returns the trained model folder."""
     import os
 
-    from tasks.prep import PrepConfig, prepare
-    from tasks.sft import SftConfig, train_sft
+    from tasks.data.prep import PrepConfig, prepare
+    from tasks.stages.sft import SftConfig, train_sft
 
     base = build(name, work / "random")
     system = [{"role": "system", "content": "You are Fern, a gardener."}] if FAMILIES[name].system_role else []

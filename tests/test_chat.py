@@ -12,8 +12,8 @@ import pytest
 
 import registry
 from flows import promotion
-from tasks.evaluation import EvalConfig
-from tasks.export import ExportConfig, GateConfig
+from tasks.evaluate.evaluation import EvalConfig
+from tasks.export.settings import ExportConfig, GateConfig
 
 EXPORT = ExportConfig(quant="f32", heldout_rows=4, max_new_tokens=8, answer_tokens=8, window=256)
 ANSWERED = re.compile(r"\[(\d+) tokens, ([\d.]+) tokens/s\]")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 import registry
-from conftest import REPO
 
 TUNERY = str(Path(os.sys.executable).parent / "tunery")
 

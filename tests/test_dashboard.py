@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, free_port
 
 import registry
-from conftest import REPO, free_port
 
 PAGES = REPO / "dashboard" / "views"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -246,6 +246,7 @@ def test_lineage_page_draws_merges_with_every_parent(filled):
 def test_promote_and_rollback_from_the_version_page(tiny_model_dir, tmp_path, garden_rows):
     """The page's buttons run the CLI's code: a promotion with its gate verdicts, then a rollback that is refused."""
     from conftest import write_jsonl
+
     from flows.inputs import load_with_data
 
     write_jsonl(tmp_path / "garden.jsonl", garden_rows)

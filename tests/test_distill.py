@@ -15,11 +15,11 @@ import registry
 from core.errors import TuneryError
 from flows import inputs, plan, run
 from flows.config import BASE_REF, load_config
-from tasks.distill.settings import (Answer, DistillModelConfig, DistillPromptConfig, distill_rows, prompt_tokens_saved,
-                                    settle, teacher_contexts)
-from tasks.distill.teacher import gguf_teacher_answers, make_dataset, teacher_answers, teacher_gguf
+from tasks.data.prep import load_prepared
 from tasks.models import conversation, load_model, load_tokenizer, prompt_ids, repeated_ngram_ends
-from tasks.prep import load_prepared
+from tasks.stages.distill.settings import (Answer, DistillModelConfig, DistillPromptConfig, distill_rows,
+                                           prompt_tokens_saved, settle, teacher_contexts)
+from tasks.stages.distill.teacher import gguf_teacher_answers, make_dataset, teacher_answers, teacher_gguf
 
 PERSONA = ("You are Fern, a friendly gardening helper. Answer in two short sentences, mention the season when it "
            "matters, and end with 'Happy growing!'. Never recommend chemical pesticides.")
@@ -37,8 +37,8 @@ def chatty(tiny_model_dir, tmp_path_factory):
 
     from conftest import REPO
 
-    from tasks.prep import PrepConfig, prepare
-    from tasks.sft import SftConfig, train_sft
+    from tasks.data.prep import PrepConfig, prepare
+    from tasks.stages.sft import SftConfig, train_sft
 
     folder = tmp_path_factory.mktemp("garden")
     (folder / "garden.jsonl").write_text((REPO / "data/demo/garden_chat.jsonl").read_text())
@@ -69,7 +69,7 @@ def test_batched_teacher_answers_equal_one_at_a_time_greedy(chatty):
 def test_llama_cpp_teacher_answers_equal_hf_on_an_f32_export(chatty, tmp_path, monkeypatch):
     from llama_cpp import Llama
 
-    from tasks.convert import write_gguf
+    from tasks.export.convert import write_gguf
 
     gguf = write_gguf(chatty, tmp_path / "tiny.gguf", "f32")
     model, tok = load_model(str(chatty)), load_tokenizer(str(chatty))
@@ -271,7 +271,7 @@ def test_demo_persona_on_smollm2_is_learned_without_its_prompt(tmp_path, smollm2
     saving is the persona's tokens, and the student moves towards the teacher's held-out answers."""
     from conftest import REPO
 
-    from tasks.prep import load_prepared
+    from tasks.data.prep import load_prepared
 
     cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     stage = cfg["stages"][0]

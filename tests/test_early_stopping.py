@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from conftest import chat, write_jsonl
 
 CROPS = ["apple", "bean", "carrot", "daisy", "endive", "fig", "garlic", "hop", "iris", "kale", "leek", "mint",
@@ -16,7 +15,7 @@ CROPS = ["apple", "bean", "carrot", "daisy", "endive", "fig", "garlic", "hop", "
 def contradicting(tmp_path):
     """Training answers say yes; the held-out answers to the same kind of question say no: the more the model
     learns, the worse its validation loss gets after the shared format is learned."""
-    from tasks.prep import PrepConfig, prepare
+    from tasks.data.prep import PrepConfig, prepare
 
     write_jsonl(tmp_path / "train.jsonl", [chat(f"Is {c} good?", f"Yes, {c} is good.") for c in CROPS])
     write_jsonl(tmp_path / "held.jsonl", [chat(f"Is {c} good?", f"No, {c} is bad.")
@@ -26,10 +25,10 @@ def contradicting(tmp_path):
 
 
 def test_training_stops_after_patience_and_keeps_the_best_checkpoint(tmp_path, tiny_model_dir, contradicting):
-    from tasks.evaluation import perplexity
+    from tasks.data.prep import load_prepared
+    from tasks.evaluate.evaluation import perplexity
     from tasks.models import load_model, load_tokenizer
-    from tasks.prep import load_prepared
-    from tasks.sft import SftConfig, train_sft
+    from tasks.stages.sft import SftConfig, train_sft
 
     config = SftConfig(max_steps=40, batch_size=4, learning_rate=2e-2, eval_steps=1, patience=2, max_length=64,
                        warmup_ratio=0, lr_scheduler="constant")
@@ -56,7 +55,7 @@ def test_training_stops_after_patience_and_keeps_the_best_checkpoint(tmp_path, t
 
 
 def test_patience_needs_eval_steps():
-    from tasks.sft import SftConfig
+    from tasks.stages.sft import SftConfig
 
     with pytest.raises(ValueError, match="patience needs eval_steps"):
         SftConfig(patience=2)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import REPO
 
-from tasks.evaluation import EvalConfig, evaluate, latency, perplexity
+from tasks.data.prep import load_prepared
+from tasks.evaluate.evaluation import EvalConfig, evaluate, latency, perplexity
 from tasks.models import encode_chat, load_model, load_tokenizer
-from tasks.prep import load_prepared
 
 
 def direct_perplexity(model, tokenizer, rows, window):
@@ -58,7 +58,7 @@ def test_perplexity_equals_direct_token_weighted_computation(tiny_model_dir, pre
 def test_perplexity_is_a_local_evaluate_metric(tiny_model_dir):
     import evaluate
 
-    from tasks.evaluation import METRIC_DIR
+    from tasks.evaluate.evaluation import METRIC_DIR
 
     texts = ["Water tomatoes deeply two or three times a week.", "Mulch keeps the soil cool. " * 30]
     metric = evaluate.load(str(METRIC_DIR))
@@ -127,8 +127,8 @@ def test_categories_add_up_and_samples_are_stripped(tiny_model_dir, tmp_path):
     """Per-category perplexities are token-weighted parts of the overall one; answers carry no template tokens."""
     from conftest import write_jsonl
 
-    from tasks.evaluation import measure
-    from tasks.prep import PrepConfig, prepare
+    from tasks.data.prep import PrepConfig, prepare
+    from tasks.evaluate.evaluation import measure
 
     rows = []
     for i, r in enumerate(json.loads(line) for line in
@@ -157,7 +157,7 @@ def test_categories_add_up_and_samples_are_stripped(tiny_model_dir, tmp_path):
 
 
 def test_strip_answer_removes_template_residue(tiny_model_dir):
-    from tasks.evaluation import strip_answer
+    from tasks.evaluate.evaluation import strip_answer
 
     tok = load_tokenizer(str(tiny_model_dir))
     ids = tok("Plant them deep.<|im_end|>\n<|im_start|>user\nmore")["input_ids"]
@@ -166,8 +166,8 @@ def test_strip_answer_removes_template_residue(tiny_model_dir):
 
 
 def test_adapter_versions_are_timed_in_both_forms(tiny_model_dir, prepared, tmp_path):
-    from tasks.evaluation import measure
-    from tasks.sft import SftConfig, train_sft
+    from tasks.evaluate.evaluation import measure
+    from tasks.stages.sft import SftConfig, train_sft
 
     train_sft(SftConfig(max_steps=1, batch_size=4, max_length=128), str(tiny_model_dir), prepared.artifact_path,
               tmp_path / "a", "cpu")

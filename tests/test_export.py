@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from core.errors import TuneryError
-from tasks.convert import write_gguf
+from tasks.export.convert import write_gguf
 from tasks.models import load_model, load_tokenizer
 
 
@@ -66,7 +66,7 @@ def _checks(found: list[dict]) -> dict[str, dict]:
 def test_llama_cpp_reproduces_a_tiny_f32_export(tiny_model_dir, tiny_gguf, tmp_path, prepared):
     """llama.cpp loads the tiny export, tokenizes like HF, gives HF's greedy tokens and (F32) its distributions."""
     from flows.promotion import heldout_examples
-    from tasks import verify
+    from tasks.export import distribution, verify
     from tasks.models import prompt_ids
 
     path = tiny_gguf("f32", tmp_path)
@@ -80,7 +80,7 @@ def test_llama_cpp_reproduces_a_tiny_f32_export(tiny_model_dir, tiny_gguf, tmp_p
         assert greedy["passed"] and greedy["value"] == 2, greedy
     finally:
         llm.close()
-    found = _checks(verify.distribution_checks(path, load_model(str(tiny_model_dir)),
+    found = _checks(distribution.distribution_checks(path, load_model(str(tiny_model_dir)),
                                                heldout_examples(tok, prepared, 4), 256))
     assert found["mean_kl"]["value"] < 1e-4
     assert found["perplexity"]["value"] == pytest.approx(found["perplexity_hf"]["value"], rel=1e-3)
@@ -89,13 +89,13 @@ def test_llama_cpp_reproduces_a_tiny_f32_export(tiny_model_dir, tiny_gguf, tmp_p
 def test_quantized_tiny_export_is_measured_not_matched(tiny_model_dir, tiny_gguf, tmp_path, prepared):
     """Q8_0 of the tiny model: a real KL above zero, perplexity near fp32's, recorded rather than asserted equal."""
     from flows.promotion import heldout_examples
-    from tasks import verify
+    from tasks.export import distribution, verify
 
     f16 = tiny_gguf("f16", tmp_path)
     q8 = verify.quantize(f16, tmp_path / "tiny-q8_0.gguf", "q8_0")
     assert q8.stat().st_size < f16.stat().st_size
     tok = load_tokenizer(str(tiny_model_dir))
-    found = _checks(verify.distribution_checks(q8, load_model(str(tiny_model_dir)),
+    found = _checks(distribution.distribution_checks(q8, load_model(str(tiny_model_dir)),
                                                heldout_examples(tok, prepared, 4), 256))
     assert 0 < found["mean_kl"]["value"] < 0.05
     assert found["perplexity"]["value"] == pytest.approx(found["perplexity_hf"]["value"], rel=0.05)
@@ -104,7 +104,7 @@ def test_quantized_tiny_export_is_measured_not_matched(tiny_model_dir, tiny_gguf
 
 
 def test_a_corrupt_gguf_is_named_with_llama_cpp_s_reason(tiny_model_dir, tiny_gguf, tmp_path):
-    from tasks import verify
+    from tasks.export import verify
 
     path = tiny_gguf("f32", tmp_path)
     path.write_bytes(path.read_bytes()[:100_000])
@@ -116,8 +116,8 @@ def test_a_corrupt_gguf_is_named_with_llama_cpp_s_reason(tiny_model_dir, tiny_gg
 def test_llama_cpp_matches_hf_on_the_smollm2_f16_export(smollm2_dir, tmp_path):
     """The packaged SmolLM2 as F16 GGUF: llama.cpp tokenizes like HF (unicode, whitespace, special tokens) and
     gives HF's greedy tokens on chat prompts."""
-    from tasks import verify
-    from tasks.modelfile import SAMPLE_CONVERSATIONS, chat_frames, hf_render
+    from tasks.export.modelfile import SAMPLE_CONVERSATIONS, chat_frames, hf_render
+    from tasks.export import verify
     from tasks.models import prompt_ids
 
     path = write_gguf(smollm2_dir, tmp_path / "smollm2-f16.gguf", "f16")
@@ -143,7 +143,7 @@ def test_loads_compares_the_vocabulary_token_for_token(tiny_model_dir, tmp_path)
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from tasks import verify
+    from tasks.export import verify
 
     tok = load_tokenizer(str(tiny_model_dir))
     padded = tmp_path / "padded"
@@ -170,7 +170,7 @@ def test_loads_compares_the_vocabulary_token_for_token(tiny_model_dir, tmp_path)
 
 def test_repeat_penalty_decoding_is_llama_cpp_s_own(tiny_model_dir, tiny_gguf, tmp_path):
     """greedy_ids with a repeat penalty picks the tokens llama.cpp's penalties sampler picks (temperature 0)."""
-    from tasks import verify
+    from tasks.export import verify
 
     path = tiny_gguf("f32", tmp_path)
     llm = verify.open_gguf(path, threads=2)
@@ -198,7 +198,7 @@ def test_greedy_parts_only_at_a_near_tie_or_it_fails_with_the_gap(tiny_model_dir
     import torch
     from safetensors.torch import load_file, save_file
 
-    from tasks import verify
+    from tasks.export import verify
     from tasks.models import prompt_ids
 
     shutil.copytree(tiny_model_dir, tmp_path / "other")
@@ -224,8 +224,8 @@ def test_greedy_parts_only_at_a_near_tie_or_it_fails_with_the_gap(tiny_model_dir
 
 
 def test_answers_are_decoded_with_the_modelfile_s_repeat_penalty(tiny_model_dir, tiny_gguf, tmp_path):
-    from tasks import verify
-    from tasks.modelfile import chat_frames, go_template
+    from tasks.export.modelfile import chat_frames, go_template
+    from tasks.export import verify
 
     tok = load_tokenizer(str(tiny_model_dir))
     template = go_template(chat_frames(tok))
@@ -248,7 +248,7 @@ def test_the_pre_tokenizer_is_read_from_tokenizer_json_and_an_unknown_one_is_nam
     import json
     import shutil
 
-    from tasks.convert import convert
+    from tasks.export.convert import convert
 
     found = convert(tiny_model_dir, tmp_path / "tiny.gguf", "f32")
     assert found["architecture"] == "LlamaForCausalLM"

@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-import registry
 from conftest import write_jsonl
 from families import FAMILIES, build, taught
+
+import registry
 
 PROMPTS = ["How often should I water basil?", "What can I plant in autumn?"]
 
@@ -54,11 +54,11 @@ def test_each_family_trains_merges_and_exports_with_every_check_passing(name, ta
     the Modelfile's TEMPLATE derived from the family's chat template with a SYSTEM prompt, and every check passes:
     the template renders like HF, the vocabulary and tokens match, greedy F16 == HF, answers stop, context fits."""
     from flows import promotion
-    from tasks.evaluation import EvalConfig
-    from tasks.export import ExportConfig
-    from tasks.merge import merge_adapter
-    from tasks.prep import PrepConfig, prepare
-    from tasks.sft import SftConfig, train_sft
+    from tasks.data.prep import PrepConfig, prepare
+    from tasks.evaluate.evaluation import EvalConfig
+    from tasks.export.settings import ExportConfig
+    from tasks.stages.merge import merge_adapter
+    from tasks.stages.sft import SftConfig, train_sft
 
     family = FAMILIES[name]
     start = taught_dirs(name)
@@ -94,8 +94,8 @@ def test_sentencepiece_tokens_equal_hf_and_the_dummy_prefix_is_named_not_hidden(
     """Gemma's SentencePiece has no dummy prefix: every text is identical. Mistral's adds one before leading
     whitespace, which llama.cpp writes and HF's fast tokenizer does not: named as such. A wrong vocabulary still
     fails."""
-    from tasks import verify
-    from tasks.convert import convert
+    from tasks.export.convert import convert
+    from tasks.export import verify
     from tasks.models import load_tokenizer
 
     gemma, mistral = family_dirs("gemma2"), family_dirs("mistral")

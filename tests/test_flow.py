@@ -212,7 +212,7 @@ def test_a_flow_that_failed_at_a_stage_resumes_there(prefect_server, tmp_path, t
 
 def test_a_stopped_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, garden_rows, tunery_home,
                                                              monkeypatch):
-    import tasks.training as training
+    import tasks.train.training as training
 
     cfg, config_dir = load_config(tiny_config(tmp_path, tiny_model_dir, garden_rows, max_steps=6, save_steps=2))
     base = inputs.run_base(cfg, config_dir)

@@ -5,8 +5,8 @@ import pytest
 
 import registry
 from core.errors import TuneryError
-from tasks import health
-from tasks.sft import SftConfig, train_sft
+from tasks.stages.sft import SftConfig, train_sft
+from tasks.train import health
 
 FAST = {"batch_size": 4, "max_length": 128, "learning_rate": 5e-3}
 
@@ -57,7 +57,8 @@ def _poison(monkeypatch, kind: str, clean_steps: int) -> dict[str, int]:
     - "nan loss": the final norm's output (every forward path, trl's fused head included) turns NaN;
     - "inf loss": the trainer's loss is multiplied by infinity;
     - "nan grad norm": the loss stays finite but the gradient flowing back from the final norm turns NaN."""
-    from tasks import sft, training
+    from tasks.stages import sft
+    from tasks.train import training
 
     seen = {"forward": 0, "backward": 0}
     real_model, real_trainer = training.trainable_model, sft.scored_sft_trainer

@@ -51,7 +51,7 @@ def _answers(texts: list[str]) -> list[dict]:
 
 
 def test_win_rate_and_agreement_equal_the_planted_outcome(stand_in):
-    from tasks.judge import JudgeConfig, rates, run_judge
+    from tasks.evaluate.judge import JudgeConfig, rates, run_judge
 
     # The version says yes on prompts 0-2 (wins), the parent on prompt 3 (a loss); on prompt 4 both do, so the
     # stand-in names A both times: each order favours the other side, a tie by disagreement.
@@ -72,7 +72,7 @@ def test_win_rate_and_agreement_equal_the_planted_outcome(stand_in):
 
 
 def test_replies_without_a_letter_count_as_ties():
-    from tasks.judge import first_letter, judge_pairs
+    from tasks.evaluate.judge import first_letter, judge_pairs
 
     assert first_letter("B is better") == "B" and first_letter("I cannot decide") == "C"
     verdicts = judge_pairs(lambda q: "C", _answers(["a"]), _answers(["b"]))
@@ -81,7 +81,7 @@ def test_replies_without_a_letter_count_as_ties():
 
 def test_an_unreachable_endpoint_is_named():
     from core.errors import TuneryError
-    from tasks.judge import JudgeConfig, run_judge
+    from tasks.evaluate.judge import JudgeConfig, run_judge
 
     with pytest.raises(TuneryError, match=r"judging with http://127.0.0.1:9/v1 failed: judge endpoint "):
         run_judge(JudgeConfig(model="http://127.0.0.1:9/v1", timeout_s=5), _answers(["a"]), _answers(["b"]))
@@ -120,7 +120,7 @@ def test_smollm2_judges_a_pipeline_run_end_to_end(tmp_path, tiny_model_dir, smol
 def test_a_local_gguf_judges_through_its_own_chat_template(tiny_gguf, tmp_path):
     """A .gguf judge: llama.cpp reads the question through the chat template the file carries and answers with the
     likeliest of A, B and C; the verdicts are deterministic, so asking again gives the same ones."""
-    from tasks.judge import JudgeConfig, rates, run_judge
+    from tasks.evaluate.judge import JudgeConfig, rates, run_judge
 
     judge = JudgeConfig(model=str(tiny_gguf("f32", tmp_path)))
     assert judge.kind == "gguf"

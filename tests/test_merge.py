@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.errors import TuneryError
-from tasks.merge import MergeConfig, merge_adapter, merge_models
 from tasks.models import load_model
-from tasks.sft import SftConfig, train_sft
+from tasks.stages.merge import MergeConfig, merge_adapter, merge_models
+from tasks.stages.sft import SftConfig, train_sft
 
 FAST = {"max_steps": 4, "batch_size": 4, "learning_rate": 2e-2, "warmup_ratio": 0.0, "lr_scheduler": "constant",
         "max_length": 128}

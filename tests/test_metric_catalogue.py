@@ -49,8 +49,8 @@ def test_names_inherit_their_family_and_the_exported_form():
 
 def test_every_score_and_every_evaluation_metric_is_declared(tiny_model_dir, prepared):
     """What the evaluation of a tiny model records, and every answer scorer, has a catalogue entry."""
-    from tasks.evaluation import EvalConfig, measure
-    from tasks.scores import SCORERS
+    from tasks.evaluate.evaluation import EvalConfig, measure
+    from tasks.evaluate.scores import SCORERS
 
     assert all(catalogue.lookup(f"answer_{name}") for name in SCORERS)
     metrics, _, _ = measure(str(tiny_model_dir), prepared.artifact_path,
@@ -64,7 +64,7 @@ def test_every_score_and_every_evaluation_metric_is_declared(tiny_model_dir, pre
 def with_new_metric(monkeypatch, tmp_path):
     """The new metric's two pieces: its line in a copy of core/metrics.yaml, and its computation (an answer
     scorer). Returns a copy of core/ holding that catalogue, for processes of their own."""
-    from tasks import scores
+    from tasks.evaluate import scores
 
     code = tmp_path / "code"
     shutil.copytree(REPO / "core", code / "core", ignore=shutil.ignore_patterns("__pycache__"))
@@ -78,7 +78,7 @@ def with_new_metric(monkeypatch, tmp_path):
 
 def _registered(tiny_model_dir) -> tuple[str, str, str]:
     """A base and two fine-tunes whose held-out answers were scored by every scorer (the new one included)."""
-    from tasks.scores import answer_scores
+    from tasks.evaluate.scores import answer_scores
 
     base = registry.create_version("tiny", "base", base_model="tiny")
     registry.finish_version(base, str(tiny_model_dir))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from core.errors import TuneryError
-from tasks.modelfile import (SAMPLE_CONVERSATIONS, chat_frames, go_template, hf_render, parse_modelfile, render_go,
-                             render_modelfile, stop_tokens)
+from tasks.export.modelfile import (SAMPLE_CONVERSATIONS, chat_frames, go_template, hf_render, parse_modelfile,
+                                    render_go, render_modelfile, stop_tokens)
 from tasks.models import load_tokenizer
 
 LLAMA3 = (

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import chat, write_jsonl
 
 import registry
-from conftest import chat, write_jsonl
 from flows import plan as planning
 from flows.config import BASE_REF, load_config
 from flows.inputs import run_base, run_prep
@@ -150,8 +150,8 @@ def test_measuring_code_is_left_out_of_the_training_digest(tmp_path):
     """What a stage trains and what it measures have separate keys: a change to measuring code (metrics/, the
     evaluation, the answer scores, a kind's own measurements) changes the digest of all code, which keys the
     evaluation, and leaves the training digest, which keys the stage, as it was."""
-    files = ["tasks/train.py", "tasks/evaluation.py", "tasks/scores.py", "tasks/distill/measure.py",
-             "tasks/distill/teacher.py", "metrics/perplexity/perplexity.py"]
+    files = ["tasks/train/training.py", "tasks/evaluate/evaluation.py", "tasks/evaluate/scores.py",
+             "tasks/stages/distill/measure.py", "tasks/stages/distill/teacher.py", "metrics/perplexity/perplexity.py"]
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x = 1\n")
@@ -167,9 +167,9 @@ def test_measuring_code_is_left_out_of_the_training_digest(tmp_path):
 def test_changed_code_reruns_the_stage_and_its_evaluation_and_another_server_finds_the_cache(
         tmp_path, tiny_model_dir, garden_rows, tunery_home, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
+    from test_flow import _task_states
 
     from flows import pipeline as flow_module
-    from test_flow import _task_states
 
     config = str(_config(tmp_path, tiny_model_dir, garden_rows, [dict(SFT)],
                          eval={"prompts": ["How deep?"], "max_new_tokens": 4, "repeats": 1, "warmup": 0}))
@@ -212,8 +212,8 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from tasks.common import StageResult
-from tasks.prep import load_prepared
-from tasks.stage import StageFields, StageInputs
+from tasks.data.prep import load_prepared
+from tasks.stages.stage import StageFields, StageInputs
 
 
 class SnapshotStage(StageFields):
@@ -234,9 +234,9 @@ class SnapshotStage(StageFields):
 '''
 
 def test_a_new_stage_kind_is_one_module_and_one_catalogue_entry(tmp_path, tiny_model_dir, garden_rows, tunery_home):
-    """What docs/layout.md promises (adding a stage kind): a copy of tasks/ with tasks/snapshot.py and its entry in
-    tasks/catalogue.py, and nothing else changed, gives a config key, a CLI command that runs it, the data-kind
-    check and a registered version."""
+    """What docs/layout.md promises (adding a stage kind): a copy of tasks/ with tasks/stages/snapshot.py and its
+    entry in tasks/stages/catalogue.py, and nothing else changed, gives a config key, a CLI command that runs it, the
+    data-kind check and a registered version."""
     import json
     import subprocess
     import sys
@@ -245,11 +245,11 @@ def test_a_new_stage_kind_is_one_module_and_one_catalogue_entry(tmp_path, tiny_m
 
     shutil.copytree(REPO / "tasks", tmp_path / "code" / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "data" / "general", tmp_path / "code" / "data" / "general")  # the suite beside tasks/
-    (tmp_path / "code" / "tasks" / "snapshot.py").write_text(SNAPSHOT_KIND)
-    catalogue = tmp_path / "code" / "tasks" / "catalogue.py"
+    (tmp_path / "code" / "tasks" / "stages" / "snapshot.py").write_text(SNAPSHOT_KIND)
+    catalogue = tmp_path / "code" / "tasks" / "stages" / "catalogue.py"
     text = catalogue.read_text()
-    text = text.replace("from tasks.sft import SftStage\n", "from tasks.sft import SftStage\n"
-                                                           "from tasks.snapshot import SnapshotStage\n")
+    text = text.replace("from tasks.stages.sft import SftStage\n", "from tasks.stages.sft import SftStage\n"
+                                                                  "from tasks.stages.snapshot import SnapshotStage\n")
     text = text.replace("DistillModelStage)}", "DistillModelStage, SnapshotStage)}")
     catalogue.write_text(text)
     config = _config(tmp_path, tiny_model_dir, garden_rows, [{"stage": "snapshot", "note": "kept"}])
@@ -278,7 +278,7 @@ def test_a_new_stage_kind_is_one_module_and_one_catalogue_entry(tmp_path, tiny_m
     assert [v.version for v in registry.list_versions(name="tiny-fern")] == ["tiny-fern:1"]
 
 
-GRAFT_KIND = '''"""A `graft` stage: the start model's weights averaged with a donor version's (its own input, like a teacher)."""
+GRAFT_KIND = '''"""A `graft` stage: the start model averaged with a donor version (its own input, like a teacher)."""
 from __future__ import annotations
 
 import dataclasses
@@ -290,7 +290,7 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from tasks.common import StageResult
-from tasks.stage import StageFields, StageInputs, StagePlan
+from tasks.stages.stage import StageFields, StageInputs, StagePlan
 
 
 class GraftStage(StageFields):
@@ -336,16 +336,16 @@ def test_a_new_stage_kind_with_its_own_input_is_one_module_and_one_catalogue_ent
     import sys
 
     import torch
-    from safetensors.torch import load_file, save_file
-
     from conftest import REPO
+    from safetensors.torch import load_file, save_file
 
     shutil.copytree(REPO / "tasks", tmp_path / "code" / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "data" / "general", tmp_path / "code" / "data" / "general")
-    (tmp_path / "code" / "tasks" / "graft.py").write_text(GRAFT_KIND)
-    catalogue = tmp_path / "code" / "tasks" / "catalogue.py"
-    text = catalogue.read_text().replace("from tasks.sft import SftStage\n", "from tasks.sft import SftStage\n"
-                                                                           "from tasks.graft import GraftStage\n")
+    (tmp_path / "code" / "tasks" / "stages" / "graft.py").write_text(GRAFT_KIND)
+    catalogue = tmp_path / "code" / "tasks" / "stages" / "catalogue.py"
+    text = catalogue.read_text().replace(
+        "from tasks.stages.sft import SftStage\n",
+        "from tasks.stages.sft import SftStage\nfrom tasks.stages.graft import GraftStage\n")
     catalogue.write_text(text.replace("DistillModelStage)}", "DistillModelStage, GraftStage)}"))
     # The donor: a registered copy of the tiny model with every weight doubled.
     donor_dir = tmp_path / "donor"

@@ -7,7 +7,7 @@ import pytest
 from conftest import chat, write_jsonl
 
 from core.errors import TuneryError
-from tasks.prep import PrepConfig, content_hash, deduplicate, load_examples, load_prepared, prepare, split
+from tasks.data.prep import PrepConfig, content_hash, deduplicate, load_examples, load_prepared, prepare, split
 
 QA = chat("How deep do I plant garlic?", "Five centimetres, pointy end up.")
 
@@ -186,7 +186,7 @@ def test_data_too_small_to_split_names_the_file(tmp_path):
 
 def test_a_file_with_no_usable_rows_and_a_capped_list_of_bad_rows(tmp_path):
     """An empty file, or one of blank lines, is named; past the cap, the rest of the bad rows are counted."""
-    from tasks.rows import MAX_REPORTED_ERRORS
+    from tasks.data.rows import MAX_REPORTED_ERRORS
 
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "blank.jsonl").write_text("\n  \n\n")

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import psutil
+from test_flow import tiny_config
 
 import registry
-from test_flow import tiny_config
 
 TUNERY = str(Path(os.sys.executable).parent / "tunery")
 
@@ -96,7 +96,7 @@ def test_an_interrupted_parent_takes_its_child_s_whole_process_group_with_it(tmp
     launcher = [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
                 "'import time; time.sleep(300)']); time.sleep(300)"]
     script = tmp_path / "parent.py"
-    script.write_text(f"from tasks.child import run_child\nrun_child('tasks.evaluation', {{}}, 'x', {launcher!r})\n")
+    script.write_text(f"from tasks.child import run_child\nrun_child('tasks.evaluate.evaluation', {{}}, 'x', {launcher!r})\n")
     log = tmp_path / "parent.log"
     parent = subprocess.Popen([sys.executable, str(script)], cwd=str(Path(__file__).resolve().parent.parent),
                               stdout=log.open("w"), stderr=subprocess.STDOUT)

@@ -11,8 +11,8 @@ import registry
 from core.errors import TuneryError
 from flows import promotion
 from registry import exports as export_store
-from tasks.evaluation import EvalConfig
-from tasks.export import ExportConfig, GateConfig
+from tasks.evaluate.evaluation import EvalConfig
+from tasks.export.settings import ExportConfig, GateConfig
 
 EXPORT = ExportConfig(quant="f32", heldout_rows=4, max_new_tokens=8, answer_tokens=8, window=256, answer_rows=2)
 # A random tiny model never ends its answers, and its decode speed says nothing: gate on what it can pass.
@@ -131,8 +131,8 @@ def test_checks_with_nothing_to_check_are_not_run_and_the_gate_refuses_them(prep
     from pydantic import ValidationError
 
     from registry.records import Check, Export
-    from tasks import verify
-    from tasks.evaluation import EvalConfig
+    from tasks.evaluate.evaluation import EvalConfig
+    from tasks.export import verify
 
     greedy = verify.check_greedy(None, None, None, [], 8, set())
     answers, speed, samples = verify.check_answers(None, "", [], [], None, 8)

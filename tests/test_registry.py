@@ -15,7 +15,8 @@ import pytest
 import registry
 from core.errors import TuneryError
 from core.home import registry_path
-from registry.db import connect, migrations
+from registry.db import connect
+from registry.schema import migrations
 from registry.records import Check, Export
 
 
@@ -256,7 +257,7 @@ def test_migration_006_moves_the_keys_the_pipeline_decides_with_into_typed_colum
     prints them inside `info` as before."""
     import json
 
-    from registry.db import migrate
+    from registry.schema import migrate
 
     duckdb_only(backend)  # a PostgreSQL registry starts after migration 006
 

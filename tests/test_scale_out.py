@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import yaml
-
 from conftest import REPO, free_port
 
 BIN = Path(os.sys.executable).parent

@@ -13,7 +13,7 @@ from core.errors import TuneryError
 
 
 def test_scores_equal_hand_computed_values():
-    from tasks import scores
+    from tasks.evaluate import scores
 
     assert scores.normalize("The Cat, sat!  on a mat.") == "cat sat on mat"
     assert scores.exact_match("Paris.", "paris") == 1.0
@@ -30,7 +30,7 @@ def test_scores_equal_hand_computed_values():
 
 
 def test_answer_scores_average_overall_and_per_category():
-    from tasks.scores import answer_scores
+    from tasks.evaluate.scores import answer_scores
 
     rows = [{"answer": "water weekly", "reference": "water weekly", "category": "care"},
             {"answer": "sun", "reference": "full sun", "category": "care"},
@@ -45,7 +45,7 @@ def test_answer_scores_average_overall_and_per_category():
 
 
 def test_eval_answers_every_held_out_prompt_and_scores_it(tiny_model_dir, prepared):
-    from tasks.evaluation import EvalConfig, measure
+    from tasks.evaluate.evaluation import EvalConfig, measure
 
     cfg = EvalConfig(prompts=["How deep?"], max_new_tokens=4, repeats=1, warmup=0, answer_tokens=6, general=None)
     metrics, _, answers = measure(str(tiny_model_dir), prepared.artifact_path, cfg, progress=False)
@@ -53,7 +53,7 @@ def test_eval_answers_every_held_out_prompt_and_scores_it(tiny_model_dir, prepar
     assert [a["reference"] for a in answers] == [r["messages"][-1]["content"] for r in validation]
     assert all(a["tokens"] <= 6 for a in answers)
     assert metrics["answer_rows"] == len(validation)
-    from tasks.scores import answer_scores
+    from tasks.evaluate.scores import answer_scores
 
     assert metrics["answer_f1"] == pytest.approx(answer_scores(answers)["answer_f1"])
 
@@ -62,7 +62,7 @@ def test_eval_answers_every_held_out_prompt_and_scores_it(tiny_model_dir, prepar
 
 
 def test_packaged_suite_loads_and_bad_items_are_named(tmp_path):
-    from tasks.general import load_suite
+    from tasks.evaluate.general import load_suite
 
     items = load_suite()
     assert len(items) >= 300 and {i["category"] for i in items} == {"knowledge", "reading", "arithmetic"}
@@ -93,7 +93,7 @@ def _train_on_answers(model_dir, tokenizer, items, steps: int = 80):
     """Full fine-tune of the tiny model on 'Question: ...\\nAnswer: <planted choice>' (the scorer's own format)."""
     import torch
 
-    from tasks.general import encode_items
+    from tasks.evaluate.general import encode_items
     from tasks.models import load_model
 
     model = load_model(str(model_dir))
@@ -114,8 +114,8 @@ def _train_on_answers(model_dir, tokenizer, items, steps: int = 80):
 
 
 def test_multiple_choice_scorer_picks_the_planted_answers_on_both_backends(tiny_model_dir, tmp_path):
-    from tasks import general
-    from tasks.convert import write_gguf
+    from tasks.evaluate import general
+    from tasks.export.convert import write_gguf
     from tasks.models import load_model, load_tokenizer
 
     items = [{"question": q, "choices": c, "answer": a, "category": "planted"} for q, c, a in PLANTED]
@@ -157,7 +157,7 @@ def test_a_custom_suite_in_the_config_is_checked_before_anything_runs(tmp_path):
 
 
 def test_planted_duplicates_between_train_and_held_out_rows_are_found_and_named(tmp_path):
-    from tasks.prep import PrepConfig, prepare
+    from tasks.data.prep import PrepConfig, prepare
 
     held = [chat("Best time to plant garlic?", "Plant cloves in autumn, pointy end up."),
             chat("What keeps aphids down?", "Ladybirds, lacewings and a strong jet of water every morning keep them "
@@ -194,8 +194,8 @@ def test_planted_duplicates_between_train_and_held_out_rows_are_found_and_named(
 
 
 def test_training_rows_that_copy_the_general_suite_are_found(tmp_path):
-    from tasks.general import load_suite
-    from tasks.prep import PrepConfig, prepare
+    from tasks.data.prep import PrepConfig, prepare
+    from tasks.evaluate.general import load_suite
 
     item = load_suite()[5]
     rows = [chat(f"Garden question {i}?", f"Garden answer {i} with compost.") for i in range(10)]
@@ -212,7 +212,7 @@ def test_training_rows_that_copy_the_general_suite_are_found(tmp_path):
 
 
 def test_the_demo_data_is_not_contaminated():
-    from tasks.prep import PrepConfig, prepare
+    from tasks.data.prep import PrepConfig, prepare
 
     result = prepare(PrepConfig(train=["garden_chat.jsonl"], val_fraction=0.15), REPO / "data" / "demo",
                      write=False)

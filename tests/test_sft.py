@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from core.errors import TuneryError
-from tasks.sft import SftConfig, train_sft
+from tasks.stages.sft import SftConfig, train_sft
 
 FAST = {"max_steps": 8, "batch_size": 4, "learning_rate": 5e-3, "warmup_ratio": 0.0, "lr_scheduler": "constant",
         "max_length": 128}
@@ -63,7 +63,7 @@ def test_max_length_that_cuts_every_answer_is_refused(tiny_model_dir, prepared, 
 
 @pytest.mark.parametrize("mode", [True, "selective"])
 def test_gradient_checkpointing_with_lora_still_trains(tiny_model_dir, prepared, tmp_path, mode):
-    from tasks.training import checkpointing
+    from tasks.train.training import checkpointing
 
     assert checkpointing(SftConfig(), "cpu") is False and checkpointing(SftConfig(), "cuda") == "selective"
     cfg = SftConfig(gradient_checkpointing=mode, **{**FAST, "max_steps": 2})

@@ -48,7 +48,7 @@ def test_scored_head_gives_the_full_computations_loss_and_gradients(tiny_model_d
     from trl.trainer.utils import add_fused_lm_head
 
     from tasks.models import load_tokenizer
-    from tasks.scored_head import install, unwrapped
+    from tasks.train.scored_head import install, unwrapped
 
     tok = load_tokenizer(str(tiny_model_dir))
     ids, attn, labels = _batch(tok, garden_rows[:6])
@@ -84,8 +84,8 @@ def test_scored_head_gives_the_full_computations_loss_and_gradients(tiny_model_d
 def test_scored_head_projects_only_the_scored_positions(tiny_model_dir, garden_rows, monkeypatch, lora):
     from trl.kernels import ChunkedLogProbFunction
 
-    from tasks import scored_head
     from tasks.models import load_tokenizer
+    from tasks.train import scored_head
 
     tok = load_tokenizer(str(tiny_model_dir))
     ids, attn, labels = _batch(tok, garden_rows[:4])
@@ -107,7 +107,7 @@ def test_scored_head_projects_only_the_scored_positions(tiny_model_dir, garden_r
 @pytest.mark.parametrize("system", [None, "You are Fern, a gardening helper who answers briefly and warmly, with "
                                             "organic methods only."])
 def test_perplexity_with_scored_logits_only_equals_the_full_logits(tiny_model_dir, garden_rows, system, monkeypatch):
-    from tasks.evaluation import answer_nll, perplexity_metric, scored_tokens
+    from tasks.evaluate.evaluation import answer_nll, perplexity_metric, scored_tokens
     from tasks.models import load_model, load_tokenizer
 
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
@@ -157,7 +157,7 @@ def test_greedy_answers_reuse_a_shared_prefix_and_match_one_at_a_time(tiny_model
 
 
 def test_dpo_implicit_rewards_by_hand():
-    from tasks.dpo import implicit_rewards
+    from tasks.stages.dpo import implicit_rewards
 
     policy = [(-10.0, 5, -20.0, 5), (-12.0, 4, -9.0, 4)]
     reference = [(-11.0, 5, -18.0, 5), (-12.0, 4, -10.0, 4)]
@@ -171,8 +171,8 @@ def test_benchmark_arms_are_built_the_same_way_on_cuda(monkeypatch):
     sys.path.insert(0, str(REPO))
     from bench import train_speed
     from tasks.common import resolve_precision
-    from tasks.sft import SftConfig
-    from tasks.training import resolve_base_precision
+    from tasks.stages.sft import SftConfig
+    from tasks.train.training import resolve_base_precision
 
     class Args:
         steps = 4
@@ -211,8 +211,8 @@ def test_train_speed_bench_quick_mode_prints_its_json_document():
 
 def test_base_precision_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
     from core.errors import TuneryError
-    from tasks import training
-    from tasks.sft import SftConfig
+    from tasks.stages.sft import SftConfig
+    from tasks.train import training
 
     monkeypatch.setattr(training, "cpu_flags", lambda: {"avx2", "fma"})
     assert training.resolve_base_precision(SftConfig(), "cpu") == "fp32"
@@ -228,8 +228,8 @@ def test_base_precision_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypa
 def test_a_bf16_frozen_base_keeps_fp32_adapters_and_trains(tiny_model_dir, prepared, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from tasks import training
-    from tasks.sft import SftConfig, train_sft
+    from tasks.stages.sft import SftConfig, train_sft
+    from tasks.train import training
 
     monkeypatch.setattr(training, "cpu_flags", lambda: {"avx512_bf16"})  # emulated here if absent: tiny, so fine
     result = train_sft(SftConfig(base_precision="bf16", max_steps=3, batch_size=4, learning_rate=5e-3,
@@ -248,7 +248,7 @@ def test_sft_batch_order_is_length_grouped_and_independent_of_dropouts_random_dr
     from trl import SFTConfig
 
     from tasks.models import encode_chat, load_model, load_tokenizer
-    from tasks.sft import scored_sft_trainer
+    from tasks.stages.sft import scored_sft_trainer
 
     tok = load_tokenizer(str(tiny_model_dir))
     rows = [encode_chat(tok, r["messages"], 96) for r in garden_rows]
@@ -272,7 +272,7 @@ import json, sys
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
-from tasks.training import keep_matmuls_checkpointing
+from tasks.train.training import keep_matmuls_checkpointing
 
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024

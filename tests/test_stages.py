@@ -10,11 +10,11 @@ from conftest import REPO, write_jsonl
 from safetensors.torch import load_file
 
 from core.errors import TuneryError
-from tasks.cpt import CptConfig, train_cpt
-from tasks.dpo import DpoConfig, train_dpo
+from tasks.data.prep import PrepConfig, load_prepared, prepare
 from tasks.models import load_tokenizer
-from tasks.prep import PrepConfig, load_prepared, prepare
-from tasks.sft import SftConfig, train_sft
+from tasks.stages.cpt import CptConfig, train_cpt
+from tasks.stages.dpo import DpoConfig, train_dpo
+from tasks.stages.sft import SftConfig, train_sft
 
 FAST = {"batch_size": 4, "warmup_ratio": 0.0, "lr_scheduler": "constant", "max_length": 128}
 REFUSALS = ["I don't know.", "No idea, sorry.", "Look it up yourself.", "Can't help with that."]
@@ -107,7 +107,7 @@ def test_dpo_refuses_chat_data(tiny_model_dir, prepared, tmp_path):
 
 def test_spectrum_selects_deterministically_and_trains_only_its_choice(tiny_model_dir, prepared, tmp_path):
     from tasks.models import load_model
-    from tasks.spectrum import select_matrices
+    from tasks.train.spectrum import select_matrices
 
     model = load_model(str(tiny_model_dir))
     first, second = select_matrices(model, 0.5), select_matrices(model, 0.5)

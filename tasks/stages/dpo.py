@@ -11,7 +11,7 @@ implicit reward against the reference (DPO and its variants, KTO), the reward ac
 The held-out pairs are scored once before and once after training: the start model is the reference, so its
 scores serve both the "before" figures and the rewards.
 
-Speed: the LM head projects only the answer tokens (`tasks.scored_head`); when the training data is seen more than
+Speed: the LM head projects only the answer tokens (`tasks.train.scored_head`); when the training data is seen more than
 once, the reference log-probabilities are computed once before training (trl's `precompute_ref_log_probs`)
 instead of at every step.
 """
@@ -24,10 +24,12 @@ from pydantic import Field, model_validator
 
 from core.errors import TuneryError
 from tasks.common import StageResult
-from tasks.evaluation import pair_loglik, preference_stats
+from tasks.evaluate.evaluation import pair_loglik, preference_stats
 from tasks.models import load_model
-from tasks.stage import StagePlan, TrainingStage
-from tasks.training import TrainingConfig, history_callback, run_training, start_run, trainable_model, trainer_arguments
+from tasks.stages.stage import StagePlan, TrainingStage
+from tasks.train.training import run_training, start_run, trainable_model, trainer_arguments
+from tasks.train.history import history_callback
+from tasks.train.settings import TrainingConfig
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
               "apo_down", "sigmoid_norm")
@@ -58,7 +60,7 @@ def _trainer(config: DpoConfig, model, ref_model, args: dict, train_ds, val_ds, 
         from trl import DPOConfig as TrlDPOConfig
         from trl import DPOTrainer
 
-        from tasks.scored_head import install, unwrapped
+        from tasks.train.scored_head import install, unwrapped
 
         # Seen more than once, the pairs' reference log-probabilities are worth computing once, up front.
         passes = (config.max_steps * config.batch_size * config.gradient_accumulation_steps / len(train_ds)

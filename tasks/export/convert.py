@@ -50,7 +50,7 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "f16", n
     spec = {"model_dir": str(model_dir), "out": str(out_path), "outtype": outtype,
             "name": _general_name(model_dir, name or model_dir.name)}
     try:
-        return run_child("tasks.convert", spec, f"converting {model_dir} to GGUF")
+        return run_child("tasks.export.convert", spec, f"converting {model_dir} to GGUF")
     except BaseException:
         out_path.unlink(missing_ok=True)  # no half-written file
         raise

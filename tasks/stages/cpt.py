@@ -13,9 +13,10 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from tasks.common import StageResult
-from tasks.stage import TrainingStage
-from tasks.training import (TrainingConfig, history_callback, run_training, start_run, trainable_model,
-                            trainer_arguments)
+from tasks.stages.stage import TrainingStage
+from tasks.train.training import run_training, start_run, trainable_model, trainer_arguments
+from tasks.train.history import history_callback
+from tasks.train.settings import TrainingConfig
 
 
 class CptConfig(TrainingConfig):
@@ -36,7 +37,7 @@ def train_cpt(config: CptConfig, model_path: str, data_dir: str | Path, out_dir:
     from datasets import Dataset
     from trl import SFTConfig as TrlSFTConfig
 
-    from tasks.sft import scored_sft_trainer
+    from tasks.stages.sft import scored_sft_trainer
 
     run = start_run(CptStage, config, model_path, data_dir, device, seed, checkpoints)
     device, precision, tokenizer, out_dir = run.device, run.precision, run.tokenizer, Path(out_dir)

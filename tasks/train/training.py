@@ -11,144 +11,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.errors import TuneryError
 from core.files import write_json
 from tasks.common import StageResult, peak_rss_mb, resolve_device, resolve_precision
-from tasks.health import nan_guard, verdicts
-from tasks.models import load_model, load_tokenizer, torch_dtype
-from tasks.prep import load_prepared
-
-
-class QuantizationConfig(BaseModel):
-    """Load the frozen base in fewer bits (bitsandbytes). 4bit + LoRA is QLoRA."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Literal["none", "8bit", "4bit"] = Field("none", description="Bits of the frozen base weights.")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 is the QLoRA paper's.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
-    compute_dtype: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="dtype of the matmuls on de-quantized weights; bf16 is faster on GPUs that have it."
-    )
-
-    def to_bnb(self):
-        from transformers import BitsAndBytesConfig
-
-        if self.mode == "8bit":
-            return BitsAndBytesConfig(load_in_8bit=True)
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.quant_type,
-            bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(self.compute_dtype),
-        )
-
-
-class LoraSettings(BaseModel):
-    """Low-rank adapter shape. alpha / r scales the update; 2x r is the common starting point."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    r: int = Field(16, ge=1, le=1024, description="Rank of the update matrices.")
-    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is multiplied by alpha / r.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input during training. 0 (no copy of "
-                           "each adapted layer's input) trains 1.3x faster at the same loss and held-out perplexity "
-                           "as 0.05 (bench/parity.py).")
-    target_modules: str | list[str] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the head."
-    )
-
-
-class SpectrumSettings(BaseModel):
-    """Spectrum (Hartford et al., 2024): train only the weight matrices with the highest signal-to-noise ratio."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    share: float = Field(0.25, gt=0, le=1, description="Share of the matrices of each kind (q_proj, down_proj, ...) "
-                                                       "to train, highest SNR first; the rest stay frozen.")
-
-
-class TrainingConfig(BaseModel):
-    """Hyperparameters every training stage takes."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    method: Literal["lora", "full", "spectrum"] = Field(
-        "lora", description="lora: train an adapter; full: every weight; spectrum: the highest-SNR matrices only.")
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
-    spectrum: SpectrumSettings = Field(default_factory=SpectrumSettings)
-    epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, description="Optimizer steps to run; -1 means use epochs.")
-    batch_size: int = Field(8, ge=1, description="Examples per device per forward pass.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
-    max_length: int = Field(512, ge=16, description="Tokens per example; longer ones are cut at the end.")
-    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate (LoRA ~1e-4..1e-3, full ~1e-5).")
-    lr_scheduler: Literal[
-        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
-    ] = Field("cosine", description="Learning-rate schedule after warmup.")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent ramping the learning rate up.")
-    weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW decoupled weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
-    eval_steps: int | None = Field(None, ge=1, description="Evaluate the validation loss every N steps.")
-    patience: int | None = Field(None, ge=1, description="Early stopping (needs eval_steps): stop when the validation "
-                                 "loss has not improved for this many evaluations in a row; the version is the best "
-                                 "evaluation's weights, and the best and the last step are recorded.")
-    logging_steps: int = Field(1, ge=1, description="Record loss, learning rate, grad norm and memory every N steps.")
-    processes: int = Field(1, ge=1, le=64, description="Data-parallel training processes, one per GPU: above 1 the "
-                           "stage runs under `accelerate launch --num_processes N` (on a CPU-only machine, with "
-                           "gloo). The batch size is per process.")
-    save_steps: int | None = Field(None, ge=1, description="Keep a checkpoint every N steps under "
-                                   "TUNERY_HOME/checkpoints; a run that stops is resumed from it by the next run "
-                                   "of the same stage with the same inputs. Default: no checkpoints.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Autocast of the trainer: auto is bf16 on capable CUDA GPUs, fp16 on older ones, fp32 "
-                            "on CPU and MPS."
-    )
-    base_precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="dtype of the frozen base weights under LoRA (adapters, optimizer state and the loss "
-                            "stay fp32). auto: bf16 on CUDA GPUs with bf16 units, fp32 elsewhere; bf16 on a CPU "
-                            "with avx512_bf16 or AMX is opt-in. Full and Spectrum fine-tunes and QLoRA ignore it.")
-    gradient_checkpointing: bool | Literal["auto", "selective"] = Field(
-        "auto", description="What each decoder layer keeps for the backward pass. selective: the outputs of its "
-                            "large matrix multiplications and of attention; norms, RoPE, activations and LoRA's "
-                            "rank-r products are recomputed (sft on a 2-core CPU: 0.54x the peak memory of keeping "
-                            "everything, 20% slower). true: only the layer's input, everything recomputed (least "
-                            "memory, ~30% slower). false: everything kept (fastest). auto: selective on GPUs and "
-                            "Apple silicon, where memory is what limits the model size; false on the CPU, where "
-                            "time is.")
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError("max_steps must be -1 (use epochs) or a positive number of steps")
-        if self.patience and not self.eval_steps:
-            raise ValueError("patience needs eval_steps: early stopping watches the validation loss measured every "
-                             "eval_steps steps")
-        if self.patience and self.save_steps and self.save_steps % self.eval_steps:
-            raise ValueError(f"with patience, save_steps ({self.save_steps}) must be a multiple of eval_steps "
-                             f"({self.eval_steps}): the best checkpoint is one that was evaluated")
-        if self.method != "lora" and self.quantization.mode != "none":
-            raise ValueError(f"method {self.method} trains full-precision weights and cannot train a quantized "
-                             "model; use method: lora for QLoRA")
-        return self
-
-    @property
-    def quantized(self) -> bool:
-        return self.quantization.mode != "none"
-
-    @property
-    def adapter(self) -> bool:
-        return self.method == "lora"
-
-
-# How an error message names each kind of prepared data (a stage's class says which kind it trains on).
-DATA_KINDS = {"text": 'raw text examples ({"text": ...})', "chat": "chat examples",
-              "preference": "preference pairs (prompt/chosen/rejected)"}
+from tasks.data.prep import load_prepared
+from tasks.models import load_model, load_tokenizer
+from tasks.train.health import nan_guard, verdicts
+from tasks.train.history import estimate_callback, plot_history
+from tasks.train.settings import DATA_KINDS, TrainingConfig
 
 
 @dataclass
@@ -208,7 +81,7 @@ def trainable_model(config: TrainingConfig, model_path: str, device: str):
             target_modules=config.lora.target_modules, task_type="CAUSAL_LM",
         )
     elif config.method == "spectrum":
-        from tasks.spectrum import freeze_all_but, select_matrices
+        from tasks.train.spectrum import freeze_all_but, select_matrices
 
         selection = select_matrices(model, config.spectrum.share)
         freeze_all_but(model, selection["selected"])
@@ -350,68 +223,6 @@ def trainer_arguments(config: TrainingConfig, out_dir: Path, device: str, precis
     )
 
 
-def history_callback(history: list[dict[str, float]]):
-    """A TrainerCallback that keeps every logged value plus the process's memory at that step."""
-    import psutil
-    import torch
-    from transformers import TrainerCallback
-
-    process = psutil.Process()
-
-    class History(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs:
-                return
-            row = {"step": float(state.global_step), "epoch": float(state.epoch or 0)}
-            for key, value in logs.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    row[key] = float(value)
-            row["rss_mb"] = process.memory_info().rss / 2**20
-            if torch.cuda.is_available():
-                row["cuda_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
-            history.append(row)
-
-    return History()
-
-
-def estimate_callback(stage: str, estimate: dict[str, float]):
-    """A TrainerCallback that estimates the run from its first two optimizer steps, with no probe of its own.
-
-    Time = the first step (which pays one-time costs: allocator, kernels, the optimizer's state) plus the second
-    step's time for each remaining step; memory = peak resident memory after the second step, when the optimizer
-    state exists; tokens = the tokens seen so far per step, times the steps. Printed once known, and recorded next
-    to the actual figures (`estimate_*`, `*_vs_estimate`).
-    """
-    from transformers import TrainerCallback
-
-    from tasks.common import peak_rss_mb
-
-    class Estimate(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.began, self.first_step, self.times = time.perf_counter(), state.global_step, []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if len(self.times) >= 2:
-                return
-            self.times.append(time.perf_counter() - self.began - sum(self.times))
-            steps = state.max_steps - self.first_step
-            if len(self.times) < min(2, steps):
-                return
-            done = state.global_step - self.first_step
-            per_step = self.times[-1]
-            estimate.update({
-                "estimate_train_steps": float(state.max_steps),
-                "estimate_train_tokens": float(state.num_input_tokens_seen) / max(done, 1) * steps,
-                "estimate_train_time_s": self.times[0] + per_step * (steps - 1),
-                "estimate_peak_rss_mb": peak_rss_mb(),
-            })
-            print(f"{stage}: ~{estimate['estimate_train_tokens']:.0f} tokens in {steps} steps, "
-                  f"~{estimate['estimate_train_time_s']:.0f} s, ~{estimate['estimate_peak_rss_mb']:.0f} MB peak "
-                  "(estimated from the first steps)", file=sys.stderr)
-
-    return Estimate()
-
-
 def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir: Path, history: list[dict],
                  model_path: str, data_hash: str, info: dict[str, Any],
                  start_metrics: dict[str, float] | None = None,
@@ -420,7 +231,7 @@ def run_training(trainer, stage: str, config: TrainingConfig, tokenizer, out_dir
     """Train, save the adapter or model with its tokenizer, curves and record; return metrics and history.
 
     A NaN or infinite loss stops training at the step it is logged and raises TuneryError naming the step. The
-    health verdicts of the run (tasks.health) are added to `info`.
+    health verdicts of the run (tasks.train.health) are added to `info`.
 
     `start_metrics` (measured before training) and what `after_train()` measures join the training metrics, as do
     the estimates made from the first steps (`estimate_*`) and how far the actual figures landed from them
@@ -526,30 +337,3 @@ def _run_metrics(trainer, output, runtime: float, losses: list[float], info: dic
         metrics["train_time_vs_estimate"] = runtime / max(estimate["estimate_train_time_s"], 1e-9)
         metrics["peak_rss_vs_estimate"] = metrics["train_peak_rss_mb"] / estimate["estimate_peak_rss_mb"]
     return metrics
-
-
-def plot_history(history: list[dict[str, float]], path: Path, title: str = "", best_step: float | None = None
-                 ) -> None:
-    """Save loss (and eval loss), learning rate, grad norm and memory against the step as one PNG; with early
-    stopping, a line marks the best evaluation's step (the version's weights)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("loss", "eval_loss"), ("learning_rate",), ("grad_norm",), ("rss_mb",)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), constrained_layout=True)
-    for ax, keys in zip(axes, panels):
-        for key in keys:
-            points = [(h["step"], h[key]) for h in history if key in h]
-            if points:
-                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=key)
-        if best_step is not None and keys[0] == "loss":
-            ax.axvline(best_step, color="green", linestyle="--", linewidth=1, label=f"best (step {best_step:.0f})")
-        ax.set_title(keys[0])
-        ax.set_xlabel("step")
-        if len(keys) > 1:
-            ax.legend()
-    fig.suptitle(title)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

@@ -41,7 +41,7 @@ def launch(stage, model_path: str, data_dir: str, out_dir: Path, device: str, se
                     str(config.processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                     "--main_process_port", str(port)]
         env = dict(os.environ)
-    done = run_child("tasks.launched", spec, f"{kind} on {config.processes} processes", launcher, env)
+    done = run_child("tasks.train.launched", spec, f"{kind} on {config.processes} processes", launcher, env)
     done["info"]["processes"] = config.processes
     return StageResult(**{**done, "stage": kind, "artifact_path": str(out_dir)})
 

@@ -19,12 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import TuneryError
 from tasks.common import StageResult, peak_rss_mb, resolve_device
-from tasks.judge import JudgeConfig
+from tasks.data.prep import load_prepared
+from tasks.evaluate.judge import JudgeConfig
 from tasks.models import (answer_length, check_model_folder, encode_chat, greedy_answers, load_model, load_tokenizer,
                           prompt_ids, turn_end_ids)
-from tasks.prep import load_prepared
 
-METRIC_DIR = Path(__file__).resolve().parent.parent / "metrics" / "perplexity"
+METRIC_DIR = Path(__file__).resolve().parents[2] / "metrics" / "perplexity"
 NO_LIMIT = 10**9
 
 DEFAULT_PROMPTS = [
@@ -51,15 +51,15 @@ class EvalConfig(BaseModel):
     device: str = Field("auto", description="auto|cpu|cuda|mps for the measurement.")
     generation_rows: int | None = Field(None, ge=0, description="Held-out prompts per category answered greedily "
                                         "(None: every one; 0: none). The answers are scored against the reference "
-                                        "answers (exact match, token F1, ROUGE-L, chrF: tasks/scores.py), stored "
+                                        "answers (exact match, token F1, ROUGE-L, chrF: tasks/evaluate/scores.py), stored "
                                         "for the judge and the dashboard, and their length is measured.")
     answer_tokens: int = Field(128, ge=2, le=4096, description="Tokens a held-out answer may take before it is cut "
                                                                "(answers are compared with whole reference answers).")
     general: str | None = Field("default", description="The multiple-choice suite of the forgetting check "
-                                "(tasks/general.py): default (data/general, written for tunery), a JSONL file or a "
+                                "(tasks/evaluate/general.py): default (data/general, written for tunery), a JSONL file or a "
                                 "folder of them (relative to the config file), or null to skip it.")
     judge: JudgeConfig | None = Field(None, description="A pairwise judge of each version's held-out answers "
-                                      "against its parent's (tasks/judge.py): a registered NAME:N, a .gguf file, or "
+                                      "against its parent's (tasks/evaluate/judge.py): a registered NAME:N, a .gguf file, or "
                                       "an OpenAI-compatible endpoint URL; or {model, endpoint_model, rows, ...}.")
     price_per_hour: float | None = Field(None, ge=0, description="What an hour of the measuring hardware costs "
                                                                  "(USD); gives the cost per million generated tokens.")
@@ -255,7 +255,7 @@ def quality(model, tokenizer, rows: list[dict], config: EvalConfig, progress: bo
             ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Perplexity overall and per category (token-weighted, so the categories add up to the whole), and the greedy
     answers to the held-out prompts (`held_out_answers`) with their scores and lengths. Returns (metrics, answers)."""
-    from tasks.scores import answer_scores
+    from tasks.evaluate.scores import answer_scores
 
     encoded = [scored_tokens(tokenizer, r) for r in rows]
     scores = answer_nll(model, tokenizer, encoded, config.max_length, config.batch_size, progress)
@@ -338,7 +338,7 @@ def measure(model_path: str, data_dir: str, config: EvalConfig, adapter: str | N
     measured, held_out = quality(model, tokenizer, validation, config, progress)
     metrics.update(measured)
     if config.general:
-        from tasks import general
+        from tasks.evaluate import general
 
         items = general.load_suite(config.general)
         metrics.update(general.accuracy(items, general.hf_logliks(model, tokenizer, items, 4 * config.batch_size,
@@ -364,7 +364,7 @@ def evaluate(model_path: str, data_dir: str, config: EvalConfig, adapter: str | 
     from tasks.child import run_child
 
     spec = {"model_path": model_path, "data_dir": str(data_dir), "adapter": adapter, "config": config.model_dump()}
-    result = run_child("tasks.evaluation", spec, f"evaluation of {adapter or model_path}")
+    result = run_child("tasks.evaluate.evaluation", spec, f"evaluation of {adapter or model_path}")
     return StageResult(stage="eval", artifact_path=adapter or model_path, metrics=result["metrics"],
                        info={"samples": result["samples"], "answers": result["answers"]})
 

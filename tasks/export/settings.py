@@ -1,5 +1,5 @@
 """How a version is exported (ExportConfig) and what a promotion demands of the export (GateConfig). The GGUF
-file itself is written by llama.cpp's own converter (tasks/convert.py)."""
+file itself is written by llama.cpp's own converter (tasks/export/convert.py)."""
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -34,7 +34,7 @@ class ExportConfig(BaseModel):
     @field_validator("quant")
     @classmethod
     def _known_quant(cls, v: str) -> str:
-        from tasks.verify import QUANTS
+        from tasks.export.verify import QUANTS
 
         if v not in QUANTS:
             raise ValueError(f"unknown quantization {v!r}; one of {', '.join(QUANTS)}")

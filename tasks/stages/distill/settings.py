@@ -7,9 +7,9 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.errors import TuneryError
+from tasks.data.prep import split
 from tasks.models import conversation, prompt_ids
-from tasks.prep import split
-from tasks.sft import SftConfig
+from tasks.stages.sft import SftConfig
 
 Context = list[dict[str, str]]  # a conversation that ends with the user turn the teacher answers
 SENTENCE_END = re.compile(r"[.!?…][\"')\]]*(?=\s)|\n")

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from core.errors import TuneryError
 from core.files import write_json
 from tasks.common import StageResult
-from tasks.stage import Job, StageFields, StageInputs, StagePlan
-from tasks.training import QuantizationConfig
+from tasks.stages.stage import Job, StageFields, StageInputs, StagePlan
+from tasks.train.settings import QuantizationConfig
 
 MERGEKIT_METHODS = ("linear", "slerp", "ties", "dare_ties", "task_arithmetic", "passthrough")
 NEEDS_BASE = ("ties", "dare_ties", "task_arithmetic")
@@ -214,7 +214,8 @@ def merge_models(config: MergeConfig, sources: dict[str, str], out_dir: str | Pa
 class MergeStage(StageFields, MergeConfig):
     """A `merge` stage of a pipeline config: it takes no data."""
 
-    summary: ClassVar[str] = "Fold an adapter into its base, or merge versions with mergekit; registers the merged version."
+    summary: ClassVar[str] = ("Fold an adapter into its base, or merge versions with mergekit; registers the merged "
+                              "version.")
     stage: Literal["merge"] = "merge"
 
     def references(self) -> list[str]:

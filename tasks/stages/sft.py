@@ -1,7 +1,7 @@
 """Stage `sft`: supervised fine-tuning with trl on chat examples, as LoRA, QLoRA, a full or a Spectrum fine-tune.
 
 The loss covers the assistant's answer only (the completion tokens of `models.encode_chat`), the same tokens the
-eval stage scores, and the LM head projects only those positions (`tasks.scored_head`). The loss, learning-rate,
+eval stage scores, and the LM head projects only those positions (`tasks.train.scored_head`). The loss, learning-rate,
 grad-norm and memory history of the run is returned with the result.
 """
 from __future__ import annotations
@@ -12,8 +12,10 @@ from typing import ClassVar, Literal
 from core.errors import TuneryError
 from tasks.common import StageResult
 from tasks.models import encode_chat
-from tasks.stage import TrainingStage
-from tasks.training import TrainingConfig, history_callback, run_training, start_run, trainable_model, trainer_arguments
+from tasks.stages.stage import TrainingStage
+from tasks.train.training import run_training, start_run, trainable_model, trainer_arguments
+from tasks.train.history import history_callback
+from tasks.train.settings import TrainingConfig
 
 
 class SftConfig(TrainingConfig):
@@ -31,7 +33,7 @@ def scored_sft_trainer():
     from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import SFTTrainer
 
-    from tasks.scored_head import install, unwrapped
+    from tasks.train.scored_head import install, unwrapped
 
     class ScoredSFTTrainer(SFTTrainer):
         def __init__(self, *args, **kwargs):

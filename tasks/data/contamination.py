@@ -2,8 +2,8 @@
 rows already contain, exactly or nearly. A model evaluated on what it trained on looks better than it is.
 
 Each row is compared as its text without system prompts (a persona prompt shared by every row is not a leak), in
-the normalised words of tasks.scores.normalize. A held-out row (or a general item: its question and right answer)
-is contaminated when a training row
+the normalised words of tasks.evaluate.scores.normalize. A held-out row (or a general item: its question and right
+answer) is contaminated when a training row
 - is the same text (`exact`),
 - shares a run of `ngram` words with it (`ngram`, default 13 as in GPT-3's contamination study: a copied passage
   inside a longer row; 8 words already matched stock phrases of the demo teacher's persona answers), or
@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.scores import normalize
+from tasks.evaluate.scores import normalize
 
 SHINGLE = 5  # characters per shingle of the MinHash sets
 PERMUTATIONS = 128

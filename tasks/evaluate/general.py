@@ -20,7 +20,7 @@ import numpy as np
 
 from core.errors import TuneryError
 
-SUITE = Path(__file__).resolve().parent.parent / "data" / "general"
+SUITE = Path(__file__).resolve().parents[2] / "data" / "general"
 MAX_REPORTED_ERRORS = 10
 
 
@@ -60,7 +60,7 @@ def _item_problem(data: Any) -> str | None:
 def load_suite(path: str | Path | None = None) -> list[dict[str, Any]]:
     """Every item of the suite (`path` as suite_files takes it), checked; TuneryError listing each bad line by file
     and line."""
-    from tasks.rows import Unreadable, read_rows
+    from tasks.data.rows import Unreadable, read_rows
 
     items, errors = [], []
     for file in suite_files(path):
@@ -159,7 +159,8 @@ def gguf_logliks(path: Path, tokenizer, items: list[dict[str, Any]], threads: in
                  ) -> list[list[float]]:
     """The same log-likelihoods from a GGUF through llama.cpp: the question is evaluated once, each choice on top of
     its KV cache (the context is cut back to the question before the next choice)."""
-    from tasks.verify import _log_softmax, last_logits, open_gguf
+    from tasks.export.distribution import log_softmax
+    from tasks.export.verify import last_logits, open_gguf
 
     encoded = encode_items(tokenizer, items)
     n_ctx = max(len(p) + max(len(c) for c in cs) for p, cs in encoded) + 8
@@ -172,7 +173,7 @@ def gguf_logliks(path: Path, tokenizer, items: list[dict[str, Any]], threads: in
             llm.reset()
             llm._logits_all = False
             llm.eval(prompt)
-            first = _log_softmax(last_logits(llm).copy())
+            first = log_softmax(last_logits(llm).copy())
             llm._logits_all = True
             scores = []
             for choice in choices:
@@ -180,7 +181,7 @@ def gguf_logliks(path: Path, tokenizer, items: list[dict[str, Any]], threads: in
                 llm.eval(choice)
                 total = float(first[choice[0]])
                 if len(choice) > 1:
-                    logp = _log_softmax(np.array(llm.scores[len(prompt):len(prompt) + len(choice) - 1],
+                    logp = log_softmax(np.array(llm.scores[len(prompt):len(prompt) + len(choice) - 1],
                                                  dtype=np.float32))
                     total += float(logp[np.arange(len(choice) - 1), choice[1:]].sum())
                 scores.append(total)

@@ -148,7 +148,7 @@ def gguf_judge(path: str, threads: int | None = None) -> Callable[[str], str]:
     """A GGUF through llama.cpp as a judge: its own chat template (the file's), the likeliest of the letters."""
     import numpy as np
 
-    from tasks.verify import last_logits, open_gguf
+    from tasks.export.verify import last_logits, open_gguf
 
     llm = open_gguf(Path(path), n_ctx=4096, logits_all=True, threads=threads)
     letters = [llm.tokenize(letter.encode(), add_bos=False, special=False)[0] for letter in LETTERS]
@@ -192,7 +192,7 @@ def run_judge(cfg: JudgeConfig, mine: list[dict], theirs: list[dict], folder: st
     from tasks.child import run_child
 
     spec = {"config": cfg.model_dump(), "mine": mine, "theirs": theirs, "folder": folder}
-    return run_child("tasks.judge", spec, f"judging with {cfg.model}")["verdicts"]
+    return run_child("tasks.evaluate.judge", spec, f"judging with {cfg.model}")["verdicts"]
 
 
 if __name__ == "__main__":

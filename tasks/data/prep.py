@@ -1,4 +1,4 @@
-"""Stage `prep`: read a dataset (tasks.rows: every row validated and normalised), de-duplicate, split, hash, check
+"""Stage `prep`: read a dataset (tasks.data.rows: every row validated and normalised), de-duplicate, split, hash, check
 for contamination, write to disk. Nothing is written unless all rows are good; the folder is content-addressed and
 recorded as a `PreparedData`.
 """
@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from core.errors import TuneryError
 from core.files import read_json, write_json
 from core.home import atomic_dir, datasets_dir
-from tasks.contamination import ContaminationConfig
-from tasks.rows import load_examples
+from tasks.data.contamination import ContaminationConfig
+from tasks.data.rows import load_examples
 
 
 class PrepConfig(BaseModel):
@@ -202,10 +202,10 @@ def read_splits(config: PrepConfig, base_dir: Path, sources: dict[int, str]
 
 def contamination(config: ContaminationConfig, train: list[dict], validation: list[dict], sources: dict[int, str]
                   ) -> dict[str, dict[str, Any]]:
-    """tasks.contamination's checks of the held-out rows and of the general suite against the training rows:
+    """tasks.data.contamination's checks of the held-out rows and of the general suite against the training rows:
     {heldout: report, general: report}. Raises TuneryError, naming the overlapping rows, above the allowed shares."""
-    from tasks import contamination as check
-    from tasks.general import load_suite
+    from tasks.data import contamination as check
+    from tasks.evaluate.general import load_suite
 
     train_text = [check.row_text(ex) for ex in train]
     train_names = [sources.get(id(ex), f"training row {i + 1}") for i, ex in enumerate(train)]

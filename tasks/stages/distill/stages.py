@@ -8,12 +8,12 @@ from typing import Any, ClassVar, Literal
 from core.errors import TuneryError
 from core.home import datasets_dir
 from tasks.common import StageResult
-from tasks.distill.measure import distill_metrics
-from tasks.distill.settings import DistillModelConfig, DistillPromptConfig
-from tasks.distill.teacher import ask
-from tasks.prep import PreparedData
-from tasks.sft import SftStage, train_sft
-from tasks.stage import Job, StageInputs, StagePlan, TrainingStage, is_path
+from tasks.data.prep import PreparedData
+from tasks.stages.distill.measure import distill_metrics
+from tasks.stages.distill.settings import DistillModelConfig, DistillPromptConfig
+from tasks.stages.distill.teacher import ask
+from tasks.stages.sft import SftStage, train_sft
+from tasks.stages.stage import Job, StageInputs, StagePlan, TrainingStage, is_path
 
 
 class DistillStage(TrainingStage):
@@ -50,7 +50,7 @@ class DistillStage(TrainingStage):
     def run(self, inputs: StageInputs, out_dir: Path) -> StageResult:
         """Train the student from the start on the teacher's answers (`inputs.data`) with sft."""
         if self.processes > 1:
-            from tasks.launched import launch
+            from tasks.train.launched import launch
 
             return launch(self, inputs.start, inputs.data, out_dir, inputs.device, inputs.seed, inputs.checkpoints,
                           trainer=SftStage)

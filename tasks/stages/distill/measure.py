@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 
 from tasks.common import resolve_device, resolve_precision
-from tasks.distill.settings import (Context, DistillPromptConfig, DistillSettings, contexts_of, prompt_lengths,
-                                    teacher_contexts)
+from tasks.data.prep import load_prepared
 from tasks.models import load_model, load_tokenizer
-from tasks.prep import load_prepared
+from tasks.stages.distill.settings import (Context, DistillPromptConfig, DistillSettings, contexts_of, prompt_lengths,
+                                           teacher_contexts)
 
 LATENCY_PROMPTS = 3  # held-out prompts timed for time to first token (batch 1, median of the runs)
 
@@ -57,7 +57,7 @@ def _side_metrics(config: DistillSettings, side: str, model, tokenizer, rows: li
                   held: list[dict]) -> dict[str, float]:
     """One side's (teacher, start or student) perplexity and bits per byte of the held-out answers, and, for
     teacher and student, time to first token (and, for distill-model, decode speed and size)."""
-    from tasks.evaluation import latency, perplexity
+    from tasks.evaluate.evaluation import latency, perplexity
 
     # One window per example (no sliding): a window that cut off the long system prompt would not measure the
     # teacher with it.

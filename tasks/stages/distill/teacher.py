@@ -14,10 +14,10 @@ from core.errors import TuneryError
 from core.files import sha256_json, write_json
 from core.home import home, home_relative
 from tasks.common import resolve_device, resolve_precision
-from tasks.distill.settings import (Answer, Context, DistillModelConfig, DistillSettings, contexts_of, distill_rows,
-                                    prompt_contexts, settle, student_contexts, teacher_contexts)
+from tasks.data.prep import PreparedData, PrepConfig, load_prepared, prepare
 from tasks.models import answer_length, greedy_answers, load_model, load_tokenizer, prompt_ids, turn_end_ids
-from tasks.prep import PrepConfig, PreparedData, load_prepared, prepare
+from tasks.stages.distill.settings import (Answer, Context, DistillModelConfig, DistillSettings, contexts_of,
+                                           distill_rows, prompt_contexts, settle, student_contexts, teacher_contexts)
 
 GENERATOR = 1  # bump when a change to how teachers answer should invalidate cached answers
 
@@ -40,7 +40,7 @@ def gguf_teacher_answers(gguf: Path, tokenizer, contexts: list[Context], max_new
                          no_repeat_ngram: int = 0, progress: bool = False) -> list[Answer]:
     """Greedy answers from llama.cpp on a GGUF export, prompted with the same chat-template tokens as HF; the KV
     cache of the prompt prefix the requests share (persona, examples) is computed once and kept."""
-    from tasks.verify import greedy_ids, open_gguf
+    from tasks.export.verify import greedy_ids, open_gguf
 
     stop = turn_end_ids(tokenizer)
     prompts = [prompt_ids(tokenizer, c) for c in contexts]

@@ -12,8 +12,7 @@ three class attributes (`kind`, `data_kind`, `summary`) and four hooks the flow 
 - `measure(version, ctx)`: what it measures about its result beyond the evaluation every version gets (a
   distilled student against its teacher); keyed by the measuring code, so a change there re-measures, not retrains.
 
-`tasks/catalogue.py` maps each kind to its class; the config, the CLI commands, the multi-process launcher and the
-flow all read that map.
+`tasks/stages/catalogue.py` maps each kind to its class; the config, the CLI commands and the flow read that map.
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import TuneryError
 from tasks.common import StageResult
-from tasks.prep import PrepConfig, PreparedData
+from tasks.data.prep import PreparedData, PrepConfig
 
 
 def is_path(ref: str) -> bool:
@@ -183,7 +182,7 @@ class StageFields(BaseModel):
 
 class TrainingStage(StageFields):
     """A stage that trains with its kind's `trainer` (train_cpt, train_sft, ...), on one process or, with
-    `processes` > 1, under `accelerate launch` (tasks.launched)."""
+    `processes` > 1, under `accelerate launch` (tasks.train.launched)."""
 
     # The kind's trainer: (config, start folder, data folder, out_dir, device, seed, checkpoints) -> StageResult.
     trainer: ClassVar[Callable[..., StageResult]]
@@ -194,7 +193,7 @@ class TrainingStage(StageFields):
 
     def run(self, inputs: StageInputs, out_dir: Path) -> StageResult:
         if getattr(self, "processes", 1) > 1:
-            from tasks.launched import launch
+            from tasks.train.launched import launch
 
             return launch(self, inputs.start, inputs.data, out_dir, inputs.device, inputs.seed, inputs.checkpoints)
         return self.train(inputs.start, inputs.data, out_dir, inputs.device, inputs.seed, inputs.checkpoints)

@@ -1,0 +1,4 @@
+"""`python -m flows.cli`."""
+from flows.cli import main
+
+main()
