@@ -37,7 +37,7 @@ spec = json.loads(sys.argv[1])
 began = time.perf_counter()
 result = evaluate(spec["model"], spec["data"], EvalConfig(**spec["eval"]))
 print(json.dumps({"seconds": time.perf_counter() - began, "metrics": result.metrics,
-                  "samples": result.info["samples"]}))
+                  "samples": result.samples if hasattr(result, "samples") else result.info["samples"]}))
 """
 
 TEACHER = """

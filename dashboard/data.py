@@ -18,6 +18,7 @@ import streamlit as st
 import registry
 from core import metrics as metric_catalogue
 from registry import exports as export_store
+from registry import sweeps as sweep_store
 
 TTL = 5  # seconds a query result is reused across reruns and sessions
 
@@ -107,8 +108,6 @@ def pareto(df: pd.DataFrame, lower: str = "perplexity", higher: str = "tokens_pe
 
 @st.cache_data(ttl=TTL, show_spinner=False)
 def sweeps() -> list[dict[str, Any]]:
-    from registry import sweeps as sweep_store
-
     return sweep_store.list_sweeps()
 
 
@@ -116,17 +115,16 @@ def sweeps() -> list[dict[str, Any]]:
 def sweep_trials(sweep_id: str) -> tuple[dict[str, Any], pd.DataFrame]:
     """A sweep and one row per trial: its values (one column per swept key), metric, seconds and the speed and memory
     of the version it left."""
-    from registry import sweeps as sweep_store
 
     sweep = sweep_store.get_sweep(sweep_id)
-    speed = {r["version"]: r for r in registry.version_table(names=[sweep["name"]])}
+    speed = {r["version"]: r for r in registry.version_table(names=[sweep.name])}
     rows = []
-    for t in sweep["trials"]:
-        v = speed.get(t["version"] or "", {})
-        rows.append({"trial": t["trial"], **{k: t["values"].get(k) for k in sweep["space"]}, "status": t["status"],
-                     "version": t["version"], sweep["metric"]: t["value"], "seconds": t["seconds"],
+    for t in sweep.trials:
+        v = speed.get(t.version or "", {})
+        rows.append({"trial": t.trial, **{k: t.values.get(k) for k in sweep.space}, "status": t.status,
+                     "version": t.version, sweep.metric: t.value, "seconds": t.seconds,
                      "tokens_per_s": v.get("tokens_per_s"), "peak_rss_mb": v.get("peak_rss_mb"),
-                     "best": t["trial"] == sweep["best_trial"], "error": t["error"]})
+                     "best": t.trial == sweep.best_trial, "error": t.error})
     return sweep, pd.DataFrame(rows)
 
 

@@ -14,8 +14,11 @@ from typing import Any, Callable, Iterator, TextIO
 
 import registry
 from core.errors import TuneryError
+from flows.inputs import adapter_base, model_folder
 from registry import exports as export_store
 from registry.records import Export
+from tasks.export.modelfile import chat_frames, for_template, parse_modelfile, render_go
+from tasks.models import load_model, load_tokenizer, prompt_ids, turn_end_ids
 
 # Ollama's sampling defaults, used where a Modelfile sets no PARAMETER of that name.
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1, "repeat_last_n": 64,
@@ -89,8 +92,6 @@ class GgufChat:
     def __init__(self, export: Export, settings: Settings):
         from llama_cpp import Llama
 
-        from tasks.export.modelfile import parse_modelfile
-
         directives = parse_modelfile(export.modelfile)
         self.template = next(v for k, v in directives if k == "template")
         self.stops = [v for k, v in directives if k == "parameter stop"]
@@ -104,8 +105,6 @@ class GgufChat:
                          n_ctx=int(self.parameters["num_ctx"]), verbose=False, seed=settings.seed)
 
     def answer(self, messages: list[dict[str, str]]) -> Iterator[str]:
-        from tasks.export.modelfile import render_go
-
         prompt = render_go(self.template, [messages])[0]
         ids = self.llm.tokenize(prompt.encode("utf-8"), add_bos=self.llm._model.add_bos_token(), special=True)
         temperature = self.settings.temperature
@@ -129,10 +128,6 @@ class HfChat:
     """Answers through transformers with the tokenizer's chat template."""
 
     def __init__(self, version: registry.Version, settings: Settings):
-        from flows.inputs import adapter_base, model_folder
-        from tasks.export.modelfile import chat_frames
-        from tasks.models import load_model, load_tokenizer
-
         self.settings = settings
         self.default_system = None
         folder = adapter_base(version) if version.adapter else model_folder(version)
@@ -147,9 +142,6 @@ class HfChat:
     def answer(self, messages: list[dict[str, str]]) -> Iterator[str]:
         import torch
         from transformers import TextIteratorStreamer
-
-        from tasks.export.modelfile import for_template
-        from tasks.models import prompt_ids, turn_end_ids
 
         ids = torch.tensor([prompt_ids(self.tokenizer, for_template(messages, self.frames))])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -27,8 +27,8 @@ def run_eval(version: registry.Version, data: PreparedData, eval_cfg: EvalConfig
     own = measure(version, eval_cfg.device) if own else {}  # its stage's own (a student against its teacher)
     metrics = {**result.metrics, **forgetting(version, result.metrics.get("general_accuracy"), measured_on)}
     registry.record_metrics(version.version, metrics, eval_data_hash=measured_on)
-    registry.record_samples(version.version, result.info.get("samples", []), eval_data_hash=measured_on)
-    registry.record_answers(version.version, "hf", result.info.get("answers", []), eval_data_hash=measured_on)
+    registry.record_samples(version.version, result.samples, eval_data_hash=measured_on)
+    registry.record_answers(version.version, "hf", result.answers, eval_data_hash=measured_on)
     if eval_cfg.judge is not None:
         judged = run_judge(version, eval_cfg.judge, measured_on)
         registry.record_metrics(version.version, judged, eval_data_hash=measured_on)

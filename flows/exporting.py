@@ -20,11 +20,15 @@ from flows.inputs import model_folder
 from registry import exports as export_store
 from registry.records import Check, Export
 from tasks.data.prep import PreparedData, load_prepared
-from tasks.evaluate.evaluation import EvalConfig
+from tasks.evaluate import general
+from tasks.evaluate.evaluation import EvalConfig, answer_targets, scored_tokens
+from tasks.evaluate.scores import answer_scores
+from tasks.export import distribution, verify
 from tasks.export.convert import convert
 from tasks.export.modelfile import (SAMPLE_CONVERSATIONS, chat_frames, for_template, go_template, hf_render,
                                     parse_modelfile, render_modelfile, stop_tokens)
 from tasks.export.settings import ExportConfig
+from tasks.models import conversation, load_model, load_tokenizer, prompt_ids
 
 Progress = Callable[[str], None]
 
@@ -42,8 +46,6 @@ def _sha256(path: Path) -> str:
 
 
 def heldout_examples(tokenizer, data: PreparedData, rows: int) -> list[dict[str, list[int]]]:
-    from tasks.evaluate.evaluation import scored_tokens
-
     _, _, validation = load_prepared(data.artifact_path)
     if not validation:
         raise TuneryError(f"{data.artifact_path}: the validation split is empty; nothing to check the export on")
@@ -75,8 +77,6 @@ class Recipe:
 
 
 def recipe(version: registry.Version, cfg: ExportConfig) -> Recipe:
-    from tasks.models import load_tokenizer
-
     folder = Path(model_folder(version))
     tokenizer = load_tokenizer(str(folder))
     try:
@@ -95,7 +95,6 @@ def write_files(r: Recipe, cfg: ExportConfig, tmp: Path, version: registry.Versi
                 progress: Progress) -> tuple[Path, Path, str, dict[str, Any]]:
     """Write the full-precision GGUF (llama.cpp's converter), the quantized one (unless they are the same) and the
     Modelfile into `tmp`; return (full-precision file, exported file, Modelfile text, what the conversion found)."""
-    from tasks.export import verify
 
     stem = f"{version.name}-v{version.number}"
     full = "f32" if cfg.quant == "f32" else "f16"
@@ -118,8 +117,6 @@ def run_checks(r: Recipe, cfg: ExportConfig, full_path: Path, gguf: Path, modelf
     rendered both ways, the file loads with the exact vocabulary, tokenization, answers that stop and a num_ctx that
     holds the prompts (on the exported file), greedy tokens against HF (on the full-precision file), perplexity and
     KL. Returns (checks, answers)."""
-    from tasks.export import distribution, verify
-    from tasks.models import conversation, load_model, prompt_ids
 
     checks: list[dict[str, Any]] = []
 
@@ -169,10 +166,6 @@ def answer_checks(r: Recipe, cfg: ExportConfig, gguf: Path, data: PreparedData, 
     (the Modelfile's template, stops and parameters, up to `evals.answer_tokens`) against the reference answers,
     and the general multiple-choice suite (the forgetting check) with its drop from the first parent's accuracy.
     Returns (measurement rows for the checks, `gguf_*` metrics, the answers)."""
-    from tasks.evaluate import general
-    from tasks.evaluate.evaluation import answer_targets
-    from tasks.evaluate.scores import answer_scores
-    from tasks.export import verify
 
     rows: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}

@@ -16,12 +16,16 @@ from typing import Any
 import registry
 from core import metrics as metric_catalogue
 from core.errors import TuneryError, check_name
+from flows.config import DEMO_CONFIG, load_config
 from flows.exporting import Progress, export_version, exports_dir, heldout_examples
+from flows.inputs import load_with_data
 from registry import exports as export_store
 from registry.records import Export
 from tasks.data.prep import PreparedData
 from tasks.evaluate.evaluation import EvalConfig
+from tasks.export import distribution
 from tasks.export.settings import ExportConfig, GateConfig
+from tasks.models import load_tokenizer
 
 
 def _value(export: Export, name: str) -> float | None:
@@ -32,8 +36,6 @@ def _value(export: Export, name: str) -> float | None:
 def gate(candidate: Export, holder: Export | None, data: PreparedData, cfg: GateConfig,
          threads: int | None = None) -> list[dict[str, Any]]:
     """The gate's verdicts: {name, passed, value, threshold, detail}, one per threshold."""
-    from tasks.export import distribution
-    from tasks.models import load_tokenizer
 
     verdicts = []
     measured_on = candidate.info.get("eval_data_hash")
@@ -191,8 +193,6 @@ def override(settings, option: str, **changes: Any):
 
 def _setup(ref: str, config: str | Path | None, quant: str | None, alias: str | None):
     """Check the version and the options first, then load the config and prepare its held-out data."""
-    from flows.config import DEMO_CONFIG, load_config
-    from flows.inputs import load_with_data
 
     registry.get_version(ref)
     cfg, _ = load_config(config or DEMO_CONFIG)  # reading the YAML is cheap; registering and preparing is not

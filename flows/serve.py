@@ -13,6 +13,8 @@ import yaml
 
 from core.errors import TuneryError
 from core.files import read_utf8
+from flows.config import load_config
+from flows.pipeline import ensure_accelerator_limit, pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -21,8 +23,6 @@ PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 def read_deployments(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
     """The deployments of a prefect.yaml, checked: entrypoint is the pipeline flow, the config exists, cron parses."""
     from prefect.client.schemas.schedules import CronSchedule
-
-    from flows.config import load_config
 
     if not path.exists():
         raise TuneryError(f"{path}: not found")
@@ -51,7 +51,6 @@ def read_deployments(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
 
 def runner_deployments(path: Path = PREFECT_YAML) -> list:
     """Prefect RunnerDeployments of the pipeline flow, one per deployment, with its schedules and parameters."""
-    from flows.pipeline import pipeline
 
     return [pipeline.to_deployment(name=d["name"], description=d["description"], schedules=d["schedules"],
                                    parameters={"config_path": d["config_path"]})
@@ -66,7 +65,6 @@ def serve(path: Path = PREFECT_YAML) -> None:
     for d in deployments:
         crons = ", ".join(f"{s.schedule.cron} {s.schedule.timezone}" for s in d.schedules) or "no schedule"
         print(f"serving {d.name}: {d.parameters['config_path']} ({crons})", file=sys.stderr)
-    from flows.pipeline import ensure_accelerator_limit
 
     ensure_accelerator_limit()
     prefect_serve(*deployments, limit=1)  # one pipeline at a time from this process, too

@@ -33,8 +33,13 @@ import registry
 from core import metrics as metric_catalogue
 from core.errors import TuneryError
 from flows.config import BASE_REF, SweepConfig, SweepRange, read_raw, validate_config
+from flows.evaluate import run_eval
+from flows.inputs import run_base, run_prep
 from flows.pipeline import ACCELERATOR_TAG, ensure_accelerator_limit
+from flows.plan import plan_stage
+from flows.run import run_planned
 from registry import sweeps as sweep_store
+from registry.records import Trial
 
 REPO = Path(__file__).resolve().parent.parent
 TRIAL_FLOW = "tunery-trial"
@@ -194,21 +199,17 @@ def trial_config(path: Path, raw: dict[str, Any], values: dict[str, Any]):
         raise TuneryError(f"trial {values}: {e}") from None
 
 
-def run_trial(config_path: str, sweep_id: str, trial: int, values: dict[str, Any]) -> dict[str, Any]:
+def run_trial(config_path: str, sweep_id: str, trial: int, values: dict[str, Any]) -> Trial:
     """One trial: the config's stages with `values` set (reusing unchanged versions), then the held-out evaluation
     of the last version. Recorded in the registry whatever happens; returns the trial's row."""
-    from flows.evaluate import run_eval
-    from flows.inputs import run_base, run_prep
-    from flows.plan import plan_stage
-    from flows.run import run_planned
 
     began = time.perf_counter()
     run_id = str(flow_run.get_id() or "")
     version = value = error = None
 
-    def failed(why: str) -> dict[str, Any]:  # a row for a trial the registry could not record
-        return {"trial": trial, "values": values, "status": "failed", "version": version, "value": value,
-                "seconds": time.perf_counter() - began, "error": why, "host": None, "flow_run_id": run_id or None}
+    def failed(why: str) -> Trial:  # a trial the registry could not record
+        return Trial(trial=trial, values=values, status="failed", version=version, value=value,
+                     seconds=time.perf_counter() - began, error=why, host=None, flow_run_id=run_id or None)
 
     try:
         sweep_store.start_trial(sweep_id, trial, values, run_id or None)
@@ -226,11 +227,11 @@ def run_trial(config_path: str, sweep_id: str, trial: int, values: dict[str, Any
             done[cfg.stage_id(index)] = previous
         version = previous.version
         measured = registry.get_version(version, data.data_hash).metrics
-        if not (previous.reused and sweep["metric"] in measured):  # a reused version keeps its evaluation
+        if not (previous.reused and sweep.metric in measured):  # a reused version keeps its evaluation
             measured = {**measured, **run_eval(previous, data, cfg.eval_config())}
-        value = measured.get(sweep["metric"])  # an evaluation metric, or one its stage measured
+        value = measured.get(sweep.metric)  # an evaluation metric, or one its stage measured
         if value is None or (isinstance(value, float) and math.isnan(value)):
-            raise TuneryError(f"the evaluation measured no {sweep['metric']!r}")
+            raise TuneryError(f"the evaluation measured no {sweep.metric!r}")
     except Exception as e:  # a failed trial is recorded, never fatal to the sweep
         error = f"{type(e).__name__}: {e}" if not isinstance(e, TuneryError) else str(e)
     try:
@@ -242,17 +243,17 @@ def run_trial(config_path: str, sweep_id: str, trial: int, values: dict[str, Any
 
 
 @task(task_run_name="trial {trial} of sweep {sweep_id}", tags=[ACCELERATOR_TAG])
-def trial_task(config_path: str, sweep_id: str, trial: int, values: dict[str, Any]) -> dict[str, Any]:
+def trial_task(config_path: str, sweep_id: str, trial: int, values: dict[str, Any]) -> Trial:
     return run_trial(config_path, sweep_id, trial, values)
 
 
 @flow(name=TRIAL_FLOW, flow_run_name="trial {trial} of sweep {sweep_id}")
-def trial_flow(config_path: str, sweep_id: str, trial: int, values: dict[str, Any]) -> dict[str, Any]:
+def trial_flow(config_path: str, sweep_id: str, trial: int, values: dict[str, Any]) -> Trial:
     """One trial of a sweep as a flow run, for a worker of the sweep's work pool to pick up."""
     ensure_accelerator_limit()
     row = trial_task(config_path, sweep_id, trial, values)
-    if row["status"] == "failed":
-        get_run_logger().warning(f"trial {trial} failed: {row['error']}")
+    if row.status == "failed":
+        get_run_logger().warning(f"trial {trial} failed: {row.error}")
     return row
 
 
@@ -272,12 +273,12 @@ def _run_batch(config_path: str, sweep_id: str, batch: list[tuple[int, dict[str,
         return [f.result() for f in futures]
     from prefect.deployments import run_deployment
 
-    def one(item: tuple[int, dict[str, Any]]) -> dict[str, Any]:
+    def one(item: tuple[int, dict[str, Any]]) -> Trial:
         n, values = item
         run = run_deployment(deployment, parameters={"config_path": config_path, "sweep_id": sweep_id, "trial": n,
                                                      "values": values}, timeout=None)
         row = sweep_store.get_trial(sweep_id, n)
-        if row is None or row["status"] == "running":  # the flow run ended before the trial settled
+        if row is None or row.status == "running":  # the flow run ended before the trial settled
             if row is None:
                 sweep_store.start_trial(sweep_id, n, values, str(run.id))
             sweep_store.finish_trial(sweep_id, n, version=None, value=None, seconds=0.0,
@@ -289,11 +290,11 @@ def _run_batch(config_path: str, sweep_id: str, batch: list[tuple[int, dict[str,
         return list(pool.map(one, batch))
 
 
-def best_trial(trials: list[dict[str, Any]], direction: str) -> dict[str, Any] | None:
-    done = [t for t in trials if t["status"] == "ready" and t["value"] is not None]
+def best_trial(trials: list[Trial], direction: str) -> Trial | None:
+    done = [t for t in trials if t.status == "ready" and t.value is not None]
     if not done:
         return None
-    return (min if direction == "minimize" else max)(done, key=lambda t: t["value"])
+    return (min if direction == "minimize" else max)(done, key=lambda t: t.value)
 
 
 @flow(name="tunery-sweep", flow_run_name="sweep {config_path}")
@@ -308,7 +309,6 @@ def sweep_flow(config_path: str, sets: list[str] | None = None, pool: str | None
                              plan.space)
     logger.info(f"sweep {sweep_id}: {plan.trials} trials ({plan.method}) of {plan.path.name}, "
                 f"{plan.direction} {plan.metric}")
-    from flows.inputs import run_base, run_prep
 
     try:
         # the base and the data once, before trials start side by side
@@ -336,8 +336,8 @@ def sweep_flow(config_path: str, sets: list[str] | None = None, pool: str | None
                 rows = _run_batch(config_path, sweep_id,
                                   [(asked + i, plan.values(t.params)) for i, t in enumerate(batch)], deployment)
                 for t, row in zip(batch, rows):
-                    if row["status"] == "ready":
-                        study.tell(t, row["value"])
+                    if row.status == "ready":
+                        study.tell(t, row.value)
                     else:
                         study.tell(t, state=TrialState.FAIL)
                 asked += len(batch)
@@ -345,12 +345,11 @@ def sweep_flow(config_path: str, sets: list[str] | None = None, pool: str | None
         sweep_store.finish_sweep(sweep_id, None)  # the sweep stopped: recorded as failed, its trials kept
         raise
     result = sweep_store.get_sweep(sweep_id)
-    best = best_trial(result["trials"], plan.direction)
-    sweep_store.finish_sweep(sweep_id, best["trial"] if best else None)
-    for t in result["trials"]:
-        if t["status"] == "failed":
-            logger.warning(f"trial {t['trial']} {t['values']} failed: {t['error']}")
+    best = best_trial(result.trials, plan.direction)
+    sweep_store.finish_sweep(sweep_id, best.trial if best else None)
+    for t in result.trials:
+        if t.status == "failed":
+            logger.warning(f"trial {t.trial} {t.values} failed: {t.error}")
     if best:
-        logger.info(f"best: trial {best['trial']} {best['values']} -> {best['version']} "
-                    f"({plan.metric} {best['value']:.4g})")
-    return {**sweep_store.get_sweep(sweep_id), "best": best}
+        logger.info(f"best: trial {best.trial} {best.values} -> {best.version} ({plan.metric} {best.value:.4g})")
+    return {**sweep_store.get_sweep(sweep_id).json(), "best": best.json() if best else None}

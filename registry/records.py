@@ -1,5 +1,5 @@
 """The typed records the registry's readers return to the CLI, the flows and the dashboard: a model `Version`, an
-`Export` with its `Check`s, an `Alias`, a `Promotion`. Each field that is a column of its table says so in its
+`Export` with its `Check`s, an `Alias`, a `Promotion`, a `Sweep` with its `Trial`s. Each field that is a column of its table says so in its
 metadata (`column`); the registry builds its SELECT lists, row mappings and writes from them, so a new column is a
 field here plus a numbered migration.
 
@@ -135,8 +135,15 @@ def encoded(record: Any) -> tuple[list[str], list[Any]]:
     return [c for _, c, _ in cols], [ENCODE[codec](getattr(record, f)) for f, _, codec in cols]
 
 
+class Record:
+    """A record whose JSON object (`--json`) is its fields as they are."""
+
+    def json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
-class Check:
+class Check(Record):
     """One llama.cpp check of an export: `passed` None for a measurement (a value, no pass or fail)."""
 
     name: str
@@ -144,9 +151,6 @@ class Check:
     passed: bool | None
     value: float | None
     detail: str
-
-    def json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,7 @@ class Export:
 
 
 @dataclass(frozen=True)
-class Alias:
+class Alias(Record):
     """NAME@ALIAS and the version and export it points at."""
 
     name: str
@@ -190,12 +194,9 @@ class Alias:
     export_id: str
     updated_at: str = field(metadata=column("updated_utc", "time"))
 
-    def json(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class Promotion:
+class Promotion(Record):
     """One promotion, refused promotion or rollback of NAME@ALIAS, with the holder before it and the gate's record."""
 
     id: int
@@ -210,5 +211,40 @@ class Promotion:
     ollama: str | None
     recorded_at: str = field(metadata=column("recorded_utc", "time"))
 
+
+@dataclass(frozen=True)
+class Trial(Record):
+    """One trial of a sweep: the values it set, how it ended, the version it left and its metric."""
+
+    trial: int
+    values: dict[str, Any] = field(metadata=column("values_json", "json"))
+    status: str                   # running | ready | failed
+    version: str | None
+    value: float | None           # the sweep's metric on the held-out data
+    seconds: float | None
+    error: str | None
+    host: str | None
+    flow_run_id: str | None
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A sweep: what it varied (`space`), the metric it ranks by and in which direction, and its trials."""
+
+    sweep_id: str
+    name: str
+    config: str
+    method: str                   # grid | tpe | random
+    metric: str
+    direction: str                # minimize | maximize
+    space: dict[str, Any] = field(metadata=column("space_json", "json"))
+    status: str
+    best_trial: int | None
+    host: str | None
+    created_at: str = field(metadata=column("created_utc", "time"))
+    finished_at: str | None = field(metadata=column("finished_utc", "time"))
+    trials: tuple[Trial, ...] = field(default=(), metadata=DERIVED)
+
     def json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "trials"},
+                "trials": [t.json() for t in self.trials]}

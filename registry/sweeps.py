@@ -1,4 +1,5 @@
-"""Sweeps and their trials (`tunery sweep`). Every value reaches SQL as a bound parameter."""
+"""Sweeps and their trials (`tunery sweep`), read as registry.records.Sweep and Trial. Every value reaches SQL as
+a bound parameter."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from typing import Any
 
 from core.errors import TuneryError
 from registry.db import connect
+from registry.records import Sweep, Trial, decode_row, select_list
 from registry.schema import utcnow
 
 
@@ -68,34 +70,20 @@ def list_sweeps() -> list[dict[str, Any]]:
             for i, n, c, m, me, d, st, b, cr, t, f in rows]
 
 
-TRIAL_COLUMNS = "trial, values_json, status, version, value, seconds, error, host, flow_run_id"
-
-
-def _trial(row: tuple) -> dict[str, Any]:
-    t, values, status, version, value, seconds, error, host, flow_run_id = row
-    return {"trial": t, "values": json.loads(values), "status": status, "version": version, "value": value,
-            "seconds": seconds, "error": error, "host": host, "flow_run_id": flow_run_id}
-
-
-def get_trial(sweep_id: str, trial: int) -> dict[str, Any] | None:
-    """One trial's row, or None when it was never started."""
+def get_trial(sweep_id: str, trial: int) -> Trial | None:
+    """One trial, or None when it was never started."""
     with connect(read_only=True) as con:
-        row = con.execute(f"SELECT {TRIAL_COLUMNS} FROM sweep_trials WHERE sweep_id = ? AND trial = ?",
+        row = con.execute(f"SELECT {select_list(Trial)} FROM sweep_trials WHERE sweep_id = ? AND trial = ?",
                           [sweep_id, trial]).fetchone()
-    return _trial(row) if row else None
+    return Trial(**decode_row(Trial, row)) if row else None
 
 
-def get_sweep(sweep_id: str) -> dict[str, Any]:
+def get_sweep(sweep_id: str) -> Sweep:
     """One sweep with its trials, in trial order."""
     with connect(read_only=True) as con:
-        row = con.execute("SELECT sweep_id, name, config, method, metric, direction, space_json, status, best_trial, "
-                          "host, created_utc, finished_utc FROM sweeps WHERE sweep_id = ?", [sweep_id]).fetchone()
+        row = con.execute(f"SELECT {select_list(Sweep)} FROM sweeps WHERE sweep_id = ?", [sweep_id]).fetchone()
         if row is None:
             raise TuneryError(f"unknown sweep {sweep_id!r}; `tunery sweep` starts one")
-        trials = con.execute(f"SELECT {TRIAL_COLUMNS} FROM sweep_trials WHERE sweep_id = ? ORDER BY trial",
+        trials = con.execute(f"SELECT {select_list(Trial)} FROM sweep_trials WHERE sweep_id = ? ORDER BY trial",
                              [sweep_id]).fetchall()
-    i, name, config, method, metric, direction, space, status, best, host, created, finished = row
-    return {"sweep_id": i, "name": name, "config": config, "method": method, "metric": metric,
-            "direction": direction, "space": json.loads(space), "status": status, "best_trial": best, "host": host,
-            "created_at": created.isoformat() + "Z", "finished_at": finished.isoformat() + "Z" if finished else None,
-            "trials": [_trial(t) for t in trials]}
+    return Sweep(**decode_row(Sweep, row), trials=tuple(Trial(**decode_row(Trial, r)) for r in trials))

@@ -16,6 +16,7 @@ from conftest import REPO
 import registry
 from core import metrics as catalogue
 from core.errors import TuneryError
+from registry.records import Trial
 
 # The new metric of the promise: how long an answer is against its reference. Lower is better here, the opposite of
 # every other answer score, so a ranking that ignored the catalogue's direction would pick the wrong version.
@@ -126,8 +127,8 @@ def test_a_new_metric_is_one_entry_plus_its_computation(with_new_metric, tiny_mo
 
     # The rankings: a sweep's direction and best trial, and the best version a run promotes (`metric:` config key).
     assert direction_of("answer_length_ratio", None) == "minimize"
-    trials = [{"status": "ready", "value": 7 / 3, "trial": 0}, {"status": "ready", "value": 1 / 3, "trial": 1}]
-    assert best_trial(trials, direction_of("answer_length_ratio", None))["trial"] == 1
+    trials = [Trial(n, {}, "ready", None, value, 1.0, None, None, None) for n, value in enumerate((7 / 3, 1 / 3))]
+    assert best_trial(trials, direction_of("answer_length_ratio", None)).trial == 1
     assert best_version([wordy, brief], "d" * 64, "answer_length_ratio").version == brief
     assert best_version([wordy, brief], "d" * 64, "answer_f1").version == wordy
     assert best_version([wordy, brief], "d" * 64).version == wordy  # the default: perplexity

@@ -104,5 +104,5 @@ def test_an_optuna_sweep_records_every_trial_keeps_failures_and_picks_the_best(p
         assert t["value"] == pytest.approx(v.metrics["perplexity"])
     assert result["best"]["trial"] == min(ok, key=lambda t: t["value"])["trial"]
     stored = sweep_store.get_sweep(result["sweep_id"])
-    assert stored["status"] == "done" and stored["best_trial"] == result["best"]["trial"]
+    assert stored.status == "done" and stored.best_trial == result["best"]["trial"]
     assert sweep_store.list_sweeps()[0]["failed"] == len(failed)

@@ -21,8 +21,8 @@ asked = st.query_params.get("s")
 chosen = st.selectbox("Sweep", ids, index=ids.index(asked) if asked in ids else 0, format_func=labels.get)
 st.query_params["s"] = chosen
 sweep, trials = sweep_trials(chosen)
-metric, keys = sweep["metric"], list(sweep["space"])
-better = "lower" if sweep["direction"] == "minimize" else "higher"
+metric, keys = sweep.metric, list(sweep.space)
+better = "lower" if sweep.direction == "minimize" else "higher"
 best = trials[trials["best"]]
 if not best.empty:
     b = best.iloc[0]
@@ -30,7 +30,7 @@ if not best.empty:
                f"{metric} {b[metric]:.4g} ({better} is better)")
 else:
     st.warning("No trial of this sweep finished.")
-st.caption(f"{sweep['method']} over {', '.join(keys)} of `{sweep['config']}`; {len(trials)} trials, "
+st.caption(f"{sweep.method} over {', '.join(keys)} of `{sweep.config}`; {len(trials)} trials, "
            f"{int((trials['status'] == 'failed').sum())} failed.")
 
 done = trials[trials["status"] == "ready"].dropna(subset=[metric]).copy()
@@ -63,7 +63,7 @@ if not done.empty:
     plot = done.dropna(subset=[speed]).copy()
     if not plot.empty:
         # frontier: no other trial is both better on the metric and faster
-        quality = plot[metric] if sweep["direction"] == "minimize" else -plot[metric]
+        quality = plot[metric] if sweep.direction == "minimize" else -plot[metric]
         fast = plot[speed] if speed == "tokens_per_s" else -plot[speed]
         plot["frontier"] = pareto(pd.DataFrame({"q": quality, "f": fast}), lower="q", higher="f")
         front = plot[plot["frontier"]].sort_values(speed)

@@ -12,13 +12,14 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import TuneryError
-from tasks.common import StageResult, peak_rss_mb, resolve_device
+from tasks.common import peak_rss_mb, resolve_device
 from tasks.data.prep import load_prepared
 from tasks.evaluate.judge import JudgeConfig
 from tasks.models import (answer_length, check_model_folder, encode_chat, greedy_answers, load_model, load_tokenizer,
@@ -356,8 +357,18 @@ def measure(model_path: str, data_dir: str, config: EvalConfig, adapter: str | N
     return metrics, samples, held_out
 
 
-def evaluate(model_path: str, data_dir: str, config: EvalConfig, adapter: str | None = None) -> StageResult:
-    """Run `measure` in a fresh Python process (clean peak-memory reading); return its metrics as a StageResult.
+@dataclass(frozen=True)
+class EvalResult:
+    """What an evaluation measured: its metrics, the answers to the fixed prompts (`samples`: prompt, answer) and
+    the greedy answers to the held-out prompts (`answers`: prompt, reference, answer, category, tokens)."""
+
+    metrics: dict[str, float]
+    samples: list[dict[str, str]]
+    answers: list[dict[str, Any]]
+
+
+def evaluate(model_path: str, data_dir: str, config: EvalConfig, adapter: str | None = None) -> EvalResult:
+    """Run `measure` in a fresh Python process (clean peak-memory reading); return what it measured.
 
     Raises TuneryError naming the problem if the measurement fails.
     """
@@ -365,8 +376,7 @@ def evaluate(model_path: str, data_dir: str, config: EvalConfig, adapter: str | 
 
     spec = {"model_path": model_path, "data_dir": str(data_dir), "adapter": adapter, "config": config.model_dump()}
     result = run_child("tasks.evaluate.evaluation", spec, f"evaluation of {adapter or model_path}")
-    return StageResult(stage="eval", artifact_path=adapter or model_path, metrics=result["metrics"],
-                       info={"samples": result["samples"], "answers": result["answers"]})
+    return EvalResult(result["metrics"], result["samples"], result["answers"])
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
