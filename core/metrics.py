@@ -47,10 +47,24 @@ class Metric:
         return self.label or self.name
 
     def format(self, value: Any) -> str:
-        """The value as tables write it; None or NaN as '-'."""
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        """The value as tables write it, in its format; None or NaN as '-'."""
+        if missing(value):
             return "-"
         return format(value, self.fmt) if isinstance(value, (int, float)) else str(value)
+
+
+def missing(value: Any) -> bool:
+    """No value to show or rank: None or NaN."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def plain(value: Any) -> str:
+    """A value with no catalogue format: 4 significant digits, large numbers whole; None as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
+    return str(value)
 
 
 CATALOGUE: dict[str, Metric] = {}
@@ -116,27 +130,25 @@ def label(name: str) -> str:
 
 
 def fmt(name: str, value: Any) -> str:
+    """A metric's value in its catalogue format (an undeclared one plainly); None or NaN as '-'."""
     found = lookup(name)
-    if found is None:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "-"
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-    return found.format(value)
+    if found is not None:
+        return found.format(value)
+    return "-" if missing(value) else plain(value)
 
 
 def check_rankable(name: str, where: str) -> str:
     """A metric that can pick a best version: declared with a direction. Returns it; ValueError names `where`."""
     if better(name) is None:
         ranked = ", ".join(m.name for m in CATALOGUE.values() if m.better and m.group in ("headline", "answers"))
-        raise ValueError(f"{where}: {name!r} has no better direction in the metric catalogue (core/metrics.py); "
+        raise ValueError(f"{where}: {name!r} has no better direction in the metric catalogue (core/metrics.yaml); "
                          f"for example {ranked}")
     return name
 
 
 def best(items: Iterable[Any], name: str, value=lambda item, name: item.metrics.get(name)) -> Any | None:
     """The item with the best value of metric `name` by its direction (first on ties); None when none has one."""
-    scored = [(value(item, name), item) for item in items]
-    scored = [(v, item) for v, item in scored if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    scored = [(v, item) for item in items if not missing(v := value(item, name))]
     if not scored:
         return None
     pick = min if better(name) == "lower" else max

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from typing import Any, Callable
 from urllib.parse import quote
 
@@ -132,15 +133,19 @@ def run_tunery(*args: str, progress: Callable[[str], Any]) -> tuple[Any, str | N
     """Run a `tunery` command (`promote`, `rollback`) with `--json` in its own process, as a user would: its progress
     lines go to `progress`. Returns (the JSON document it printed or None, its error message or None). The page
     stays a reader; the CLI owns every action."""
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args, "--json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    error = None
-    for line in proc.stderr:
-        if line.startswith("error: "):
-            error = line.removeprefix("error: ").strip()
-        elif line.strip():
-            progress(line.rstrip())
-    result = json.loads(proc.stdout.read() or "null")
+    # stdout goes to a file: the JSON document may outgrow a pipe while stderr is read line by line
+    with tempfile.TemporaryFile("w+") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args, "--json"], stdout=stdout,
+                                stderr=subprocess.PIPE, text=True)
+        error = None
+        for line in proc.stderr:
+            if line.startswith("error: "):
+                error = line.removeprefix("error: ").strip()
+            elif line.strip():
+                progress(line.rstrip())
+        proc.wait()
+        stdout.seek(0)
+        result = json.loads(stdout.read() or "null")
     if proc.wait() != 0 and error is None:
         error = f"tunery {args[0]} exited with status {proc.returncode}"
     return result, error

@@ -20,7 +20,7 @@ from flows.config import BASE_REF, load_config
 from flows.evaluate import run_eval
 from flows.inputs import run_base, run_prep
 from flows.plan import PlannedStage, code_version, plan_stage
-from flows.run import measure, run_planned
+from flows.run import run_measured
 from tasks.common import resolve_device
 
 # Tasks that use the accelerator carry this tag; every pipeline run (and `tunery serve`) makes sure the server has a
@@ -116,10 +116,7 @@ def eval_cache_key(context, parameters: dict[str, Any]) -> str:
 def stage_task(cfg, plan: PlannedStage, data, config_dir: Path) -> registry.Version:
     """Train the planned stage (or find the version its inputs already made) and, when it trained, take its kind's
     own measurements; one artifact tells what it made."""
-    version = run_planned(cfg, plan, data, config_dir, flow_run_id=str(flow_run.get_id() or ""), reuse=True)
-    if not version.reused:
-        measure(version, cfg.device)
-        version = registry.get_version(version.version)
+    version = run_measured(cfg, plan, data, config_dir, flow_run_id=str(flow_run.get_id() or ""), reuse=True)
     create_markdown_artifact(key=_key(cfg.name, plan.stage_id),
                              markdown=report.markdown(report.version_report(version)),
                              description=f"{plan.kind} stage")
@@ -199,7 +196,7 @@ def pipeline(config_path: str) -> dict[str, Any]:
     evaluate = eval_task.with_options(result_storage=storage)
     results = [(base, evaluate(base, data, eval_cfg))]
     done: dict[str, registry.Version] = {BASE_REF: base}
-    previous = base
+    previous, this_run = base, str(flow_run.get_id() or "")
     for index, stage in enumerate(cfg.stages):
         plan = plan_stage(cfg, index, done, previous, data, config_dir)  # once, with no side effects
         name = f"{stage.stage} {cfg.name} from {plan.start}"
@@ -207,10 +204,9 @@ def pipeline(config_path: str) -> dict[str, Any]:
         # read back from the registry: a result cached by a worker that mounts TUNERY_HOME elsewhere has its paths
         version = registry.get_version(cached.version)
         version = version.as_reused() if cached.reused else version
-        measured_now = version.flow_run_id == str(flow_run.get_id() or "") and not version.reused
+        measured_now = version.flow_run_id == this_run and not version.reused  # by the stage task, just now
         results.append((version, evaluate(version, data, eval_cfg, own=not measured_now)))
         done[cfg.stage_id(index)] = previous = version
-    this_run = str(flow_run.get_id() or "")
     logger = get_run_logger()
     for v, _ in results[1:]:
         if v.flow_run_id != this_run:

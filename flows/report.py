@@ -37,13 +37,7 @@ class Section:
     data: Any = None
 
 
-def fmt(value: Any) -> str:
-    """A number as the tables write it: 4 significant digits, large ones whole; None as '-'."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
-    return str(value)
+fmt = metric_catalogue.plain  # a value with no catalogue format, as every table writes it
 
 
 # ---------------------------------------------------------------- rows
@@ -78,18 +72,14 @@ def metric_rows(metrics: dict[str, float]) -> list[dict[str, Any]]:
     """Metrics as {group, metric, value}: by catalogue group and order, undeclared ones last (group "other")."""
     order = {name: i for i, name in enumerate(metric_catalogue.CATALOGUE)}
     groups = {g: i for i, g in enumerate(metric_catalogue.GROUPS)}
+    entries = {k: metric_catalogue.lookup(k) for k in metrics}
 
     def place(name: str) -> tuple:
-        entry = metric_catalogue.lookup(name)
-        if entry is None:
-            return len(groups), 0, name
-        return groups[entry.group], order[entry.name], name
+        entry = entries[name]
+        return (groups[entry.group], order[entry.name], name) if entry else (len(groups), 0, name)
 
-    def group(name: str) -> str:
-        entry = metric_catalogue.lookup(name)
-        return entry.group if entry else "other"
-
-    return [{"group": group(k), "metric": k, "value": metrics[k]} for k in sorted(metrics, key=place)]
+    return [{"group": entries[k].group if entries[k] else "other", "metric": k, "value": metrics[k]}
+            for k in sorted(metrics, key=place)]
 
 
 def export_rows(exports: list[Export]) -> list[dict[str, str]]:
@@ -245,12 +235,10 @@ def cell(key: str, value: Any) -> str:
     return metric_catalogue.fmt(key, value) if isinstance(value, float) else fmt(value)
 
 
-def markdown(report: list[Section], skip: tuple[str, ...] = ()) -> str:
+def markdown(report: list[Section]) -> str:
     """A report as markdown: a heading per section, tables for rows."""
     out = []
     for s in report:
-        if s.key in skip:
-            continue
         out.append(f"### {s.title}\n" + (f"\n{s.caption}\n" if s.caption else ""))
         if s.kind == "json":
             out.append("```json\n" + json.dumps(s.data, indent=2) + "\n```\n")

@@ -11,7 +11,7 @@ import dataclasses
 import shutil
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from pydantic import ValidationError
 
@@ -22,6 +22,7 @@ from flows.config import PipelineConfig
 from flows.inputs import adapter_base, local_model, model_folder, run_prep
 from flows.plan import PlannedStage, plan_stage, trained_on
 from tasks.common import StageResult
+from registry.records import Export
 from tasks.data.prep import PreparedData
 from tasks.stages.catalogue import STAGES
 from tasks.stages.stage import Job, StageFields
@@ -48,7 +49,7 @@ class RegistryContext:
     def adapter_base(self, version: registry.Version) -> str:
         return adapter_base(version)
 
-    def exports(self, version: registry.Version) -> list[dict[str, Any]]:
+    def exports(self, version: registry.Version) -> list[Export]:
         return registry.exports.list_exports(version.version)
 
     def record_dataset(self, data: PreparedData) -> None:
@@ -141,15 +142,24 @@ def run_planned(cfg: PipelineConfig, plan: PlannedStage, data: PreparedData | No
     return run_job(cfg, stage, plan.stage_id, job, flow_run_id, plan.fingerprint)
 
 
+def run_measured(cfg: PipelineConfig, plan: PlannedStage, data: PreparedData | None, config_dir: Path,
+                 flow_run_id: str | None = None, reuse: bool = False) -> registry.Version:
+    """`run_planned`, then its kind's own measurements of a version it made (a reused version is returned as found:
+    the evaluation re-measures it when the measuring code changed)."""
+    version = run_planned(cfg, plan, data, config_dir, flow_run_id, reuse)
+    if version.reused:
+        return version
+    measure(version, cfg.device)
+    return registry.get_version(version.version)
+
+
 def run_stage(cfg: PipelineConfig, index: int, done: dict[str, registry.Version], previous: registry.Version,
               data: PreparedData | None, config_dir: Path, flow_run_id: str | None = None,
               reuse: bool = False) -> registry.Version:
-    """Plan stage `index` of the config (flows.plan.plan_stage), run it and take its kind's own measurements: a
-    stage run on its own (`tunery sft`, ...)."""
-    plan = plan_stage(cfg, index, done, previous, data, config_dir)
-    version = run_planned(cfg, plan, data, config_dir, flow_run_id, reuse)
-    measure(version, cfg.device)
-    return registry.get_version(version.version)
+    """Plan stage `index` of the config (flows.plan.plan_stage) and run and measure it: a stage run on its own
+    (`tunery sft`, ...)."""
+    return run_measured(cfg, plan_stage(cfg, index, done, previous, data, config_dir), data, config_dir,
+                        flow_run_id, reuse)
 
 
 def run_train(cfg: PipelineConfig, stage: StageFields, start: registry.Version, data: PreparedData | None,

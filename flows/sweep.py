@@ -110,7 +110,7 @@ def direction_of(metric: str, given: str | None) -> str:
         return given
     way = metric_catalogue.better(metric)
     if way is None:
-        raise TuneryError(f"sweep.metric {metric!r}: its better direction is unknown (not in core/metrics.py); "
+        raise TuneryError(f"sweep.metric {metric!r}: its better direction is unknown (not in core/metrics.yaml); "
                           "set sweep.direction")
     return "minimize" if way == "lower" else "maximize"
 

@@ -9,7 +9,8 @@ from typing import Any
 from core.errors import TuneryError
 from registry.db import connect
 from registry.schema import utcnow
-from registry.records import Alias, Check, Export, Promotion, Version, decode_row, encoded, select_list
+from registry.records import (Alias, Check, Export, Promotion, Version, columns, decode_row, encoded,
+                              select_list)
 from registry.store import _require
 
 
@@ -22,11 +23,11 @@ def record_export(export: Export) -> None:
         if con.execute("SELECT 1 FROM exports WHERE export_id = ?", [export.export_id]).fetchone():
             raise TuneryError(f"export {export.export_id} is already recorded; exports are never replaced")
         con.execute(f"INSERT INTO exports ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})", values)
-        check_names, _ = encoded(export.checks[0]) if export.checks else ([], [])
-        now = utcnow()
-        con.executemany(f"INSERT INTO export_checks (export_id, {', '.join(check_names)}, recorded_utc, position) "
-                        f"VALUES ({', '.join('?' * (len(check_names) + 3))})",
-                        [[export.export_id, *encoded(c)[1], now, i] for i, c in enumerate(export.checks)])
+        if export.checks:
+            now, width = utcnow(), len(columns(Check)) + 3
+            con.executemany(f"INSERT INTO export_checks (export_id, {select_list(Check)}, recorded_utc, position) "
+                            f"VALUES ({', '.join('?' * width)})",
+                            [[export.export_id, *encoded(c)[1], now, i] for i, c in enumerate(export.checks)])
 
 
 def _export_objects(con, where: str, params: list[Any]) -> list[Export]:

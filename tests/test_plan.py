@@ -182,11 +182,14 @@ def test_changed_code_reruns_the_stage_and_its_evaluation_and_another_server_fin
         states = _task_states(str(state.state_details.flow_run_id))
         assert states["sft tiny-fern from tiny-base:1"] == "Cached", states
         assert states["eval tiny-fern:1"] == "Cached" and states["eval tiny-base:1"] == "Cached", states
+        def rerun(tuned: str) -> dict[str, str]:
+            state = flow_module.pipeline(config, return_state=True)
+            assert state.result()["tuned"] == tuned
+            return _task_states(str(state.state_details.flow_run_id))
+
         # Changed measuring code only (a line under metrics/): the version is measured again, not trained again.
         monkeypatch.setattr(flow_module, "code_version", lambda: "changed-measuring-code")
-        state = flow_module.pipeline(config, return_state=True)
-        assert state.result()["tuned"] == "tiny-fern:1"
-        states = _task_states(str(state.state_details.flow_run_id))
+        states = rerun("tiny-fern:1")
         assert states["sft tiny-fern from tiny-base:1"] == "Cached", states
         assert states["eval tiny-fern:1"] == "Completed" and states["eval tiny-base:1"] == "Completed", states
         # Changed code (as a new tasks/ or metrics/ source or library version makes it): the stage trains again
@@ -194,9 +197,7 @@ def test_changed_code_reruns_the_stage_and_its_evaluation_and_another_server_fin
         monkeypatch.setattr(planning, "code_version", lambda: "changed-code")
         monkeypatch.setattr(planning, "training_code_version", lambda: "changed-code")
         monkeypatch.setattr(flow_module, "code_version", lambda: "changed-code")
-        state = flow_module.pipeline(config, return_state=True)
-        assert state.result()["tuned"] == "tiny-fern:2"
-        states = _task_states(str(state.state_details.flow_run_id))
+        states = rerun("tiny-fern:2")
         assert states["sft tiny-fern from tiny-base:1"] == "Completed", states
         assert states["eval tiny-fern:2"] == "Completed" and states["eval tiny-base:1"] == "Completed", states
     assert os.path.isdir(tunery_home / "prefect" / "results")

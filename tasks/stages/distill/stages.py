@@ -2,6 +2,7 @@
 on its answers, and its measurements against the teacher are the kind's own (`measure`)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -45,7 +46,7 @@ class DistillStage(TrainingStage):
         teacher = ctx.version(plan.refs["teacher"][0])
         dataset, pairs, info = ask(self, plan.stage_id, ctx.version(plan.start), teacher, data, ctx)
         job = super().prepare(plan, dataset, ctx, teacher=teacher)
-        return Job(**{**job.__dict__, "preference_pairs": pairs, "info": {**job.info, **info}})
+        return dataclasses.replace(job, preference_pairs=pairs, info={**job.info, **info})
 
     def run(self, inputs: StageInputs, out_dir: Path) -> StageResult:
         """Train the student from the start on the teacher's answers (`inputs.data`) with sft."""
